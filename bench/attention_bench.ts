@@ -1,0 +1,170 @@
+/**
+ * Benchmarks of the attention kernels (flash forward, FlashAttention-2 backward, decode against a KV
+ * cache) and of the adapter attention, at the model shapes (gpt2-124M, SmolLM2-135M, TinyLlama-1.1B;
+ * B=4, T=512 and decode B=1). GPU time comes from timestamp queries (`timeOps`); the setup prints a table
+ * of milliseconds and GFLOP/s, and the adapter attention's cost relative to the main attention and to an
+ * estimate of one layer's forward. Big shapes run only with `PROMPTGATE_BENCH_FULL=1` (the default on a
+ * real GPU); on a fallback (CPU) adapter small shapes are used.
+ *
+ * @module
+ */
+
+import { attentionBackward, attentionForward, type AttentionOptions } from "../kernels/attention.ts";
+import { adapterAttentionBackward, adapterAttentionForward } from "../kernels/adapter_attention.ts";
+import { adapterReport, getGpu } from "../src/gpu/device.ts";
+import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
+import { tensorFrom } from "../src/gpu/tensor.ts";
+import { timeOps } from "../src/gpu/timing.ts";
+
+const gpu = await getGpu();
+const envFull = Deno.env.get("PROMPTGATE_BENCH_FULL");
+const full = envFull === undefined ? !adapterReport(gpu).isFallbackAdapter : envFull === "1";
+
+interface Model {
+  name: string;
+  C: number;
+  I: number;
+  H: number;
+  Hkv: number;
+  D: number;
+}
+
+const MODELS: Model[] = full
+  ? [
+    { name: "gpt2-124M", C: 768, I: 3072, H: 12, Hkv: 12, D: 64 },
+    { name: "SmolLM2-135M", C: 576, I: 1536, H: 9, Hkv: 3, D: 64 },
+    { name: "TinyLlama-1.1B", C: 2048, I: 5632, H: 32, Hkv: 4, D: 64 },
+  ]
+  : [{ name: "tiny", C: 64, I: 128, H: 4, Hkv: 2, D: 16 }];
+const B = full ? 4 : 1;
+const T = full ? 512 : 64;
+const DECODE_S = full ? [128, 384, 640] : [32];
+const L = 10;
+const REPEATS = full ? 20 : 2;
+
+function rand(n: number, seed: number): Float32Array {
+  const a = new Float32Array(n);
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    a[i] = (s / 4294967296 - 0.5) * 2;
+  }
+  return a;
+}
+
+const rows: Record<string, string | number>[] = [];
+const replay: { name: string; ops: Op[] }[] = [];
+
+async function measure(name: string, record: (rec: Recorder) => void, flops: number): Promise<number> {
+  const rec = new Recorder(gpu);
+  record(rec);
+  const ops = rec.take();
+  runOps(gpu, ops); // warm up (compiles pipelines, creates bind groups)
+  await gpu.device.queue.onSubmittedWorkDone();
+  const { ms } = await timeOps(gpu, ops, REPEATS);
+  rows.push({
+    kernel: name,
+    ms: +ms.toFixed(4),
+    "GFLOP/s": flops > 0 ? +(flops / ms / 1e6).toFixed(1) : "-",
+  });
+  replay.push({ name, ops });
+  return ms;
+}
+
+for (const m of MODELS) {
+  const { H, Hkv, D } = m;
+  const N = B * T;
+  const q = tensorFrom(gpu, rand(N * H * D, 1));
+  const k = tensorFrom(gpu, rand(N * Hkv * D, 2));
+  const v = tensorFrom(gpu, rand(N * Hkv * D, 3));
+  const out = tensorFrom(gpu, new Float32Array(N * H * D));
+  const dout = tensorFrom(gpu, rand(N * H * D, 4));
+  const lse = tensorFrom(gpu, new Float32Array(B * H * T));
+  const dq = tensorFrom(gpu, new Float32Array(N * H * D));
+  const dk = tensorFrom(gpu, new Float32Array(N * Hkv * D));
+  const dv = tensorFrom(gpu, new Float32Array(N * Hkv * D));
+  const o: AttentionOptions = {
+    numHeads: H,
+    numKvHeads: Hkv,
+    headDim: D,
+    batch: B,
+    queryLen: T,
+    keyLen: T,
+    scale: 1 / Math.sqrt(D),
+    causal: true,
+  };
+  const fwdFlops = (4 * B * H * T * T * D) / 2;
+  const tf = await measure(
+    `${m.name} attention fwd B=${B} T=${T}`,
+    (r) => attentionForward(r, out, lse, q, k, v, null, o),
+    fwdFlops,
+  );
+  const tb = await measure(
+    `${m.name} attention bwd B=${B} T=${T}`,
+    (r) => attentionBackward(r, dq, dk, dv, dout, out, lse, q, k, v, null, o),
+    2.5 * fwdFlops,
+  );
+  // adapter attention (L = 10 tokens) on the same rows
+  const ka = tensorFrom(gpu, rand(Hkv * L * D, 5));
+  const va = tensorFrom(gpu, rand(Hkv * L * D, 6));
+  const gate = tensorFrom(gpu, rand(H, 7));
+  const dka = tensorFrom(gpu, new Float32Array(Hkv * L * D));
+  const dva = tensorFrom(gpu, new Float32Array(Hkv * L * D));
+  const dgate = tensorFrom(gpu, new Float32Array(H));
+  const ao = {
+    numHeads: H,
+    numKvHeads: Hkv,
+    headDim: D,
+    adapterLen: L,
+    rows: N,
+    scale: 1 / Math.sqrt(D),
+    gateKind: "per-head-tanh" as const,
+    accumulate: true,
+  };
+  const adFlops = 4 * N * H * L * D;
+  const ta = await measure(
+    `${m.name} adapter fwd L=${L}`,
+    (r) => adapterAttentionForward(r, out, q, ka, va, gate, ao),
+    adFlops,
+  );
+  const tab = await measure(
+    `${m.name} adapter bwd L=${L}`,
+    (r) => adapterAttentionBackward(r, dq, dka, dva, dgate, dout, q, ka, va, gate, ao),
+    2.5 * adFlops,
+  );
+  // one layer's forward, estimated: its matmuls (qkv, o, mlp) at 20 TFLOP/s plus the attention measured
+  const kvC = Hkv * D;
+  const mlp = m.name.startsWith("gpt2") ? 2 * m.C * m.I : 3 * m.C * m.I;
+  const layerMs = (2 * N * (m.C * (m.C + 2 * kvC) + m.C * m.C + mlp)) / 20e12 * 1e3 + tf;
+  console.log(
+    `${m.name}: adapter fwd = ${(100 * ta / tf).toFixed(1)}% of attention fwd, ~${
+      (100 * ta / layerMs).toFixed(2)
+    }% ` +
+      `of a layer forward (est. ${layerMs.toFixed(3)} ms); adapter bwd = ${
+        (100 * tab / tb).toFixed(1)
+      }% of attention bwd`,
+  );
+  // decode: B=1, T=1 against a KV cache of Smax = 1024 positions
+  const Smax = Math.max(...DECODE_S, 64) * 2;
+  const kc = tensorFrom(gpu, rand(Smax * Hkv * D, 8));
+  const vc = tensorFrom(gpu, rand(Smax * Hkv * D, 9));
+  const q1 = tensorFrom(gpu, rand(H * D, 10));
+  const o1 = tensorFrom(gpu, new Float32Array(H * D));
+  for (const S of DECODE_S) {
+    const od: AttentionOptions = { ...o, batch: 1, queryLen: 1, keyLen: S, kvStride: Smax };
+    await measure(
+      `${m.name} decode fwd B=1 T=1 S=${S}`,
+      (r) => attentionForward(r, o1, null, q1, kc, vc, null, od),
+      4 * H * S * D,
+    );
+  }
+}
+
+console.table(rows);
+
+for (const { name, ops } of replay) {
+  Deno.bench(name, async () => {
+    runOps(gpu, ops);
+    await gpu.device.queue.onSubmittedWorkDone();
+  });
+}

@@ -1,0 +1,433 @@
+/**
+ * LLaMA-Adapter adaption-prompt attention (PEFT `tuners/adaption_prompt` AdaptedAttention): every query
+ * also attends to L adapter tokens whose keys and values `ka`, `va` `(Hkv, L, D)` are shared by the
+ * whole batch, through a softmax over those L tokens only (no causal or padding mask), scaled by a gate:
+ *
+ *   out[b,t,h,:] (+)= g_h · Σ_j softmax_j(q[b,t,h,:]·ka[kvh(h),j,:] * scale) · va[kvh(h),j,:]
+ *
+ * as PEFT computes it for llama/mistral and gpt2 (`scores / sqrt(head_dim)`, then
+ * `adaption_gate * softmax(scores, dtype=float32)`; the caller passes `scale = 1/sqrt(D)`). Gate forms:
+ * `"scalar"` (one value, PEFT), `"per-head"` (H values, official LLaMA-Adapter / litgpt without tanh),
+ * `"per-head-tanh"` (`g_h = tanh(gate_h)`, the official training form). A zero gate adds exactly zero.
+ *
+ * The backward writes dq (adding into it after the main attention's backward) and the gradients of the
+ * adapter keys, values and gate, which are sums over all B*T rows: each workgroup reduces a fixed block
+ * of rows into its own slot of a scratch (cached per shape), and a second kernel sums the slots in a fixed
+ * order, so results are deterministic without atomics.
+ *
+ * @module
+ */
+
+import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import { f32, type Recorder } from "../src/gpu/recorder.ts";
+import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
+import { GpuError } from "../src/errors.ts";
+import { grid1d } from "./fill.ts";
+
+/** How the gate multiplies each head's adapter output. */
+export type GateKind = "scalar" | "per-head" | "per-head-tanh";
+
+/** Options of {@link adapterAttentionForward} and {@link adapterAttentionBackward}. */
+export interface AdapterAttentionOptions {
+  /** H: query heads. */
+  numHeads: number;
+  /** Hkv: key/value heads of the adapter keys/values. */
+  numKvHeads: number;
+  /** D: head size. */
+  headDim: number;
+  /** L: adapter tokens (1 ≤ L ≤ 64). */
+  adapterLen: number;
+  /** N = B*T query rows. */
+  rows: number;
+  /** Score scale (PEFT: `1/sqrt(D)`). */
+  scale: number;
+  /** Gate form. */
+  gateKind: GateKind;
+  /** Forward: add into out; backward: add into dq. Otherwise overwrite. */
+  accumulate?: boolean;
+}
+
+const MAX_L = 64;
+const WG = 64;
+const SUB_CHUNKS = 4; // row blocks each backward workgroup reduces in turn
+
+const GATE_MODE: Record<GateKind, number> = { "scalar": 0, "per-head": 1, "per-head-tanh": 2 };
+
+function dvOf(D: number): number {
+  return Math.ceil(D / 4);
+}
+
+function each(n: number, f: (c: number) => string, sep = "\n"): string {
+  return Array.from({ length: n }, (_, c) => f(c)).join(sep);
+}
+
+function vecLoad(D: number, c: number, arr: string, base: string): string {
+  const comps = [0, 1, 2, 3].map((e) => (4 * c + e < D ? `${arr}[${base} + ${4 * c + e}u]` : "0.0"));
+  return `vec4<f32>(${comps.join(", ")})`;
+}
+
+/** Stores `value` (a vec4 expression) into the real components; adds to the old value when p.flag != 0. */
+function vecStore(D: number, c: number, arr: string, base: string, value: string): string {
+  const lines: string[] = [];
+  for (let e = 0; e < 4 && 4 * c + e < D; e++) {
+    const idx = `${arr}[${base} + ${4 * c + e}u]`;
+    const val = `${value}.${"xyzw"[e]}`;
+    // a branch rather than `flag * old`: an overwritten output may hold NaN
+    lines.push(`if (p.flag != 0u) { ${idx} = ${idx} + ${val}; } else { ${idx} = ${val}; }`);
+  }
+  return lines.join(" ");
+}
+
+const PARAMS = `struct P {
+  rows: u32, H: u32, Hkv: u32, L: u32,
+  gmode: u32, flag: u32, stride: u32, scale: f32,
+  nGroups: u32, _a: u32, _b: u32, _c: u32,
+}`;
+
+const GATE_FN = `
+fn gateOf(h: u32) -> f32 {
+  if (p.gmode == 0u) { return gate[0]; }
+  if (p.gmode == 1u) { return gate[h]; }
+  return tanh(gate[h]);
+}`;
+
+function check(o: AdapterAttentionOptions, q: Tensor, ka: Tensor, va: Tensor, gate: Tensor): void {
+  const { numHeads: H, numKvHeads: Hkv, headDim: D, adapterLen: L, rows: N } = o;
+  if (H % Hkv !== 0) {
+    throw new GpuError(`adapter attention: numHeads ${H} not a multiple of numKvHeads ${Hkv}`);
+  }
+  if (L < 1 || L > MAX_L) throw new GpuError(`adapter attention: adapterLen ${L} outside 1..${MAX_L}`);
+  if (q.size < N * H * D) throw new GpuError(`adapter attention: q [${q.shape}] smaller than (N, H, D)`);
+  if (ka.size < Hkv * L * D || va.size < Hkv * L * D) {
+    throw new GpuError(`adapter attention: ka/va smaller than (Hkv, L, D) = (${Hkv}, ${L}, ${D})`);
+  }
+  const g = o.gateKind === "scalar" ? 1 : H;
+  if (gate.size < g) throw new GpuError(`adapter attention: gate [${gate.shape}] needs ${g} values`);
+}
+
+function params(o: AdapterAttentionOptions, stride: number, nGroups: number): (number | { f32: number })[] {
+  return [
+    o.rows,
+    o.numHeads,
+    o.numKvHeads,
+    o.adapterLen,
+    GATE_MODE[o.gateKind],
+    o.accumulate ? 1 : 0,
+    stride,
+    f32(o.scale),
+    nGroups,
+    0,
+    0,
+    0,
+  ];
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward: one thread per (row, head) with an online softmax over the L adapter tokens.
+
+function forwardKernel(D: number): Kernel {
+  const DV = dvOf(D);
+  return defineKernel(
+    "adapter_attention_fwd",
+    { D },
+    ["read", "read", "read", "read", "write", "uniform"],
+    () => `
+${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> ka: array<f32>;
+@group(0) @binding(2) var<storage, read> va: array<f32>;
+@group(0) @binding(3) var<storage, read> gate: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<uniform> p: P;
+${GATE_FN}
+@compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) gid: vec3u) {
+  let idx = gid.x + gid.y * p.stride; // (n, h), h fastest: the (N, H, D) layout
+  if (idx >= p.rows * p.H) { return; }
+  let h = idx % p.H;
+  let kvh = h / (p.H / p.Hkv);
+  let qb = idx * ${D}u;
+${each(DV, (c) => `  let q${c} = ${vecLoad(D, c, "q", "qb")};`)}
+${each(DV, (c) => `  var a${c} = vec4<f32>(0.0);`)}
+  var m = -1.0e30;
+  var l = 0.0;
+  for (var j = 0u; j < p.L; j++) {
+    let kb = (kvh * p.L + j) * ${D}u;
+    let s = (${each(DV, (c) => `dot(q${c}, ${vecLoad(D, c, "ka", "kb")})`, " + ")}) * p.scale;
+    let mNew = max(m, s);
+    let corr = exp(m - mNew);
+    let pj = exp(s - mNew);
+    l = l * corr + pj;
+${each(DV, (c) => `    a${c} = a${c} * corr + pj * ${vecLoad(D, c, "va", "kb")};`)}
+    m = mNew;
+  }
+  let f = gateOf(h) / l;
+${each(DV, (c) => `  ${vecStore(D, c, "out", "qb", `(a${c} * f)`)}`)}
+}`,
+  );
+}
+
+/**
+ * Records the adapter attention forward (see the module doc), adding into `out` with
+ * `opts.accumulate` (after the main attention) or overwriting it.
+ *
+ * @param rec The recorder.
+ * @param out Output `(B, T, H, D)` (N = B*T rows).
+ * @param q Queries `(B, T, H, D)`.
+ * @param ka Adapter keys `(Hkv, L, D)`.
+ * @param va Adapter values `(Hkv, L, D)`.
+ * @param gate f32 gate: `(1)` for `"scalar"`, `(H)` for the per-head kinds.
+ * @param opts Sizes, scale, gate kind, accumulate.
+ */
+export function adapterAttentionForward(
+  rec: Recorder,
+  out: Tensor, // (B, T, H, D)
+  q: Tensor, // (B, T, H, D)
+  ka: Tensor, // (Hkv, L, D)
+  va: Tensor, // (Hkv, L, D)
+  gate: Tensor, // (1) or (H)
+  opts: AdapterAttentionOptions,
+): void {
+  check(opts, q, ka, va, gate);
+  const { groups, stride } = grid1d(opts.rows * opts.numHeads, WG);
+  rec.dispatch(forwardKernel(opts.headDim), [q, ka, va, gate, out], params(opts, stride, 0), groups);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+
+function lmaxOf(L: number): number {
+  return Math.max(8, 2 ** Math.ceil(Math.log2(L)));
+}
+
+function rowsPerChunk(L: number): number {
+  return lmaxOf(L) <= 16 ? 32 : 16;
+}
+
+function partialsKernel(D: number, LMAX: number, RC: number): Kernel {
+  const DV = dvOf(D);
+  return defineKernel(
+    "adapter_attention_bwd_partials",
+    { D, LMAX, RC },
+    ["read", "read", "read", "read", "read", "write", "write", "uniform"],
+    () => `
+${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> ka: array<f32>;
+@group(0) @binding(2) var<storage, read> va: array<f32>;
+@group(0) @binding(3) var<storage, read> gate: array<f32>;
+@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dq: array<f32>;
+// scratch: [dka partials (G, H, L, D) | dva partials (G, H, L, D) | dgate partials (G, H)], G = row groups
+@group(0) @binding(6) var<storage, read_write> scr: array<f32>;
+@group(0) @binding(7) var<uniform> p: P;
+const D: u32 = ${D}u;
+const RC: u32 = ${RC}u;
+const LMAX: u32 = ${LMAX}u;
+var<workgroup> Qs: array<f32, ${RC * D}>;
+var<workgroup> Os: array<f32, ${RC * D}>;
+var<workgroup> Ps: array<f32, ${RC * LMAX}>;
+var<workgroup> DSs: array<f32, ${RC * LMAX}>;
+var<workgroup> Gs: array<f32, ${RC}>;
+${GATE_FN}
+@compute @workgroup_size(${WG}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  let grp = wid.x;
+  let h = wid.y;
+  let kvh = h / (p.H / p.Hkv);
+  let g = gateOf(h);
+  let LD = p.L * D;
+  let slot = (grp * p.H + h) * LD;
+  let half = p.nGroups * p.H * LD;
+  for (var sub = 0u; sub < ${SUB_CHUNKS}u; sub++) {
+    let r0 = (grp * ${SUB_CHUNKS}u + sub) * RC;
+    workgroupBarrier();
+    if (tid < RC) {
+      let n = r0 + tid;
+      let rb = tid * LMAX;
+      if (n < p.rows) {
+        let qb = (n * p.H + h) * D;
+${
+      each(DV, (c) =>
+        `        let q${c} = ${vecLoad(D, c, "q", "qb")};\n        let o${c} = ${
+          vecLoad(D, c, "dout", "qb")
+        };`)
+    }
+        for (var d = 0u; d < D; d++) { Qs[tid * D + d] = q[qb + d]; Os[tid * D + d] = dout[qb + d]; }
+        var m = -1.0e30;
+        for (var j = 0u; j < p.L; j++) {
+          let kb = (kvh * p.L + j) * D;
+          let s = (${each(DV, (c) => `dot(q${c}, ${vecLoad(D, c, "ka", "kb")})`, " + ")}) * p.scale;
+          Ps[rb + j] = s;
+          DSs[rb + j] = ${
+      each(DV, (c) => `dot(o${c}, ${vecLoad(D, c, "va", "kb")})`, " + ")
+    }; // a_j = dout·va_j
+          m = max(m, s);
+        }
+        var l = 0.0;
+        for (var j = 0u; j < p.L; j++) {
+          let e = exp(Ps[rb + j] - m);
+          Ps[rb + j] = e;
+          l = l + e;
+        }
+        var pa = 0.0; // Σ p_j a_j = dout · (unscaled adapter output): the gate's gradient
+        for (var j = 0u; j < p.L; j++) {
+          let pj = Ps[rb + j] / l;
+          Ps[rb + j] = pj;
+          pa = pa + pj * DSs[rb + j];
+        }
+        Gs[tid] = pa;
+${each(DV, (c) => `        var gq${c} = vec4<f32>(0.0);`)}
+        for (var j = 0u; j < p.L; j++) {
+          let ds = g * Ps[rb + j] * (DSs[rb + j] - pa) * p.scale; // d(score)/d(q·ka) folded with scale
+          DSs[rb + j] = ds;
+          let kb = (kvh * p.L + j) * D;
+${each(DV, (c) => `          gq${c} = gq${c} + ds * ${vecLoad(D, c, "ka", "kb")};`)}
+        }
+${each(DV, (c) => `        ${vecStore(D, c, "dq", "qb", `gq${c}`)}`)}
+      } else {
+        for (var d = 0u; d < D; d++) { Qs[tid * D + d] = 0.0; Os[tid * D + d] = 0.0; }
+        for (var j = 0u; j < p.L; j++) { Ps[rb + j] = 0.0; DSs[rb + j] = 0.0; }
+        Gs[tid] = 0.0;
+      }
+    }
+    workgroupBarrier();
+    for (var x = tid; x < LD; x += ${WG}u) {
+      let j = x / D;
+      let d = x % D;
+      var sk = 0.0;
+      var sv = 0.0;
+      for (var r = 0u; r < RC; r++) {
+        sk = sk + DSs[r * LMAX + j] * Qs[r * D + d];
+        sv = sv + Ps[r * LMAX + j] * Os[r * D + d];
+      }
+      sv = sv * g;
+      if (sub == 0u) {
+        scr[slot + x] = sk;
+        scr[half + slot + x] = sv;
+      } else {
+        scr[slot + x] = scr[slot + x] + sk;
+        scr[half + slot + x] = scr[half + slot + x] + sv;
+      }
+    }
+    if (tid == 0u) {
+      var sg = 0.0;
+      for (var r = 0u; r < RC; r++) { sg = sg + Gs[r]; }
+      let gi = 2u * half + grp * p.H + h;
+      if (sub == 0u) { scr[gi] = sg; } else { scr[gi] = scr[gi] + sg; }
+    }
+  }
+}`,
+  );
+}
+
+function reduceKernel(D: number): Kernel {
+  return defineKernel(
+    "adapter_attention_bwd_reduce",
+    { D },
+    ["read", "read", "write", "write", "write", "uniform"],
+    () => `
+${PARAMS}
+@group(0) @binding(0) var<storage, read> scr: array<f32>;
+@group(0) @binding(1) var<storage, read> gate: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dka: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dva: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dgate: array<f32>;
+@group(0) @binding(5) var<uniform> p: P;
+const D: u32 = ${D}u;
+@compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) gid: vec3u) {
+  let idx = gid.x + gid.y * p.stride;
+  let LD = p.L * D;
+  let HLD = p.Hkv * LD;
+  let half = p.nGroups * p.H * LD;
+  let group = p.H / p.Hkv;
+  if (idx < HLD) {
+    let kvh = idx / LD;
+    let x = idx % LD;
+    var sk = 0.0;
+    var sv = 0.0;
+    for (var c = 0u; c < p.nGroups; c++) {
+      for (var hh = 0u; hh < group; hh++) {
+        let at = (c * p.H + kvh * group + hh) * LD + x;
+        sk = sk + scr[at];
+        sv = sv + scr[half + at];
+      }
+    }
+    dka[idx] = sk;
+    dva[idx] = sv;
+    return;
+  }
+  let gi = idx - HLD;
+  let nGate = select(p.H, 1u, p.gmode == 0u);
+  if (gi >= nGate) { return; }
+  var s = 0.0;
+  for (var c = 0u; c < p.nGroups; c++) {
+    if (p.gmode == 0u) {
+      for (var h = 0u; h < p.H; h++) { s = s + scr[2u * half + c * p.H + h]; }
+    } else {
+      s = s + scr[2u * half + c * p.H + gi];
+    }
+  }
+  if (p.gmode == 2u) {
+    let t = tanh(gate[gi]);
+    s = s * (1.0 - t * t);
+  }
+  dgate[gi] = s;
+}`,
+  );
+}
+
+const scratchCache = new WeakMap<GPUBuffer, Tensor>();
+
+function scratchFor(rec: Recorder, dka: Tensor, n: number): Tensor {
+  const hit = scratchCache.get(dka.buffer);
+  if (hit && hit.size >= n) return hit;
+  const t = createTensor(rec.gpu, [n], "f32", "adapter attention partials");
+  scratchCache.set(dka.buffer, t);
+  return t;
+}
+
+/**
+ * Records the adapter attention backward: dq (added into with `opts.accumulate`, after the main
+ * attention's backward wrote it), and dka, dva, dgate summed over all rows (and, for dka/dva, over the
+ * query heads sharing a key/value head; for a scalar gate, over all heads), deterministically.
+ *
+ * @param rec The recorder.
+ * @param dq Gradient of q `(B, T, H, D)`; overwritten, or added into with `opts.accumulate`.
+ * @param dka Gradient of the adapter keys `(Hkv, L, D)`, overwritten.
+ * @param dva Gradient of the adapter values `(Hkv, L, D)`, overwritten.
+ * @param dgate Gradient of the gate `(1)` or `(H)` (through tanh for `"per-head-tanh"`), overwritten.
+ * @param dout Gradient of the attention output `(B, T, H, D)`.
+ * @param q Queries `(B, T, H, D)`.
+ * @param ka Adapter keys `(Hkv, L, D)`.
+ * @param va Adapter values `(Hkv, L, D)`.
+ * @param gate The gate `(1)` or `(H)`.
+ * @param opts The forward's options (`accumulate` applies to dq).
+ */
+export function adapterAttentionBackward(
+  rec: Recorder,
+  dq: Tensor, // (B, T, H, D)
+  dka: Tensor, // (Hkv, L, D)
+  dva: Tensor, // (Hkv, L, D)
+  dgate: Tensor, // (1) or (H)
+  dout: Tensor, // (B, T, H, D)
+  q: Tensor, // (B, T, H, D)
+  ka: Tensor, // (Hkv, L, D)
+  va: Tensor, // (Hkv, L, D)
+  gate: Tensor, // (1) or (H)
+  opts: AdapterAttentionOptions,
+): void {
+  check(opts, q, ka, va, gate);
+  const { numHeads: H, numKvHeads: Hkv, headDim: D, adapterLen: L, rows: N } = opts;
+  const LMAX = lmaxOf(L);
+  const RC = rowsPerChunk(L);
+  const nGroups = Math.max(1, Math.ceil(N / (RC * SUB_CHUNKS)));
+  const scr = scratchFor(rec, dka, 2 * nGroups * H * L * D + nGroups * H);
+  rec.dispatch(
+    partialsKernel(D, LMAX, RC),
+    [q, ka, va, gate, dout, dq, scr],
+    params(opts, 0, nGroups),
+    [nGroups, H],
+  );
+  const nGate = opts.gateKind === "scalar" ? 1 : H;
+  const { groups, stride } = grid1d(Hkv * L * D + nGate, WG);
+  rec.dispatch(reduceKernel(D), [scr, gate, dka, dva, dgate], params(opts, stride, nGroups), groups);
+}

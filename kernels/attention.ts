@@ -1,0 +1,602 @@
+/**
+ * Causal / padded / sliding-window multi-head attention with grouped-query heads, FlashAttention style:
+ * no `[T, S]` score matrix is ever written to memory. The forward runs one workgroup per (batch, head,
+ * query block); it loops over key blocks staged in workgroup memory and keeps an online softmax (running
+ * max and sum) per query row, and saves the log-sum-exp of every row for the backward. For short query
+ * blocks (decode: T = 1 or a few) the lanes of a row split the keys of each block between them and their
+ * partial softmax states are merged at the end, so decode still keeps 32 lanes busy per (batch, head).
+ *
+ * The backward is FlashAttention-2's, without atomics and deterministic: a small kernel computes
+ * `Di = rowsum(dout_i * out_i)`, one pass parallel over key blocks computes dk and dv (looping over the
+ * query rows and over the query heads that share the key/value head), and one pass parallel over query
+ * blocks computes dq. Both recompute `p = exp(s - lse)` from q, k and the saved lse.
+ *
+ * Semantics follow HF eager/sdpa attention: `s = q·k * scale`; keys hidden by the causal mask, the
+ * padding mask (HF `attention_mask`, 0 = padded key) or the sliding window (`i - j < window`, i.e. HF's
+ * `kv_idx > q_idx - sliding_window`) get `-inf`; softmax in f32; `out = p·v`. A query row whose keys are
+ * all hidden (a padded position, e.g. the first positions under left padding) gets `out = 0` and
+ * `lse = 0` — never NaN — where HF returns NaN or a uniform average; such rows are padding whose outputs
+ * the loss ignores, and the backward gives them zero gradients.
+ *
+ * Layouts: q and out `(B, T, H, D)`; k and v `(B, kvStride, Hkv, D)` where the first `keyLen` positions
+ * of each batch row are valid (a preallocated KV cache has `kvStride = Smax`); the mask, when given, is
+ * i32 `(B, kvStride)` (only the first `keyLen` columns are read); lse and the scratch `Di` are `(B, H, T)`.
+ * Query head h uses key/value head `floor(h / (H / Hkv))` directly (no copies of K/V per head).
+ *
+ * @module
+ */
+
+import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import { f32, type Recorder } from "../src/gpu/recorder.ts";
+import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
+import { GpuError } from "../src/errors.ts";
+import { grid1d } from "./fill.ts";
+
+/** Options shared by {@link attentionForward} and {@link attentionBackward}. */
+export interface AttentionOptions {
+  /** H: query heads. */
+  numHeads: number;
+  /** Hkv: key/value heads (H is a multiple of it). */
+  numKvHeads: number;
+  /** D: head size. */
+  headDim: number;
+  /** B: batch size. */
+  batch: number;
+  /** T: query positions. */
+  queryLen: number;
+  /** S: valid key positions (S ≥ T); k/v may hold more (see `kvStride`). */
+  keyLen: number;
+  /** Positions per batch row in k, v (and the mask); default `keyLen`. */
+  kvStride?: number;
+  /** Score scale, `1/sqrt(D)` for llama (and gpt2 with `scale_attn_weights`). */
+  scale: number;
+  /** Whether query t sees only keys at positions ≤ its own. */
+  causal: boolean;
+  /** Query t sits at key position `queryOffset + t`; default `keyLen - queryLen`. */
+  queryOffset?: number;
+  /** Mistral sliding window: key j is visible to query i only if `i - j < slidingWindow`. */
+  slidingWindow?: number | null;
+  /** Backward only: add into dq, dk, dv instead of overwriting them. */
+  accumulate?: boolean;
+}
+
+const NEG = "-1.0e30";
+
+interface Resolved {
+  B: number;
+  T: number;
+  S: number;
+  H: number;
+  Hkv: number;
+  D: number;
+  kvStride: number;
+  qOff: number;
+  window: number;
+  causal: number;
+}
+
+function resolve(o: AttentionOptions): Resolved {
+  const { numHeads: H, numKvHeads: Hkv, headDim: D, batch: B, queryLen: T, keyLen: S } = o;
+  const kvStride = o.kvStride ?? S;
+  const qOff = o.queryOffset ?? S - T;
+  const window = o.slidingWindow ?? 0;
+  if (H % Hkv !== 0) throw new GpuError(`attention: numHeads ${H} is not a multiple of numKvHeads ${Hkv}`);
+  if (kvStride < S) throw new GpuError(`attention: kvStride ${kvStride} < keyLen ${S}`);
+  if (qOff < 0) throw new GpuError(`attention: queryOffset ${qOff} < 0 (keyLen ${S} < queryLen ${T}?)`);
+  if (window < 0) throw new GpuError(`attention: slidingWindow ${window} < 0`);
+  return { B, T, S, H, Hkv, D, kvStride, qOff, window, causal: o.causal ? 1 : 0 };
+}
+
+// ---------------------------------------------------------------------------------------------------
+// WGSL generation helpers: D is a compile-time option, each row of D floats lives in DV named vec4s
+// (constant indices, so nothing spills), and loads/stores touch only the D real components.
+
+function dv(D: number): number {
+  return Math.ceil(D / 4);
+}
+
+function vecLoad(D: number, c: number, arr: string, base: string): string {
+  const comps = [0, 1, 2, 3].map((e) => (4 * c + e < D ? `${arr}[${base} + ${4 * c + e}u]` : "0.0"));
+  return `vec4<f32>(${comps.join(", ")})`;
+}
+
+function vecStore(D: number, c: number, arr: string, base: string, value: string, addIf: string): string {
+  const lines: string[] = [];
+  const xyzw = "xyzw";
+  for (let e = 0; e < 4 && 4 * c + e < D; e++) {
+    const idx = `${arr}[${base} + ${4 * c + e}u]`;
+    const val = `${value}.${xyzw[e]}`;
+    // branch rather than `flag * old`: an overwritten output may hold NaN (0 * NaN = NaN)
+    lines.push(
+      addIf ? `if (${addIf}) { ${idx} = ${idx} + ${val}; } else { ${idx} = ${val}; }` : `${idx} = ${val};`,
+    );
+  }
+  return lines.join(" ");
+}
+
+function each(n: number, f: (c: number) => string, sep = "\n"): string {
+  return Array.from({ length: n }, (_, c) => f(c)).join(sep);
+}
+
+function dotRow(n: number, vars: string, arr: string, base: string): string {
+  return each(n, (c) => `dot(${vars}${c}, ${arr}[${base} + ${c}u])`, " + ");
+}
+
+const PARAMS = `struct P {
+  B: u32, T: u32, S: u32, H: u32,
+  Hkv: u32, kvStride: u32, qOff: u32, window: u32,
+  causal: u32, useMask: u32, flag: u32, scale: f32,
+}`;
+
+// Key j is visible to query position i (both absolute positions) in batch row b.
+const VISIBLE = `
+fn visible(b: u32, i: u32, j: u32) -> bool {
+  if (j >= p.S) { return false; }
+  if (p.causal != 0u && j > i) { return false; }
+  if (p.window != 0u && i >= j + p.window) { return false; }
+  if (p.useMask != 0u && mask[b * p.kvStride + j] == 0) { return false; }
+  return true;
+}`;
+
+function params(r: Resolved, useMask: boolean, flag: number, scale: number): (number | { f32: number })[] {
+  return [
+    r.B,
+    r.T,
+    r.S,
+    r.H,
+    r.Hkv,
+    r.kvStride,
+    r.qOff,
+    r.window,
+    r.causal,
+    useMask ? 1 : 0,
+    flag,
+    f32(scale),
+  ];
+}
+
+/** Key-block size: 32 keys for D ≤ 64, 16 above (workgroup memory). */
+function keyBlock(D: number): number {
+  return D <= 64 ? 32 : 16;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+
+function forwardKernel(D: number, R: number): Kernel {
+  const DVn = dv(D);
+  const BK = keyBlock(D);
+  const KS = R >= 64 ? 1 : 32 / R; // lanes per query row
+  const WG = R * KS;
+  return defineKernel("attention_fwd", { D, R }, [
+    "read",
+    "read",
+    "read",
+    "read",
+    "write",
+    "write",
+    "uniform",
+  ], () => `
+${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> mask: array<i32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(6) var<uniform> p: P;
+const D: u32 = ${D}u;
+const DV: u32 = ${DVn}u;
+const BK: u32 = ${BK}u;
+const KS: u32 = ${KS}u;
+const WG: u32 = ${WG}u;
+const NEG: f32 = ${NEG};
+var<workgroup> Ks: array<vec4<f32>, ${BK * DVn}>;
+var<workgroup> Vs: array<vec4<f32>, ${BK * DVn}>;
+var<workgroup> Ps: array<f32, ${R * (BK + 1)}>;
+${KS > 1 ? `var<workgroup> Ms: array<f32, ${WG}>;\nvar<workgroup> Red: array<vec4<f32>, ${WG * DVn}>;` : ""}
+${VISIBLE}
+@compute @workgroup_size(${WG}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  let row = tid / KS;
+  let lane = tid % KS;
+  let t0 = wid.x * ${R}u;
+  let h = wid.y;
+  let b = wid.z;
+  let kvh = h / (p.H / p.Hkv);
+  let t = t0 + row;
+  let rowValid = t < p.T;
+  let i = p.qOff + t;
+  let qb = ((b * p.T + min(t, p.T - 1u)) * p.H + h) * D;
+${each(DVn, (c) => `  let q${c} = ${vecLoad(D, c, "q", "qb")};`)}
+${each(DVn, (c) => `  var a${c} = vec4<f32>(0.0);`)}
+  var m = NEG;
+  var l = 0.0;
+  let tLast = min(t0 + ${R}u, p.T) - 1u;
+  let kEnd = select(p.S, min(p.S, p.qOff + tLast + 1u), p.causal != 0u);
+  let iFirst = p.qOff + t0;
+  let kStart = select(0u, iFirst + 1u - p.window, p.window != 0u && iFirst + 1u > p.window);
+  for (var k0 = kStart; k0 < kEnd; k0 += BK) {
+    workgroupBarrier();
+    for (var x = tid; x < BK * DV; x += WG) {
+      let j = k0 + x / DV;
+      let c = x % DV;
+      var kv = vec4<f32>(0.0);
+      var vv = vec4<f32>(0.0);
+      if (j < kEnd) {
+        let base = ((b * p.kvStride + j) * p.Hkv + kvh) * D + 4u * c;
+        ${D % 4 === 0 ? "" : "if (4u * c + 4u <= D) {"}
+          kv = vec4<f32>(k[base], k[base + 1u], k[base + 2u], k[base + 3u]);
+          vv = vec4<f32>(v[base], v[base + 1u], v[base + 2u], v[base + 3u]);
+        ${
+    D % 4 === 0 ? "" : `} else {
+          for (var e = 0u; 4u * c + e < D; e++) { kv[e] = k[base + e]; vv[e] = v[base + e]; }
+        }`
+  }
+      }
+      Ks[x] = kv;
+      Vs[x] = vv;
+    }
+    workgroupBarrier();
+    var mb = NEG;
+    for (var jj = lane; jj < BK; jj += KS) {
+      let j = k0 + jj;
+      var s = NEG;
+      if (rowValid && j < kEnd && visible(b, i, j)) {
+        let kb = jj * DV;
+        s = (${dotRow(DVn, "q", "Ks", "kb")}) * p.scale;
+      }
+      Ps[row * ${BK + 1}u + jj] = s;
+      mb = max(mb, s);
+    }
+    let mNew = max(m, mb);
+    let corr = exp(m - mNew);
+    l = l * corr;
+${each(DVn, (c) => `    a${c} = a${c} * corr;`)}
+    for (var jj = lane; jj < BK; jj += KS) {
+      let s = Ps[row * ${BK + 1}u + jj];
+      if (s > NEG * 0.5) {
+        let pj = exp(s - mNew);
+        l = l + pj;
+        let vb = jj * DV;
+${each(DVn, (c) => `        a${c} = a${c} + pj * Vs[vb + ${c}u];`)}
+      }
+    }
+    m = mNew;
+  }
+${
+    KS === 1
+      ? `  if (rowValid) {
+    let inv = select(0.0, 1.0 / l, l > 0.0);
+    let ob = ((b * p.T + t) * p.H + h) * D;
+${each(DVn, (c) => `    ${vecStore(D, c, "out", "ob", `(a${c} * inv)`, "")}`)}
+    if (p.flag != 0u) { lse[(b * p.H + h) * p.T + t] = select(0.0, m + log(l), l > 0.0); }
+  }`
+      : `  Ms[tid] = m;
+  workgroupBarrier();
+  var mr = NEG;
+  for (var z = 0u; z < KS; z++) { mr = max(mr, Ms[row * KS + z]); }
+  let f = exp(m - mr);
+  workgroupBarrier();
+  Ms[tid] = l * f;
+${each(DVn, (c) => `  Red[tid * DV + ${c}u] = a${c} * f;`)}
+  workgroupBarrier();
+  if (rowValid && lane == 0u) {
+    var lt = 0.0;
+${each(DVn, (c) => `    var o${c} = vec4<f32>(0.0);`)}
+    for (var z = 0u; z < KS; z++) {
+      let y = row * KS + z;
+      lt = lt + Ms[y];
+${each(DVn, (c) => `      o${c} = o${c} + Red[y * DV + ${c}u];`)}
+    }
+    let inv = select(0.0, 1.0 / lt, lt > 0.0);
+    let ob = ((b * p.T + t) * p.H + h) * D;
+${each(DVn, (c) => `    ${vecStore(D, c, "out", "ob", `(o${c} * inv)`, "")}`)}
+    if (p.flag != 0u) { lse[(b * p.H + h) * p.T + t] = select(0.0, mr + log(lt), lt > 0.0); }
+  }`
+  }
+}`);
+}
+
+const dummies = new WeakMap<GPUDevice, Tensor>();
+
+function dummy(rec: Recorder): Tensor {
+  let t = dummies.get(rec.gpu.device);
+  if (!t) {
+    t = createTensor(rec.gpu, [4], "f32", "attention dummy");
+    dummies.set(rec.gpu.device, t);
+  }
+  return t;
+}
+
+function checkShapes(r: Resolved, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | null): void {
+  if (q.size < r.B * r.T * r.H * r.D) throw new GpuError(`attention: q [${q.shape}] smaller than (B,T,H,D)`);
+  const kv = r.B * r.kvStride * r.Hkv * r.D;
+  if (k.size < kv || v.size < kv) throw new GpuError(`attention: k/v smaller than (B, kvStride, Hkv, D)`);
+  if (mask && mask.size < r.B * r.kvStride) {
+    throw new GpuError(`attention: mask [${mask.shape}] < (B, kvStride)`);
+  }
+  if (mask && mask.dtype !== "i32" && mask.dtype !== "u32") throw new GpuError(`attention: mask must be i32`);
+}
+
+/**
+ * Records the attention forward: `out = softmax(mask(q·kᵀ * scale)) · v` per head, and (for training)
+ * the log-sum-exp of every query row. Rows with no visible key get `out = 0`, `lse = 0`.
+ *
+ * @param rec The recorder.
+ * @param out Output `(B, T, H, D)`, overwritten.
+ * @param lse Log-sum-exp per query row `(B, H, T)` f32 for the backward, or null (inference).
+ * @param q Queries `(B, T, H, D)`.
+ * @param k Keys `(B, kvStride, Hkv, D)`.
+ * @param v Values `(B, kvStride, Hkv, D)`.
+ * @param mask HF attention mask, i32 `(B, kvStride)` (1 = attend, 0 = padded key), or null.
+ * @param opts Sizes and masking options.
+ */
+export function attentionForward(
+  rec: Recorder,
+  out: Tensor, // (B, T, H, D)
+  lse: Tensor | null, // (B, H, T)
+  q: Tensor, // (B, T, H, D)
+  k: Tensor, // (B, kvStride, Hkv, D)
+  v: Tensor, // (B, kvStride, Hkv, D)
+  mask: Tensor | null, // (B, kvStride) i32
+  opts: AttentionOptions,
+): void {
+  const r = resolve(opts);
+  checkShapes(r, q, k, v, mask);
+  const R = r.T >= 48 ? 64 : Math.min(32, 2 ** Math.ceil(Math.log2(Math.max(1, r.T))));
+  rec.dispatch(
+    forwardKernel(r.D, R),
+    [q, k, v, mask ?? q, out, lse ?? dummy(rec)],
+    params(r, mask !== null, lse ? 1 : 0, opts.scale),
+    [Math.ceil(r.T / R), r.H, r.B],
+  );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+
+function rowDotKernel(D: number): Kernel {
+  return defineKernel("attention_bwd_rowdot", { D }, ["read", "read", "read", "write", "uniform"], () => `
+struct P { rows: u32, T: u32, H: u32, stride: u32 }
+@group(0) @binding(0) var<storage, read> dout: array<f32>;
+@group(0) @binding(1) var<storage, read> o: array<f32>;
+@group(0) @binding(2) var<storage, read> lse: array<f32>;
+@group(0) @binding(3) var<storage, read_write> stats: array<f32>; // [lse (B,H,T) | Di (B,H,T)]
+@group(0) @binding(4) var<uniform> p: P;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3u) {
+  let n = g.x + g.y * p.stride; // row (b, t, h) of dout
+  if (n >= p.rows) { return; }
+  let base = n * ${D}u;
+  var s = 0.0;
+  for (var d = 0u; d < ${D}u; d++) { s = s + dout[base + d] * o[base + d]; }
+  let h = n % p.H;
+  let bt = n / p.H;
+  let t = bt % p.T;
+  let b = bt / p.T;
+  let at = (b * p.H + h) * p.T + t;
+  stats[at] = lse[at];
+  stats[p.rows + at] = s;
+}`);
+}
+
+const BQB = 32; // query rows staged per step in the dk/dv pass
+const BKB = 32; // keys per workgroup in the dk/dv pass (one per thread)
+const RQ = 64; // query rows per workgroup in the dq pass (one per thread)
+
+function dkdvKernel(D: number): Kernel {
+  const DVn = dv(D);
+  return defineKernel(
+    "attention_bwd_dkdv",
+    { D },
+    ["read", "read", "read", "read", "read", "read", "write", "write", "uniform"],
+    () => `
+${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> mask: array<i32>;
+@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(5) var<storage, read> stats: array<f32>; // lse (B,H,T) then Di (B,H,T)
+@group(0) @binding(6) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dv: array<f32>;
+@group(0) @binding(8) var<uniform> p: P;
+const D: u32 = ${D}u;
+const DV: u32 = ${DVn}u;
+const BQ: u32 = ${BQB}u;
+var<workgroup> Qs: array<vec4<f32>, ${BQB * DVn}>;
+var<workgroup> Os: array<vec4<f32>, ${BQB * DVn}>;
+var<workgroup> Ls: array<f32, ${BQB}>;
+var<workgroup> Ds: array<f32, ${BQB}>;
+${VISIBLE}
+@compute @workgroup_size(${BKB}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  let k0 = wid.x * ${BKB}u;
+  let kvh = wid.y;
+  let b = wid.z;
+  let j = k0 + tid;
+  let kLast = min(k0 + ${BKB}u, p.S) - 1u;
+  let jc = min(j, kLast);
+  let kb = ((b * p.kvStride + jc) * p.Hkv + kvh) * D;
+${each(DVn, (c) => `  let kr${c} = ${vecLoad(D, c, "k", "kb")};`)}
+${each(DVn, (c) => `  let vr${c} = ${vecLoad(D, c, "v", "kb")};`)}
+${each(DVn, (c) => `  var gk${c} = vec4<f32>(0.0);\n  var gv${c} = vec4<f32>(0.0);`)}
+  let group = p.H / p.Hkv;
+  let BHT = p.B * p.H * p.T;
+  // query rows that can see some key of this block: causal needs i >= k0, the window i < kLast + window
+  let tStart = select(0u, select(0u, k0 - p.qOff, k0 > p.qOff), p.causal != 0u);
+  let tEnd = select(p.T, min(p.T, select(0u, kLast + p.window - p.qOff, kLast + p.window > p.qOff)), p.window != 0u);
+  for (var hh = 0u; hh < group; hh++) {
+    let h = kvh * group + hh;
+    for (var t0 = tStart; t0 < tEnd; t0 += BQ) {
+      workgroupBarrier();
+      for (var x = tid; x < BQ * DV; x += ${BKB}u) {
+        let t = min(t0 + x / DV, p.T - 1u);
+        let c = x % DV;
+        let base = ((b * p.T + t) * p.H + h) * D + 4u * c;
+        var qv = vec4<f32>(0.0);
+        var ov = vec4<f32>(0.0);
+        for (var e = 0u; e < 4u && 4u * c + e < D; e++) { qv[e] = q[base + e]; ov[e] = dout[base + e]; }
+        Qs[x] = qv;
+        Os[x] = ov;
+      }
+      for (var x = tid; x < BQ; x += ${BKB}u) {
+        let t = min(t0 + x, p.T - 1u);
+        Ls[x] = stats[(b * p.H + h) * p.T + t];
+        Ds[x] = stats[BHT + (b * p.H + h) * p.T + t];
+      }
+      workgroupBarrier();
+      let rows = min(BQ, tEnd - t0);
+      for (var r = 0u; r < rows; r++) {
+        if (j <= kLast && visible(b, p.qOff + t0 + r, j)) {
+          let rb = r * DV;
+          let s = (${dotRow(DVn, "kr", "Qs", "rb")}) * p.scale;
+          let pr = exp(s - Ls[r]);
+          let dp = ${dotRow(DVn, "vr", "Os", "rb")};
+          let ds = pr * (dp - Ds[r]);
+${
+      each(DVn, (c) =>
+        `          gv${c} = gv${c} + pr * Os[rb + ${c}u];\n          gk${c} = gk${c} + ds * Qs[rb + ${c}u];`)
+    }
+        }
+      }
+    }
+  }
+  if (j <= kLast) {
+    let ob = ((b * p.kvStride + j) * p.Hkv + kvh) * D;
+${each(DVn, (c) => `    ${vecStore(D, c, "dk", "ob", `(gk${c} * p.scale)`, "p.flag != 0u")}`)}
+${each(DVn, (c) => `    ${vecStore(D, c, "dv", "ob", `gv${c}`, "p.flag != 0u")}`)}
+  }
+}`,
+  );
+}
+
+function dqKernel(D: number): Kernel {
+  const DVn = dv(D);
+  const BK = keyBlock(D);
+  return defineKernel(
+    "attention_bwd_dq",
+    { D },
+    ["read", "read", "read", "read", "read", "read", "write", "uniform"],
+    () => `
+${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> mask: array<i32>;
+@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(5) var<storage, read> stats: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(7) var<uniform> p: P;
+const D: u32 = ${D}u;
+const DV: u32 = ${DVn}u;
+const BK: u32 = ${BK}u;
+var<workgroup> Ks: array<vec4<f32>, ${BK * DVn}>;
+var<workgroup> Vs: array<vec4<f32>, ${BK * DVn}>;
+${VISIBLE}
+@compute @workgroup_size(${RQ}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  let t0 = wid.x * ${RQ}u;
+  let h = wid.y;
+  let b = wid.z;
+  let kvh = h / (p.H / p.Hkv);
+  let t = t0 + tid;
+  let rowValid = t < p.T;
+  let tc = min(t, p.T - 1u);
+  let i = p.qOff + t;
+  let qb = ((b * p.T + tc) * p.H + h) * D;
+${each(DVn, (c) => `  let q${c} = ${vecLoad(D, c, "q", "qb")};`)}
+${each(DVn, (c) => `  let o${c} = ${vecLoad(D, c, "dout", "qb")};`)}
+${each(DVn, (c) => `  var g${c} = vec4<f32>(0.0);`)}
+  let li = stats[(b * p.H + h) * p.T + tc];
+  let di = stats[p.B * p.H * p.T + (b * p.H + h) * p.T + tc];
+  let tLast = min(t0 + ${RQ}u, p.T) - 1u;
+  let kEnd = select(p.S, min(p.S, p.qOff + tLast + 1u), p.causal != 0u);
+  let iFirst = p.qOff + t0;
+  let kStart = select(0u, iFirst + 1u - p.window, p.window != 0u && iFirst + 1u > p.window);
+  for (var k0 = kStart; k0 < kEnd; k0 += BK) {
+    workgroupBarrier();
+    for (var x = tid; x < BK * DV; x += ${RQ}u) {
+      let j = min(k0 + x / DV, kEnd - 1u);
+      let c = x % DV;
+      let base = ((b * p.kvStride + j) * p.Hkv + kvh) * D + 4u * c;
+      var kv = vec4<f32>(0.0);
+      var vv = vec4<f32>(0.0);
+      for (var e = 0u; e < 4u && 4u * c + e < D; e++) { kv[e] = k[base + e]; vv[e] = v[base + e]; }
+      Ks[x] = kv;
+      Vs[x] = vv;
+    }
+    workgroupBarrier();
+    let n = min(BK, kEnd - k0);
+    for (var jj = 0u; jj < n; jj++) {
+      if (rowValid && visible(b, i, k0 + jj)) {
+        let kb = jj * DV;
+        let s = (${dotRow(DVn, "q", "Ks", "kb")}) * p.scale;
+        let pr = exp(s - li);
+        let dp = ${dotRow(DVn, "o", "Vs", "kb")};
+        let ds = pr * (dp - di);
+${each(DVn, (c) => `        g${c} = g${c} + ds * Ks[kb + ${c}u];`)}
+      }
+    }
+  }
+  if (rowValid) {
+${each(DVn, (c) => `    ${vecStore(D, c, "dq", "qb", `(g${c} * p.scale)`, "p.flag != 0u")}`)}
+  }
+}`,
+  );
+}
+
+const statsCache = new WeakMap<GPUBuffer, Tensor>();
+
+/** Scratch `[lse | Di]`, each `(B, H, T)`, cached per dq buffer (no allocation on replays). */
+function statsScratch(rec: Recorder, dq: Tensor, n: number): Tensor {
+  const hit = statsCache.get(dq.buffer);
+  if (hit && hit.size >= n) return hit;
+  const t = createTensor(rec.gpu, [n], "f32", "attention stats");
+  statsCache.set(dq.buffer, t);
+  return t;
+}
+/**
+ * Records the FlashAttention-2 backward: `Di = rowsum(dout_i * out_i)`; `p` recomputed from q, k and lse;
+ * `dv = pᵀ dout`, `dp = dout vᵀ`, `ds = p * (dp - Di)`, `dq = ds k * scale`, `dk = dsᵀ q * scale`. dk and
+ * dv sum over the query heads that share a key/value head. Deterministic (no atomics). dk and dv use k's
+ * layout `(B, kvStride, Hkv, D)`; only the first `keyLen` positions of each batch row are written.
+ *
+ * @param rec The recorder.
+ * @param dq Gradient of q `(B, T, H, D)`, overwritten (added into with `opts.accumulate`).
+ * @param dk Gradient of k `(B, kvStride, Hkv, D)`, overwritten (or added into).
+ * @param dv Gradient of v `(B, kvStride, Hkv, D)`, overwritten (or added into).
+ * @param dout Gradient of out `(B, T, H, D)`.
+ * @param out The forward's output `(B, T, H, D)`.
+ * @param lse The forward's log-sum-exp `(B, H, T)`.
+ * @param q Queries `(B, T, H, D)`.
+ * @param k Keys `(B, kvStride, Hkv, D)`.
+ * @param v Values `(B, kvStride, Hkv, D)`.
+ * @param mask HF attention mask i32 `(B, kvStride)` or null.
+ * @param opts The forward's options, plus `accumulate`.
+ */
+export function attentionBackward(
+  rec: Recorder,
+  dq: Tensor, // (B, T, H, D)
+  dk: Tensor, // (B, kvStride, Hkv, D)
+  dv: Tensor, // (B, kvStride, Hkv, D)
+  dout: Tensor, // (B, T, H, D)
+  out: Tensor, // (B, T, H, D)
+  lse: Tensor, // (B, H, T)
+  q: Tensor, // (B, T, H, D)
+  k: Tensor, // (B, kvStride, Hkv, D)
+  v: Tensor, // (B, kvStride, Hkv, D)
+  mask: Tensor | null, // (B, kvStride) i32
+  opts: AttentionOptions,
+): void {
+  const r = resolve(opts);
+  checkShapes(r, q, k, v, mask);
+  if (lse.size < r.B * r.H * r.T) throw new GpuError(`attention backward: lse [${lse.shape}] < (B, H, T)`);
+  const bht = r.B * r.H * r.T;
+  // lse and Di travel in one scratch so that no pass binds more than 8 storage buffers
+  const stats = statsScratch(rec, dq, 2 * bht);
+  const g = grid1d(bht, 64);
+  rec.dispatch(rowDotKernel(r.D), [dout, out, lse, stats], [bht, r.T, r.H, g.stride], g.groups);
+  const flag = opts.accumulate ? 1 : 0;
+  const m = mask ?? q;
+  const prm = params(r, mask !== null, flag, opts.scale);
+  rec.dispatch(dkdvKernel(r.D), [q, k, v, m, dout, stats, dk, dv], prm, [Math.ceil(r.S / BKB), r.Hkv, r.B]);
+  rec.dispatch(dqKernel(r.D), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
+}

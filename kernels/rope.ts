@@ -1,0 +1,155 @@
+/**
+ * Rotary position embeddings in HF's `rotate_half` convention (LLaMA, Mistral, SmolLM): within each head
+ * of size D, element i pairs with element i + D/2 and the pair is rotated by θ = position · invFreq[i].
+ * One thread rotates one pair. The angle is the f32 product `f32(position) * invFreq[i]` and cos/sin are
+ * taken in f32, as HF does (`inv_freq` and the position ids in float32, then `.cos()`, `.sin()`).
+ * The backward is the transpose (the rotation by -θ). In-place variants bind the tensor once as
+ * read-write, because WebGPU forbids binding one buffer both read-only and writable in a dispatch.
+ *
+ * @module
+ */
+
+import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import { type Recorder } from "../src/gpu/recorder.ts";
+import { type Tensor } from "../src/gpu/tensor.ts";
+import { GpuError } from "../src/errors.ts";
+import { grid1d } from "./fill.ts";
+
+const WG = 256;
+
+function ropeKernel(inverse: boolean, inPlace: boolean): Kernel {
+  const bindings = inPlace
+    ? (["write", "read", "read", "uniform"] as const)
+    : (["read", "read", "read", "write", "uniform"] as const);
+  return defineKernel("rope", { inverse, inPlace }, bindings, () => `
+struct P { total: u32, H: u32, half: u32, stride: u32 }
+@group(0) @binding(0) var<storage, ${inPlace ? "read_write" : "read"}> x: array<f32>;
+@group(0) @binding(1) var<storage, read> invFreq: array<f32>;
+@group(0) @binding(2) var<storage, read> positions: array<i32>;
+${inPlace ? "" : "@group(0) @binding(3) var<storage, read_write> out: array<f32>;"}
+@group(0) @binding(${inPlace ? 3 : 4}) var<uniform> p: P;
+@compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) g: vec3u) {
+  let t = g.x + g.y * p.stride;
+  if (t >= p.total) { return; }
+  let i = t % p.half;
+  let nh = t / p.half;          // row * H + head
+  let n = nh / p.H;
+  let base = nh * 2u * p.half;
+  let angle = f32(positions[n]) * invFreq[i];
+  let c = cos(angle);
+  let s = ${inverse ? "-" : ""}sin(angle);
+  let x1 = x[base + i];
+  let x2 = x[base + i + p.half];
+  ${inPlace ? "x" : "out"}[base + i] = x1 * c - x2 * s;
+  ${inPlace ? "x" : "out"}[base + i + p.half] = x2 * c + x1 * s;
+}`);
+}
+
+function sizes(x: Tensor, invFreq: Tensor, positions: Tensor, numHeads: number, what: string): number {
+  const N = positions.size;
+  const D = 2 * invFreq.size;
+  if (x.size !== N * numHeads * D) {
+    throw new GpuError(
+      `${what}: ${x.label} [${x.shape}] is not (N=${N}, H=${numHeads} * D=${D}) for ${positions.size} positions`,
+    );
+  }
+  if (positions.dtype !== "i32") throw new GpuError(`${what}: positions must be i32, got ${positions.dtype}`);
+  return N * numHeads * invFreq.size;
+}
+
+function record(
+  rec: Recorder,
+  inverse: boolean,
+  out: Tensor | null,
+  x: Tensor,
+  invFreq: Tensor,
+  positions: Tensor,
+  numHeads: number,
+  what: string,
+): void {
+  const total = sizes(x, invFreq, positions, numHeads, what);
+  if (out && out.size !== x.size) throw new GpuError(`${what}: output [${out.shape}] differs from input [${x.shape}]`);
+  const { groups, stride } = grid1d(total, WG);
+  const params = [total, numHeads, invFreq.size, stride];
+  if (out) rec.dispatch(ropeKernel(inverse, false), [x, invFreq, positions, out], params, groups);
+  else rec.dispatch(ropeKernel(inverse, true), [x, invFreq, positions], params, groups);
+}
+
+/**
+ * Records RoPE forward: per head, `out_i = x_i cos θ - x_{i+D/2} sin θ`,
+ * `out_{i+D/2} = x_{i+D/2} cos θ + x_i sin θ`, with `θ = f32(position) * invFreq[i]`.
+ *
+ * @param rec The recorder.
+ * @param out Rotated output (N, H*D) f32 (a different buffer from x; see {@link ropeInPlace}).
+ * @param x Queries or keys (N, H*D) f32.
+ * @param invFreq Inverse frequencies (D/2) f32, as HF computes them in f32.
+ * @param positions Position of each row (N) i32.
+ * @param numHeads H, the heads per row.
+ */
+export function ropeForward(
+  rec: Recorder,
+  out: Tensor,
+  x: Tensor,
+  invFreq: Tensor,
+  positions: Tensor,
+  numHeads: number,
+): void {
+  // x, out: (N, H*D); invFreq: (D/2); positions: (N)
+  record(rec, false, out, x, invFreq, positions, numHeads, "ropeForward");
+}
+
+/**
+ * Records RoPE forward in place (`x` is bound once, read-write).
+ *
+ * @param rec The recorder.
+ * @param x Queries or keys (N, H*D) f32, rotated in place.
+ * @param invFreq Inverse frequencies (D/2) f32.
+ * @param positions Position of each row (N) i32.
+ * @param numHeads H, the heads per row.
+ */
+export function ropeInPlace(rec: Recorder, x: Tensor, invFreq: Tensor, positions: Tensor, numHeads: number): void {
+  // x: (N, H*D); invFreq: (D/2); positions: (N)
+  record(rec, false, null, x, invFreq, positions, numHeads, "ropeInPlace");
+}
+
+/**
+ * Records RoPE backward: the transpose rotation (by -θ) of the output gradient.
+ *
+ * @param rec The recorder.
+ * @param dx Gradient of the input (N, H*D) f32, overwritten.
+ * @param dout Gradient of the output (N, H*D) f32.
+ * @param invFreq Inverse frequencies (D/2) f32.
+ * @param positions Position of each row (N) i32.
+ * @param numHeads H, the heads per row.
+ */
+export function ropeBackward(
+  rec: Recorder,
+  dx: Tensor,
+  dout: Tensor,
+  invFreq: Tensor,
+  positions: Tensor,
+  numHeads: number,
+): void {
+  // dx, dout: (N, H*D); invFreq: (D/2); positions: (N)
+  record(rec, true, dx, dout, invFreq, positions, numHeads, "ropeBackward");
+}
+
+/**
+ * Records RoPE backward in place: turns the output gradient into the input gradient.
+ *
+ * @param rec The recorder.
+ * @param d Gradient (N, H*D) f32: the output's on entry, the input's after.
+ * @param invFreq Inverse frequencies (D/2) f32.
+ * @param positions Position of each row (N) i32.
+ * @param numHeads H, the heads per row.
+ */
+export function ropeBackwardInPlace(
+  rec: Recorder,
+  d: Tensor,
+  invFreq: Tensor,
+  positions: Tensor,
+  numHeads: number,
+): void {
+  // d: (N, H*D); invFreq: (D/2); positions: (N)
+  record(rec, true, null, d, invFreq, positions, numHeads, "ropeBackwardInPlace");
+}

@@ -1,0 +1,202 @@
+/**
+ * The activation buffers of one batch shape `(B, T)`, allocated once and reused by every forward,
+ * training step and decode step of that shape. Layers at or above `saveFrom` (the lowest adapted
+ * layer, when training) keep what their backward needs; layers below share two ping-pong buffers and
+ * keep nothing, so backward never runs — and memory is never spent — below the lowest adapter.
+ *
+ * @module
+ */
+
+import type { Gpu } from "../gpu/device.ts";
+import { createTensor, type Tensor } from "../gpu/tensor.ts";
+import type { ModelConfig } from "../io/hf_config.ts";
+
+/** What one layer keeps for its backward (B, T, H, D legend; N = B*T). */
+export interface LayerActivations {
+  /** Layer input, the residual stream (N, C). */
+  readonly x: Tensor;
+  /** 1/std of the first norm (N). */
+  readonly rstd1: Tensor;
+  /** Mean of the first norm (N), LayerNorm only. */
+  readonly mean1: Tensor;
+  /** Queries after RoPE (N, H*D). */
+  readonly q: Tensor;
+  /** Keys after RoPE (N, Hkv*D). */
+  readonly k: Tensor;
+  /** Values (N, Hkv*D). */
+  readonly v: Tensor;
+  /** Main attention output, before the adapter is added (N, H*D). */
+  readonly attn: Tensor;
+  /** Log-sum-exp of the attention rows (B, H, T). */
+  readonly lse: Tensor;
+  /** Residual stream after attention (N, C). */
+  readonly x2: Tensor;
+  /** 1/std of the second norm (N). */
+  readonly rstd2: Tensor;
+  /** Mean of the second norm (N), LayerNorm only. */
+  readonly mean2: Tensor;
+  /** MLP gate pre-activation (N, I), llama only. */
+  readonly g: Tensor;
+  /** MLP up projection (llama) or c_fc output before gelu (gpt2) (N, I). */
+  readonly u: Tensor;
+}
+
+/** All buffers of one batch shape. */
+export interface Activations {
+  /** Batch size. */
+  readonly B: number;
+  /** Sequence length. */
+  readonly T: number;
+  /** Rows, B*T. */
+  readonly N: number;
+  /** Whether layers from `saveFrom` up keep activations and backward buffers exist. */
+  readonly training: boolean;
+  /** Lowest layer whose activations are kept (numLayers when not training). */
+  readonly saveFrom: number;
+  /** Token ids (N) i32. */
+  readonly ids: Tensor;
+  /** Positions (N) i32. */
+  readonly positions: Tensor;
+  /** HF attention mask (B, T) i32. */
+  readonly mask: Tensor;
+  /** Labels shifted by one, -100 ignored (N) i32. */
+  readonly labels: Tensor;
+  /** Per layer activations (saved layers own theirs; the others share scratch). */
+  readonly layers: LayerActivations[];
+  /** Output of the last layer (N, C). */
+  readonly xFinal: Tensor;
+  /** After the final norm (N, C). */
+  readonly hFinal: Tensor;
+  /** Final norm statistics (N). */
+  readonly rstdF: Tensor;
+  /** Final norm mean (N), LayerNorm only. */
+  readonly meanF: Tensor;
+  /** Mean loss (1). */
+  readonly loss: Tensor;
+  /** Normed hidden state scratch (N, C). */
+  readonly h: Tensor;
+  /** Attention plus adapter output (N, H*D). */
+  readonly adp: Tensor;
+  /** MLP activation scratch (N, I). */
+  readonly a: Tensor;
+  /** Gradient buffers (training only; tiny placeholders otherwise). */
+  readonly grad: {
+    readonly res: Tensor;
+    readonly h: Tensor;
+    readonly attn: Tensor;
+    readonly q: Tensor;
+    readonly k: Tensor;
+    readonly v: Tensor;
+    readonly g: Tensor;
+    readonly u: Tensor;
+    readonly a: Tensor;
+  };
+}
+
+/**
+ * Allocates the buffers of a batch shape.
+ *
+ * @param gpu The GPU.
+ * @param config The model config.
+ * @param B Batch size.
+ * @param T Sequence length.
+ * @param training Whether to keep activations for backward.
+ * @param saveFrom Lowest layer to keep (the lowest adapted layer).
+ * @returns The buffers.
+ */
+export function createActivations(
+  gpu: Gpu,
+  config: ModelConfig,
+  B: number,
+  T: number,
+  training: boolean,
+  saveFrom: number,
+): Activations {
+  const N = B * T;
+  const C = config.hiddenSize, H = config.numHeads, Hkv = config.numKvHeads, D = config.headDim;
+  const I = config.intermediateSize;
+  const t = (shape: number[], label: string, dtype: "f32" | "i32" = "f32") => createTensor(gpu, shape, dtype, label);
+  const layerSet = (label: string, x: Tensor): LayerActivations => ({
+    x,
+    rstd1: t([N], `${label}.rstd1`),
+    mean1: t([N], `${label}.mean1`),
+    q: t([N, H * D], `${label}.q`),
+    k: t([N, Hkv * D], `${label}.k`),
+    v: t([N, Hkv * D], `${label}.v`),
+    attn: t([N, H * D], `${label}.attn`),
+    lse: t([B, H, T], `${label}.lse`),
+    x2: t([N, C], `${label}.x2`),
+    rstd2: t([N], `${label}.rstd2`),
+    mean2: t([N], `${label}.mean2`),
+    g: t([config.family === "gpt2" ? 1 : N, I], `${label}.g`),
+    u: t([N, I], `${label}.u`),
+  });
+  const L = config.numLayers;
+  const from = training ? saveFrom : L;
+  const ping = [t([N, C], "resid.ping"), t([N, C], "resid.pong")];
+  let shared: LayerActivations | null = null;
+  const layers: LayerActivations[] = [];
+  for (let l = 0; l < L; l++) {
+    if (l >= from) {
+      layers.push(layerSet(`layer${l}`, t([N, C], `layer${l}.x`)));
+    } else {
+      shared ??= layerSet("shared", ping[0]!);
+      layers.push({ ...shared, x: ping[l % 2]! });
+    }
+  }
+  const g = (shape: number[], label: string) => training ? t(shape, label) : t([1], label);
+  return {
+    B,
+    T,
+    N,
+    training,
+    saveFrom: from,
+    ids: t([N], "ids", "i32"),
+    positions: t([N], "positions", "i32"),
+    mask: t([B, T], "mask", "i32"),
+    labels: t([N], "labels", "i32"),
+    layers,
+    xFinal: t([N, C], "xFinal"),
+    hFinal: t([N, C], "hFinal"),
+    rstdF: t([N], "rstdF"),
+    meanF: t([N], "meanF"),
+    loss: t([1], "loss"),
+    h: t([N, C], "h"),
+    adp: t([N, Math.max(H * D, C)], "adp"),
+    a: t([N, I], "a"),
+    grad: {
+      res: g([N, C], "d.res"),
+      h: g([N, C], "d.h"),
+      attn: g([N, Math.max(H * D, C)], "d.attn"),
+      q: g([N, H * D], "d.q"),
+      k: g([N, Hkv * D], "d.k"),
+      v: g([N, Hkv * D], "d.v"),
+      g: g([N, I], "d.g"),
+      u: g([N, I], "d.u"),
+      a: g([N, I], "d.a"),
+    },
+  };
+}
+
+/**
+ * Destroys every buffer of an activation set.
+ *
+ * @param acts The activations.
+ */
+export function destroyActivations(acts: Activations): void {
+  const seen = new Set<GPUBuffer>();
+  const visit = (v: unknown): void => {
+    if (v && typeof v === "object") {
+      if ("buffer" in v && (v as Tensor).buffer instanceof GPUBuffer) {
+        const b = (v as Tensor).buffer;
+        if (!seen.has(b)) {
+          seen.add(b);
+          b.destroy();
+        }
+        return;
+      }
+      for (const x of Object.values(v)) visit(x);
+    }
+  };
+  visit(acts);
+}

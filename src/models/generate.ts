@@ -1,0 +1,202 @@
+/**
+ * Decoding with a KV cache: a prefill of the prompt, then one-token steps. Each step's token is
+ * sampled on the GPU straight into the buffer the next step's embedding reads, so the host encodes
+ * step after step without waiting, and token ids are read back in chunks (the only readback). The
+ * adapter's keys/values are computed once per adapter version, not per step (PEFT recomputes them).
+ *
+ * @module
+ */
+
+import { Recorder } from "../gpu/recorder.ts";
+import { createTensor, readTensor, type Tensor, writeTensor } from "../gpu/tensor.ts";
+import { copyElements } from "../../kernels/fill.ts";
+import { sampleTokens } from "../../kernels/sampling.ts";
+import { logitsForward } from "../../kernels/cross_entropy.ts";
+import { InvalidFileError, UnsupportedConfigError } from "../errors.ts";
+import type { Activations } from "./activations.ts";
+import { type Model, runningAdapter } from "./model.ts";
+import type { KvCache } from "./self_attention.ts";
+import { activationsFor, prepareBatch, recordForward, uploadBatch } from "./transformer.ts";
+
+/** Options of {@link generate}. */
+export interface GenerateOptions {
+  /** How many tokens to generate at most. */
+  maxNewTokens: number;
+  /** 0 (default) = greedy; otherwise the softmax temperature. */
+  temperature?: number;
+  /** Nucleus sampling mass (default 1 = off). */
+  topP?: number;
+  /** Sampling seed (default 0). */
+  seed?: number;
+  /** Token ids that end generation (the stop token is included in the output). */
+  stop?: number[];
+  /** Tokens decoded between readbacks (default 8). Larger is faster, smaller streams sooner. */
+  chunk?: number;
+}
+
+/** A KV cache for batch 1 with its decode buffers, kept on the model and reused. */
+interface DecodeState {
+  readonly kv: KvCache;
+  readonly lastHidden: Tensor; // (1, C)
+  readonly logits: Tensor; // (1, V)
+  readonly tokens: Tensor; // (maxLen) i32 history of sampled tokens
+  readonly rng: Tensor; // u32 (4)
+}
+
+const decodeStates = new WeakMap<Model, DecodeState>();
+
+/**
+ * The model's KV cache for batch `B`, preallocated for `maxSeqLen` positions.
+ *
+ * @param model The model.
+ * @param B Batch size.
+ * @returns The cache.
+ */
+export function createKvCache(model: Model, B: number): KvCache {
+  const c = model.config;
+  const width = c.numKvHeads * c.headDim;
+  const shape = [B, model.maxSeqLen, width];
+  return {
+    k: Array.from({ length: c.numLayers }, (_, l) => createTensor(model.gpu, shape, "f32", `kcache${l}`)),
+    v: Array.from({ length: c.numLayers }, (_, l) => createTensor(model.gpu, shape, "f32", `vcache${l}`)),
+    maxLen: model.maxSeqLen,
+    batch: B,
+  };
+}
+
+function decodeState(model: Model): DecodeState {
+  let s = decodeStates.get(model);
+  if (!s) {
+    const gpu = model.gpu;
+    s = {
+      kv: createKvCache(model, 1),
+      lastHidden: createTensor(gpu, [1, model.config.hiddenSize], "f32", "last hidden"),
+      logits: createTensor(gpu, [1, model.config.vocabSize], "f32", "decode logits"),
+      tokens: createTensor(gpu, [model.maxSeqLen + 1], "i32", "sampled tokens"),
+      rng: createTensor(gpu, [4], "u32", "sampler state"),
+    };
+    decodeStates.set(model, s);
+  }
+  return s;
+}
+
+/**
+ * Records the forward of `acts` (already uploaded) against the cache and the logits of its last row
+ * of batch row 0 (decode is batch 1).
+ */
+function recordStep(
+  rec: Recorder,
+  model: Model,
+  acts: Activations,
+  s: DecodeState,
+  past: number,
+  refreshAdapter: boolean,
+): void {
+  const adapter = runningAdapter(model);
+  recordForward(rec, model, acts, {
+    adapter,
+    masked: false,
+    head: {},
+    cache: { kv: s.kv, past },
+    adapterKeyValues: refreshAdapter,
+  });
+  const C = model.config.hiddenSize;
+  copyElements(rec, acts.hFinal, s.lastHidden, C, (acts.T - 1) * C, 0);
+  // logits of the last position only: (1, C) x (V, C)^T
+  logitsForward(rec, s.logits, s.lastHidden, model.weights.lmHead.ranges);
+}
+
+
+/**
+ * Generates tokens after `inputIds`, streaming them as they are read back.
+ *
+ * @param model The model (with the active adapter unless disabled).
+ * @param inputIds The prompt's token ids.
+ * @param options Length, sampling, stop tokens.
+ * @returns An async iterator of new token ids.
+ * @example Stream 20 tokens greedily
+ * ```ts ignore
+ * for await (const id of generateStream(model, ids, { maxNewTokens: 20 })) console.log(id);
+ * ```
+ */
+export async function* generateStream(
+  model: Model,
+  inputIds: number[],
+  options: GenerateOptions,
+): AsyncGenerator<number, void, undefined> {
+  const maxNew = options.maxNewTokens;
+  if (!Number.isInteger(maxNew) || maxNew < 0) throw new UnsupportedConfigError("maxNewTokens must be an integer ≥ 0");
+  if (inputIds.length === 0) throw new InvalidFileError("generate needs a prompt of at least one token");
+  const temperature = options.temperature ?? 0;
+  const topP = options.topP ?? 1;
+  if (!(temperature >= 0) || !(topP > 0 && topP <= 1)) {
+    throw new UnsupportedConfigError("temperature must be ≥ 0 and topP in (0, 1]");
+  }
+  const total = Math.min(inputIds.length + maxNew, model.maxSeqLen);
+  if (inputIds.length > model.maxSeqLen) {
+    throw new InvalidFileError(
+      `the prompt has ${inputIds.length} tokens, more than this model instance's maximum of ${model.maxSeqLen}`,
+    );
+  }
+  const stop = new Set(options.stop ?? []);
+  const chunk = Math.max(1, options.chunk ?? 8);
+  const gpu = model.gpu;
+  const s = decodeState(model);
+  writeTensor(gpu, s.rng, new Uint32Array([(options.seed ?? 0) >>> 0, 0, 0, 0]));
+  const adapter = runningAdapter(model);
+  const refresh = adapter !== null && adapter.kvVersion !== adapter.version;
+  // prefill
+  const pre = prepareBatch(model, { inputIds: [inputIds] });
+  const preActs = activationsFor(model, 1, inputIds.length, false);
+  uploadBatch(model, preActs, pre);
+  let rec = new Recorder(gpu);
+  recordStep(rec, model, preActs, s, 0, refresh);
+  if (adapter) adapter.kvVersion = adapter.version;
+  const sample = (r: Recorder, index: number) =>
+    sampleTokens(r, { out: s.tokens, outIndex: index, outStride: 0, logits: s.logits, state: s.rng, temperature, topP });
+  sample(rec, 0);
+  rec.submit();
+  const stepActs = activationsFor(model, 1, 1, false);
+  let produced = 0; // tokens recorded on the GPU
+  let delivered = 0; // tokens yielded
+  const budget = total - inputIds.length;
+  while (delivered < budget) {
+    // encode ahead up to `chunk` tokens beyond what was delivered
+    while (produced + 1 < budget && produced + 1 - delivered < chunk) {
+      const past = inputIds.length + produced;
+      writeTensor(gpu, stepActs.positions, new Int32Array([past]));
+      rec = new Recorder(gpu);
+      copyElements(rec, s.tokens, stepActs.ids, 1, produced, 0);
+      recordStep(rec, model, stepActs, s, past, false);
+      sample(rec, produced + 1);
+      rec.submit();
+      produced++;
+    }
+    const upto = Math.min(produced + 1, budget);
+    const ids = (await readTensor(gpu, s.tokens)) as Int32Array;
+    for (let i = delivered; i < upto; i++) {
+      const id = ids[i]!;
+      yield id;
+      delivered++;
+      if (stop.has(id)) return;
+    }
+  }
+}
+
+/**
+ * Generates up to `maxNewTokens` tokens after `inputIds` (greedy when temperature is 0).
+ *
+ * @param model The model.
+ * @param inputIds The prompt's token ids.
+ * @param options Length, sampling, stop tokens.
+ * @returns The new tokens only.
+ * @example Greedy continuation
+ * ```ts ignore
+ * const ids = await generate(model, [1, 450, 4996], { maxNewTokens: 16 });
+ * ```
+ */
+export async function generate(model: Model, inputIds: number[], options: GenerateOptions): Promise<number[]> {
+  const out: number[] = [];
+  for await (const id of generateStream(model, inputIds, { chunk: 32, ...options })) out.push(id);
+  return out;
+}

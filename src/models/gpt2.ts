@@ -1,0 +1,50 @@
+/**
+ * A gpt2 block, forward and backward side by side:
+ *
+ *   x2  = x + SelfAttention(LayerNorm₁(x))        (adapter added after c_proj, as PEFT does)
+ *   out = x2 + Proj(gelu_new(Fc(h2))),  h2 = LayerNorm₂(x2)
+ *
+ * @module
+ */
+
+import { layernormBackward, layernormForward } from "../../kernels/norm.ts";
+import { addInto, geluBackward, geluForward } from "../../kernels/activation.ts";
+import { type LayerContext, selfAttentionBackward, selfAttentionForward } from "./self_attention.ts";
+import { linear, linearBackward } from "./ops.ts";
+
+/**
+ * Records one gpt2 block's forward: reads `ctx.la.x`, writes `ctx.out`.
+ *
+ * @param ctx The layer context.
+ */
+export function gpt2LayerForward(ctx: LayerContext): void {
+  const { rec, acts, la, w } = ctx;
+  const eps = ctx.model.config.normEps;
+  layernormForward(rec, acts.h, la.mean1, la.rstd1, la.x, w.norm1.weight, w.norm1.bias!, eps);
+  selfAttentionForward(ctx, acts.h);
+  layernormForward(rec, acts.h, la.mean2, la.rstd2, la.x2, w.norm2.weight, w.norm2.bias!, eps);
+  linear(rec, la.u, acts.h, w.up); // (N, 4C) before gelu
+  geluForward(rec, acts.a, la.u);
+  linear(rec, ctx.out, acts.a, w.down);
+  addInto(rec, ctx.out, la.x2);
+}
+
+/**
+ * Records one gpt2 block's backward (see {@link gpt2LayerForward}); `acts.grad.res` holds d out on
+ * entry and d x on exit when `needInput`.
+ *
+ * @param ctx The layer context.
+ * @param needInput Whether d x is needed.
+ */
+export function gpt2LayerBackward(ctx: LayerContext, needInput: boolean): void {
+  const { rec, la, w } = ctx;
+  const d = ctx.acts.grad;
+  linearBackward(rec, d.a, d.res, w.down);
+  geluBackward(rec, d.u, d.a, la.u);
+  linearBackward(rec, d.h, d.u, w.up);
+  layernormBackward(rec, d.res, d.h, la.x2, w.norm2.weight, la.mean2, la.rstd2, { accumulate: true });
+  selfAttentionBackward(ctx, needInput);
+  if (needInput) {
+    layernormBackward(rec, d.res, d.h, la.x, w.norm1.weight, la.mean1, la.rstd1, { accumulate: true });
+  }
+}

@@ -1,0 +1,58 @@
+/**
+ * A llama (and mistral) decoder layer, forward and backward side by side:
+ *
+ *   x2  = x + SelfAttention(RMSNorm₁(x))            (adapter inside, see self_attention.ts)
+ *   out = x2 + Down(silu(Gate(h2)) * Up(h2)),  h2 = RMSNorm₂(x2)
+ *
+ * Backward takes d out in `acts.grad.res` and leaves d x there (d x2 on the way); the weights are
+ * frozen, so only activation gradients are formed.
+ *
+ * @module
+ */
+
+import { rmsnormBackward, rmsnormForward } from "../../kernels/norm.ts";
+import { swigluBackward, swigluForward } from "../../kernels/activation.ts";
+import { addInto } from "../../kernels/activation.ts";
+import { type LayerContext, selfAttentionBackward, selfAttentionForward } from "./self_attention.ts";
+import { linear, linearBackward } from "./ops.ts";
+
+/**
+ * Records one llama layer's forward: reads `ctx.la.x`, writes `ctx.out`.
+ *
+ * @param ctx The layer context.
+ */
+export function llamaLayerForward(ctx: LayerContext): void {
+  const { rec, acts, la, w } = ctx;
+  const eps = ctx.model.config.normEps;
+  // (N, C) -> (N, C)
+  rmsnormForward(rec, acts.h, la.rstd1, la.x, w.norm1.weight, eps);
+  selfAttentionForward(ctx, acts.h);
+  rmsnormForward(rec, acts.h, la.rstd2, la.x2, w.norm2.weight, eps);
+  // (N, C) -> (N, I) x2 -> (N, C)
+  linear(rec, la.g, acts.h, w.gate!);
+  linear(rec, la.u, acts.h, w.up);
+  swigluForward(rec, acts.a, la.g, la.u);
+  linear(rec, ctx.out, acts.a, w.down);
+  addInto(rec, ctx.out, la.x2);
+}
+
+/**
+ * Records one llama layer's backward: `acts.grad.res` holds d out on entry and d x on exit (when
+ * `needInput`; the lowest adapted layer stops after the adapter's gradients).
+ *
+ * @param ctx The layer context.
+ * @param needInput Whether d x is needed (a lower layer is adapted).
+ */
+export function llamaLayerBackward(ctx: LayerContext, needInput: boolean): void {
+  const { rec, la, w } = ctx;
+  const d = ctx.acts.grad;
+  // MLP: d out -> d a -> d gate, d up -> d h2 -> (+) d x2
+  linearBackward(rec, d.a, d.res, w.down);
+  swigluBackward(rec, d.g, d.u, d.a, la.g, la.u);
+  linearBackward(rec, d.h, d.g, w.gate!);
+  linearBackward(rec, d.h, d.u, w.up, true);
+  rmsnormBackward(rec, d.res, d.h, la.x2, w.norm2.weight, la.rstd2, { accumulate: true });
+  // attention: d x2 -> adapter gradients (and d h1 -> (+) d x)
+  selfAttentionBackward(ctx, needInput);
+  if (needInput) rmsnormBackward(rec, d.res, d.h, la.x, w.norm1.weight, la.rstd1, { accumulate: true });
+}

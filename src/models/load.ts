@@ -1,0 +1,138 @@
+/**
+ * `loadModel`: a local folder or a hub id → config, tokenizer-free model on the GPU. It reads
+ * `config.json`, checks that the weights fit the adapter's limits before uploading anything (and says
+ * how much memory they need when they do not), then streams the checkpoint to the GPU one tensor at a
+ * time.
+ *
+ * @module
+ */
+
+import { join } from "node:path";
+import { checkBufferFits, fmtBytes, getGpu } from "../gpu/device.ts";
+import { tensorFrom } from "../gpu/tensor.ts";
+import { computeRopeInvFreq, type ModelConfig, normalizeConfig } from "../io/hf_config.ts";
+import { openCheckpoint } from "../io/safetensors.ts";
+import { resolveModelSource } from "../io/hub.ts";
+import { GpuError, InvalidFileError, UnsupportedConfigError } from "../errors.ts";
+import { LAYOUTS } from "./layout.ts";
+import type { Model } from "./model.ts";
+import { loadWeights, weightBytes } from "./weights.ts";
+
+/** Options of {@link loadModel}. */
+export interface LoadModelOptions {
+  /** Compute dtype: `f32` (exact) or `f16` (needs `shader-f16`). Default `f32`. */
+  dtype?: "f32" | "f16";
+  /** Longest sequence this model instance serves (prompt + generated). Default: the config's maximum, at most 4096. */
+  maxSeqLen?: number;
+  /** Hub revision (branch, tag or commit) when `source` is a hub id. */
+  revision?: string;
+  /** Hub cache folder (default from HF_HUB_CACHE / HF_HOME). */
+  cacheDir?: string;
+  /** Read only the local cache (also when HF_HUB_OFFLINE=1). */
+  offline?: boolean;
+}
+
+/**
+ * Reads and normalises a folder's `config.json`.
+ *
+ * @param folder The model folder.
+ * @returns The normalised config.
+ */
+export async function readModelConfig(folder: string): Promise<ModelConfig> {
+  const path = join(folder, "config.json");
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (e) {
+    throw new InvalidFileError(
+      `cannot read ${path} (${(e as Error).message}): a model folder needs config.json, *.safetensors and ` +
+        "tokenizer.json as HuggingFace saves them",
+      { cause: e },
+    );
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text, (k, v) => (k === "__proto__" ? undefined : v));
+  } catch (e) {
+    throw new InvalidFileError(`${path} is not valid JSON: ${(e as Error).message}`, { cause: e });
+  }
+  return normalizeConfig(raw);
+}
+
+/**
+ * Loads a HuggingFace checkpoint (llama, mistral or gpt2) onto the GPU.
+ *
+ * @param source A local folder, or a hub id such as `HuggingFaceTB/SmolLM2-135M`.
+ * @param options dtype, maximum sequence length, hub revision and cache.
+ * @returns The model, with no adapter.
+ * @example Load the embedded default model
+ * ```ts ignore
+ * import { loadModel } from "@promptgate/promptgate";
+ * const model = await loadModel("./default/model");
+ * console.log(model.config.numLayers);
+ * ```
+ */
+export async function loadModel(source: string, options: LoadModelOptions = {}): Promise<Model> {
+  const hubOptions: Parameters<typeof resolveModelSource>[1] = {};
+  if (options.revision !== undefined) hubOptions.revision = options.revision;
+  if (options.cacheDir !== undefined) hubOptions.cacheDir = options.cacheDir;
+  if (options.offline !== undefined) hubOptions.offline = options.offline;
+  const folder = await resolveModelSource(source, hubOptions);
+  const config = await readModelConfig(folder);
+  const gpu = await getGpu();
+  const dtype = options.dtype ?? "f32";
+  if (dtype === "f16" && !gpu.hasF16) {
+    throw new UnsupportedConfigError(
+      `dtype f16 needs the WebGPU feature shader-f16, which ${gpu.info.description} does not offer; use dtype f32`,
+    );
+  }
+  if (dtype !== "f32" && dtype !== "f16") throw new UnsupportedConfigError(`dtype must be f32 or f16, got ${dtype}`);
+  const maxSeqLen = options.maxSeqLen ?? Math.min(config.maxPositions, 4096);
+  if (!Number.isInteger(maxSeqLen) || maxSeqLen < 1) {
+    throw new UnsupportedConfigError(`maxSeqLen must be a positive integer, got ${maxSeqLen}`);
+  }
+  if (config.family === "gpt2" && maxSeqLen > config.maxPositions) {
+    throw new UnsupportedConfigError(
+      `maxSeqLen ${maxSeqLen} exceeds gpt2's ${config.maxPositions} learned positions (n_positions)`,
+    );
+  }
+  // fit check before uploading anything
+  const need = weightBytes(config, dtype);
+  const largest = Math.max(config.intermediateSize * config.hiddenSize, config.hiddenSize * config.hiddenSize * 3) *
+    (dtype === "f16" ? 2 : 4);
+  checkBufferFits(gpu, largest, "the largest projection weight");
+  const heap = gpu.limits.maxBufferSize;
+  if (need > 64 * heap) {
+    throw new GpuError(
+      `the weights need about ${fmtBytes(need)} of GPU memory in ${dtype}, more than this GPU can address ` +
+        `(${gpu.info.description}); use dtype f16 or a smaller model`,
+    );
+  }
+  const checkpoint = await openCheckpoint(folder);
+  try {
+    const weights = await loadWeights(gpu, config, LAYOUTS[config.family], {
+      has: (n) => checkpoint.tensors.has(n),
+      shape: (n) => checkpoint.tensors.get(n)!.shape,
+      readF32: (n) => checkpoint.readTensor(n, "f32"),
+    }, dtype);
+    const invFreq = LAYOUTS[config.family].rope
+      ? tensorFrom(gpu, Float32Array.from(computeRopeInvFreq(config)), undefined, "rope inv_freq")
+      : null;
+    return {
+      gpu,
+      config,
+      layout: LAYOUTS[config.family],
+      dtype,
+      weights,
+      invFreq,
+      maxSeqLen,
+      source,
+      adapters: new Map(),
+      active: null,
+      disabled: false,
+      activations: new Map(),
+    };
+  } finally {
+    checkpoint.close();
+  }
+}

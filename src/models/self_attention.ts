@@ -1,0 +1,237 @@
+/**
+ * Self-attention with an adaption prompt, forward and backward, shared by every family (the layout
+ * table says whether queries get RoPE and whether the adapter output goes through the output
+ * projection). The adapter reuses the layer's own queries — PEFT recomputes them — and its keys and
+ * values are the layer's k/v projections of the prompt, computed once per step (training) or once per
+ * adapter version (decode).
+ *
+ * Forward, with `h` the normed input (N, C):
+ *   q, k, v = h Wqᵀ, h Wkᵀ, h Wvᵀ (+ biases); RoPE on q, k (llama)
+ *   attn = softmax(q kᵀ · scale + mask) v                          (saved with its log-sum-exp)
+ *   adapter: adp = g · softmax(q kₐᵀ · scale) vₐ
+ *   llama: o = (attn + adp) Woᵀ + bo (+ bo again when adapted, as PEFT's o_proj(adapter) adds it)
+ *   gpt2:  o = attn Woᵀ + bo + adp
+ *
+ * @module
+ */
+
+import type { Recorder } from "../gpu/recorder.ts";
+import { createTensor, type Tensor } from "../gpu/tensor.ts";
+import { attentionBackward, attentionForward } from "../../kernels/attention.ts";
+import { adapterAttentionBackward, adapterAttentionForward } from "../../kernels/adapter_attention.ts";
+import { ropeBackwardInPlace, ropeInPlace } from "../../kernels/rope.ts";
+import { addBiasRows, addInto } from "../../kernels/activation.ts";
+import { copyElements } from "../../kernels/fill.ts";
+import { gateView, promptView } from "../adapters/state.ts";
+import type { AdapterState } from "../adapters/state.ts";
+import type { Activations, LayerActivations } from "./activations.ts";
+import type { Model } from "./model.ts";
+import { attentionScale, linear, linearBackward } from "./ops.ts";
+import type { LayerWeights } from "./weights.ts";
+
+/** A KV cache for decoding: keys and values of every layer, (B, Smax, Hkv, D). */
+export interface KvCache {
+  /** Keys per layer. */
+  readonly k: Tensor[];
+  /** Values per layer. */
+  readonly v: Tensor[];
+  /** Positions per batch row (Smax). */
+  readonly maxLen: number;
+  /** Batch size. */
+  readonly batch: number;
+}
+
+/** Everything one layer's forward or backward needs. */
+export interface LayerContext {
+  /** The recorder. */
+  readonly rec: Recorder;
+  /** The model. */
+  readonly model: Model;
+  /** The activations of this batch shape. */
+  readonly acts: Activations;
+  /** Layer index. */
+  readonly layer: number;
+  /** This layer's weights. */
+  readonly w: LayerWeights;
+  /** This layer's saved activations. */
+  readonly la: LayerActivations;
+  /** Where the layer writes its output (next layer's input). */
+  readonly out: Tensor;
+  /** The running adapter and this layer's slot in it, or null when the layer is not adapted. */
+  readonly adapter: { readonly state: AdapterState; readonly slot: number } | null;
+  /** Whether the batch has padding (else the mask is skipped). */
+  readonly masked: boolean;
+  /** Decode: the cache and how many positions it already holds. */
+  readonly cache: { readonly kv: KvCache; readonly past: number } | null;
+}
+
+function attentionOptions(ctx: LayerContext) {
+  const c = ctx.model.config;
+  const T = ctx.acts.T;
+  const past = ctx.cache?.past ?? 0;
+  return {
+    numHeads: c.numHeads,
+    numKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    batch: ctx.acts.B,
+    queryLen: T,
+    keyLen: past + T,
+    kvStride: ctx.cache ? ctx.cache.kv.maxLen : T,
+    queryOffset: past,
+    scale: attentionScale(c),
+    causal: true,
+    slidingWindow: c.slidingWindow,
+  };
+}
+
+function adapterOptions(ctx: LayerContext, state: AdapterState) {
+  const c = ctx.model.config;
+  return {
+    numHeads: c.numHeads,
+    numKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    adapterLen: state.config.adapterLen,
+    rows: ctx.acts.N,
+    scale: 1 / Math.sqrt(c.headDim),
+    gateKind: state.config.gate,
+  };
+}
+
+/**
+ * Records the adapter keys and values of every adapted layer: kₐ = prompt Wkᵀ + bk, vₐ = prompt Wvᵀ + bv.
+ *
+ * @param rec The recorder.
+ * @param model The model.
+ * @param state The adapter.
+ */
+export function adapterKeyValuesForward(rec: Recorder, model: Model, state: AdapterState): void {
+  state.slots.forEach((s, i) => {
+    const w = model.weights.layers[s.layer]!;
+    const prompt = promptView(state, state.params, i, model.config.hiddenSize);
+    linear(rec, state.ka[i]!, prompt, w.k);
+    linear(rec, state.va[i]!, prompt, w.v);
+  });
+}
+
+/**
+ * Records the self-attention of one layer. `h` is the normed input; the result is written to
+ * `la.x2 = x + o` (the residual add included).
+ *
+ * @param ctx The layer context.
+ * @param h Normed input (N, C).
+ */
+export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
+  const { rec, model, acts, la, w } = ctx;
+  const c = model.config;
+  linear(rec, la.q, h, w.q);
+  linear(rec, la.k, h, w.k);
+  linear(rec, la.v, h, w.v);
+  if (model.layout.rope) {
+    ropeInPlace(rec, la.q, model.invFreq!, acts.positions, c.numHeads);
+    ropeInPlace(rec, la.k, model.invFreq!, acts.positions, c.numKvHeads);
+  }
+  let keys = la.k, values = la.v;
+  if (ctx.cache) {
+    // append this step's keys/values to the cache rows [past, past + T) of each batch row
+    const { kv, past } = ctx.cache;
+    const width = c.numKvHeads * c.headDim;
+    keys = kv.k[ctx.layer]!;
+    values = kv.v[ctx.layer]!;
+    for (let b = 0; b < acts.B; b++) {
+      const dst = (b * kv.maxLen + past) * width;
+      copyElements(rec, la.k, keys, acts.T * width, b * acts.T * width, dst);
+      copyElements(rec, la.v, values, acts.T * width, b * acts.T * width, dst);
+    }
+  }
+  attentionForward(rec, la.attn, acts.training ? la.lse : null, la.q, keys, values, ctx.masked ? acts.mask : null, {
+    ...attentionOptions(ctx),
+  });
+  const adapter = ctx.adapter;
+  if (!adapter) {
+    linear(rec, la.x2, la.attn, w.o);
+    addInto(rec, la.x2, la.x);
+    return;
+  }
+  const { state, slot } = adapter;
+  const gate = gateView(state, state.params, slot);
+  adapterAttentionForward(rec, acts.adp, la.q, state.ka[slot]!, state.va[slot]!, gate, {
+    ...adapterOptions(ctx, state),
+  });
+  if (model.layout.adapterThroughOutProj) {
+    addInto(rec, acts.adp, la.attn); // adp = attn + adapter, then one o_proj
+    linear(rec, la.x2, acts.adp, w.o);
+    if (w.o.b) addBiasRows(rec, la.x2, w.o.b);
+  } else {
+    linear(rec, la.x2, la.attn, w.o);
+    addInto(rec, la.x2, acts.adp);
+  }
+  addInto(rec, la.x2, la.x);
+}
+
+/**
+ * Records the backward of one layer's self-attention. On entry `acts.grad.res` holds d x2; on exit
+ * `acts.grad.h` holds d h (the normed input) unless `needInput` is false — the lowest adapted layer
+ * skips everything that only feeds layers below it. Adapter gradients are written into the adapter's
+ * flat gradient buffer.
+ *
+ * @param ctx The layer context.
+ * @param needInput Whether the gradient to the layer input is needed.
+ */
+export function selfAttentionBackward(ctx: LayerContext, needInput: boolean): void {
+  const { rec, model, acts, la, w } = ctx;
+  const c = model.config;
+  const d = acts.grad;
+  linearBackward(rec, d.attn, d.res, w.o); // d attn (+ adapter when through o_proj)
+  const adapter = ctx.adapter;
+  if (needInput) {
+    attentionBackward(rec, d.q, d.k, d.v, d.attn, la.attn, la.lse, la.q, la.k, la.v, ctx.masked ? acts.mask : null, {
+      ...attentionOptions(ctx),
+    });
+  }
+  if (adapter) {
+    const { state, slot } = adapter;
+    const grads = state.grads!;
+    const dOut = model.layout.adapterThroughOutProj ? d.attn : d.res;
+    const scratch = adapterGradScratch(ctx, state);
+    adapterAttentionBackward(
+      rec,
+      d.q,
+      scratch.dka,
+      scratch.dva,
+      gateView(state, grads, slot),
+      dOut,
+      la.q,
+      state.ka[slot]!,
+      state.va[slot]!,
+      gateView(state, state.params, slot),
+      { ...adapterOptions(ctx, state), accumulate: needInput },
+    );
+    const dPrompt = promptView(state, grads, slot, c.hiddenSize);
+    linearBackward(rec, dPrompt, scratch.dka, w.k);
+    linearBackward(rec, dPrompt, scratch.dva, w.v, true);
+  }
+  if (!needInput) return;
+  if (model.layout.rope) {
+    ropeBackwardInPlace(rec, d.q, model.invFreq!, acts.positions, c.numHeads);
+    ropeBackwardInPlace(rec, d.k, model.invFreq!, acts.positions, c.numKvHeads);
+  }
+  linearBackward(rec, d.h, d.q, w.q);
+  linearBackward(rec, d.h, d.k, w.k, true);
+  linearBackward(rec, d.h, d.v, w.v, true);
+}
+
+const gradScratch = new WeakMap<AdapterState, { dka: Tensor; dva: Tensor }>();
+
+/** The (L, Hkv*D) gradients of the adapter keys/values, one pair per adapter (layers run one at a time). */
+function adapterGradScratch(ctx: LayerContext, state: AdapterState): { dka: Tensor; dva: Tensor } {
+  let s = gradScratch.get(state);
+  if (!s) {
+    const shape = state.ka[0]!.shape;
+    s = {
+      dka: createTensor(ctx.model.gpu, shape, "f32", `adapter ${state.name} dka`),
+      dva: createTensor(ctx.model.gpu, shape, "f32", `adapter ${state.name} dva`),
+    };
+    gradScratch.set(state, s);
+  }
+  return s;
+}

@@ -1,0 +1,256 @@
+/**
+ * Base-model weights on the GPU, read from a checkpoint one tensor at a time (never the whole file in
+ * memory), normalised to one shape per family: every 2-D projection as HF `Linear` `[out, in]` (gpt2's
+ * `Conv1D` weights are transposed on the way in, and its fused `c_attn` is split into q, k and v), norms
+ * and biases in f32, projections and embeddings in the compute dtype (f32, or f16 on `shader-f16`).
+ *
+ * @module
+ */
+
+import type { Gpu } from "../gpu/device.ts";
+import { checkBufferFits, fmtBytes } from "../gpu/device.ts";
+import { splitRows, type Tensor, tensorFrom } from "../gpu/tensor.ts";
+import type { ModelConfig } from "../io/hf_config.ts";
+import { f32ArrayToF16 } from "../io/dtype.ts";
+import { InvalidFileError } from "../errors.ts";
+import type { Layout } from "./layout.ts";
+
+/** Reads named tensors from a checkpoint as f32 (the loader's view of `src/io/safetensors.ts`). */
+export interface TensorSource {
+  /** Whether the checkpoint holds `name`. */
+  has(name: string): boolean;
+  /** Shape of `name`. */
+  shape(name: string): number[];
+  /** The values of `name`, converted to f32. */
+  readF32(name: string): Promise<Float32Array>;
+}
+
+/** A linear layer `y = x Wᵀ + b` with `W` `[out, in]`, in bindable row ranges. */
+export interface Linear {
+  /** Weight `[out, in]`. */
+  readonly w: Tensor;
+  /** Row ranges of `w` that fit one binding (one entry when it fits whole). */
+  readonly ranges: { rowStart: number; tensor: Tensor }[];
+  /** Bias `[out]` or null. */
+  readonly b: Tensor | null;
+}
+
+/** A norm's parameters (LayerNorm has a bias). */
+export interface Norm {
+  /** Scale `[C]`. */
+  readonly weight: Tensor;
+  /** Shift `[C]` (LayerNorm) or null (RMSNorm). */
+  readonly bias: Tensor | null;
+}
+
+/** One transformer layer's weights. */
+export interface LayerWeights {
+  /** Norm before attention. */
+  readonly norm1: Norm;
+  /** Query projection. */
+  readonly q: Linear;
+  /** Key projection. */
+  readonly k: Linear;
+  /** Value projection. */
+  readonly v: Linear;
+  /** Output projection. */
+  readonly o: Linear;
+  /** Norm before the MLP. */
+  readonly norm2: Norm;
+  /** MLP projections: llama gate/up/down, gpt2 fc/proj (as `up` and `down`; `gate` null). */
+  readonly gate: Linear | null;
+  /** Up (llama) or c_fc (gpt2). */
+  readonly up: Linear;
+  /** Down (llama) or mlp.c_proj (gpt2). */
+  readonly down: Linear;
+}
+
+/** All base weights of a model. */
+export interface Weights {
+  /** Token embedding `[V, C]` with bindable ranges. */
+  readonly embed: Linear;
+  /** Learned positions `[P, C]` (gpt2) or null. */
+  readonly positions: Tensor | null;
+  /** Layers, bottom first. */
+  readonly layers: LayerWeights[];
+  /** Final norm. */
+  readonly finalNorm: Norm;
+  /** LM head `[V, C]` (the embedding when tied). */
+  readonly lmHead: Linear;
+  /** Bytes uploaded. */
+  readonly bytes: number;
+}
+
+/**
+ * Estimates the GPU bytes the weights need in a dtype (for the fit check before uploading).
+ *
+ * @param config The model config.
+ * @param dtype Compute dtype of projections.
+ * @returns Bytes.
+ */
+export function weightBytes(config: ModelConfig, dtype: "f32" | "f16"): number {
+  const e = dtype === "f16" ? 2 : 4;
+  const C = config.hiddenSize;
+  const qkv = C * (config.numHeads + 2 * config.numKvHeads) * config.headDim;
+  const o = config.numHeads * config.headDim * C;
+  const mlp = (config.family === "gpt2" ? 2 : 3) * C * config.intermediateSize;
+  const emb = config.vocabSize * C * (config.tieWordEmbeddings ? 1 : 2);
+  return e * (config.numLayers * (qkv + o + mlp) + emb);
+}
+
+/**
+ * Reads every weight of the model from `source` and uploads it, one tensor at a time.
+ *
+ * @param gpu The GPU.
+ * @param config Normalised config.
+ * @param layout The family's layout.
+ * @param source The checkpoint.
+ * @param dtype Compute dtype of projections and embeddings.
+ * @returns The weights on the GPU.
+ */
+export async function loadWeights(
+  gpu: Gpu,
+  config: ModelConfig,
+  layout: Layout,
+  source: TensorSource,
+  dtype: "f32" | "f16",
+): Promise<Weights> {
+  const C = config.hiddenSize;
+  let bytes = 0;
+  const need = (name: string, shape: number[]): void => {
+    if (!source.has(name)) {
+      throw new InvalidFileError(
+        `the checkpoint has no tensor "${name}", which a ${config.family} model with this config.json needs; ` +
+          "is the folder a complete HuggingFace checkpoint of this architecture?",
+      );
+    }
+    const got = source.shape(name);
+    if (got.length !== shape.length || got.some((d, i) => d !== shape[i])) {
+      throw new InvalidFileError(
+        `checkpoint tensor "${name}" has shape [${got}] but config.json implies [${shape}]; the weights and ` +
+          "config.json do not belong together",
+      );
+    }
+  };
+  const upload = (data: Float32Array, shape: number[], label: string, keepF32 = false): Tensor => {
+    const t = dtype === "f16" && !keepF32 ? tensorFrom(gpu, f32ArrayToF16(data), shape, label) : tensorFrom(
+      gpu,
+      data,
+      shape,
+      label,
+    );
+    bytes += t.byteLength;
+    return t;
+  };
+  const vector = async (name: string, n: number): Promise<Tensor> => {
+    need(name, [n]);
+    const t = tensorFrom(gpu, await source.readF32(name), [n], name);
+    bytes += t.byteLength;
+    return t;
+  };
+  const makeLinear = (w: Tensor, b: Tensor | null): Linear => ({ w, b, ranges: splitRows(gpu, w) });
+  /** A projection stored [out, in] (Linear) or [in, out] (Conv1D), returned as [out, in]. */
+  const linear = async (module: string, out: number, inp: number, bias: boolean): Promise<Linear> => {
+    const name = `${module}.weight`;
+    need(name, layout.weightOrder === "out_in" ? [out, inp] : [inp, out]);
+    let data = await source.readF32(name);
+    if (layout.weightOrder === "in_out") data = transpose(data, inp, out);
+    checkBufferFits(gpu, data.length * (dtype === "f16" ? 2 : 4), name);
+    const w = upload(data, [out, inp], name);
+    const b = bias && source.has(`${module}.bias`) ? await vector(`${module}.bias`, out) : null;
+    return makeLinear(w, b);
+  };
+  const norm = async (module: string): Promise<Norm> => ({
+    weight: await vector(`${module}.weight`, C),
+    bias: config.norm === "layernorm" ? await vector(`${module}.bias`, C) : null,
+  });
+
+  need(layout.embed, [config.vocabSize, C]);
+  const embedData = await source.readF32(layout.embed);
+  const embed = makeLinear(upload(embedData, [config.vocabSize, C], layout.embed), null);
+  let positions: Tensor | null = null;
+  if (layout.positionEmbed) {
+    need(layout.positionEmbed, [config.maxPositions, C]);
+    positions = upload(await source.readF32(layout.positionEmbed), [config.maxPositions, C], layout.positionEmbed, true);
+  }
+  const H = config.numHeads, Hkv = config.numKvHeads, D = config.headDim;
+  const layers: LayerWeights[] = [];
+  for (let i = 0; i < config.numLayers; i++) {
+    const p = layout.layerPrefix(i);
+    const m = layout.modules;
+    let q: Linear, k: Linear, v: Linear;
+    if ("fused" in m.qkv) {
+      // gpt2 c_attn: Conv1D [C, 3C] = [q | k | v] along the output columns
+      const name = `${p}${m.qkv.fused}`;
+      need(`${name}.weight`, [C, 3 * C]);
+      const wt = transpose(await source.readF32(`${name}.weight`), C, 3 * C); // [3C, C]
+      const bias = await source.readF32(`${name}.bias`);
+      const part = (j: number, label: string): Linear => {
+        const w = upload(wt.slice(j * C * C, (j + 1) * C * C), [C, C], `${name}.${label}`);
+        const b = tensorFrom(gpu, bias.slice(j * C, (j + 1) * C), [C], `${name}.${label}.bias`);
+        bytes += b.byteLength;
+        return makeLinear(w, b);
+      };
+      q = part(0, "q");
+      k = part(1, "k");
+      v = part(2, "v");
+    } else {
+      const bias = config.attentionBias;
+      q = await linear(`${p}${m.qkv.q}`, H * D, C, bias);
+      k = await linear(`${p}${m.qkv.k}`, Hkv * D, C, bias);
+      v = await linear(`${p}${m.qkv.v}`, Hkv * D, C, bias);
+    }
+    const o = await linear(`${p}${m.o}`, C, H * D, config.attentionBias || config.family === "gpt2");
+    const I = config.intermediateSize;
+    let gate: Linear | null = null, up: Linear, down: Linear;
+    if ("gate" in m.mlp) {
+      gate = await linear(`${p}${m.mlp.gate}`, I, C, config.mlpBias);
+      up = await linear(`${p}${m.mlp.up}`, I, C, config.mlpBias);
+      down = await linear(`${p}${m.mlp.down}`, C, I, config.mlpBias);
+    } else {
+      up = await linear(`${p}${m.mlp.fc}`, I, C, true);
+      down = await linear(`${p}${m.mlp.proj}`, C, I, true);
+    }
+    layers.push({ norm1: await norm(`${p}${m.norm1}`), q, k, v, o, norm2: await norm(`${p}${m.norm2}`), gate, up, down });
+  }
+  const finalNorm = await norm(layout.finalNorm);
+  let lmHead = embed;
+  if (!config.tieWordEmbeddings) {
+    if (source.has(layout.lmHead)) {
+      need(layout.lmHead, [config.vocabSize, C]);
+      lmHead = makeLinear(upload(await source.readF32(layout.lmHead), [config.vocabSize, C], layout.lmHead), null);
+    } else {
+      throw new InvalidFileError(
+        `config.json says tie_word_embeddings is false but the checkpoint has no "${layout.lmHead}"`,
+      );
+    }
+  }
+  return { embed, positions, layers, finalNorm, lmHead, bytes };
+}
+
+/**
+ * Transposes a row-major `[rows, cols]` matrix.
+ *
+ * @param a Values.
+ * @param rows Rows of `a`.
+ * @param cols Columns of `a`.
+ * @returns `[cols, rows]`.
+ */
+export function transpose(a: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(a.length);
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < cols; c++) out[c * rows + r] = a[r * cols + c]!;
+  }
+  return out;
+}
+
+/**
+ * Describes how much GPU memory a model needs, for "does not fit" messages.
+ *
+ * @param config The config.
+ * @param dtype The dtype.
+ * @returns A short human-readable size.
+ */
+export function describeWeightBytes(config: ModelConfig, dtype: "f32" | "f16"): string {
+  return fmtBytes(weightBytes(config, dtype));
+}

@@ -1,0 +1,262 @@
+import assert from "node:assert/strict";
+import { attentionBackward, attentionForward, type AttentionOptions } from "../../kernels/attention.ts";
+import { Recorder } from "../../src/gpu/recorder.ts";
+import { assertClose, download, gpu, poisoned, Rng, upload } from "../_util.ts";
+import {
+  attentionBackwardRef,
+  attentionForwardRef,
+  type RefAttentionOptions,
+} from "../reference/attention.ts";
+
+// f32 kernels against a float64 reference: forward ≤ 1e-5 (normwise), gradients ≤ 1e-4 (they sum
+// products of recomputed probabilities over up to T·H/Hkv terms).
+const FWD_TOL = 1e-5;
+const BWD_TOL = 1e-4;
+
+interface Case extends RefAttentionOptions {
+  /** Left padding per batch row (number of leading masked keys), or null for no mask. */
+  leftPad?: number[] | null;
+}
+
+function makeInputs(c: Case, seed: number) {
+  const rng = new Rng(seed);
+  const stride = c.kvStride ?? c.keyLen;
+  const q = rng.randn(c.batch * c.queryLen * c.numHeads * c.headDim);
+  const k = rng.randn(c.batch * stride * c.numKvHeads * c.headDim);
+  const v = rng.randn(k.length);
+  const dout = rng.randn(q.length);
+  let mask: Int32Array | null = null;
+  if (c.leftPad) {
+    mask = new Int32Array(c.batch * stride);
+    for (let b = 0; b < c.batch; b++) {
+      for (let j = 0; j < stride; j++) mask[b * stride + j] = j >= c.leftPad[b]! ? 1 : 0;
+    }
+  }
+  return { q, k, v, dout, mask };
+}
+
+function opts(c: Case): AttentionOptions {
+  const o: AttentionOptions = {
+    numHeads: c.numHeads,
+    numKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    batch: c.batch,
+    queryLen: c.queryLen,
+    keyLen: c.keyLen,
+    scale: c.scale,
+    causal: c.causal,
+  };
+  if (c.kvStride !== undefined) o.kvStride = c.kvStride;
+  if (c.queryOffset !== undefined) o.queryOffset = c.queryOffset;
+  if (c.slidingWindow !== undefined) o.slidingWindow = c.slidingWindow;
+  return o;
+}
+
+async function checkForward(c: Case, seed: number): Promise<void> {
+  const g = await gpu();
+  const x = makeInputs(c, seed);
+  const ref = attentionForwardRef(x.q, x.k, x.v, x.mask, c);
+  const out = poisoned(g, [c.batch, c.queryLen, c.numHeads, c.headDim]);
+  const lse = poisoned(g, [c.batch, c.numHeads, c.queryLen]);
+  const rec = new Recorder(g);
+  const m = x.mask ? upload(g, x.mask) : null;
+  attentionForward(rec, out, lse, upload(g, x.q), upload(g, x.k), upload(g, x.v), m, opts(c));
+  rec.submit();
+  const o = await download(g, out);
+  assertClose(o, ref.out, FWD_TOL, "out");
+  assertClose(await download(g, lse), ref.lse, FWD_TOL, "lse");
+  assert.ok(o.every(Number.isFinite));
+  // inference path (lse = null) gives the same output
+  const out2 = poisoned(g, [c.batch, c.queryLen, c.numHeads, c.headDim]);
+  attentionForward(rec, out2, null, upload(g, x.q), upload(g, x.k), upload(g, x.v), m, opts(c));
+  rec.submit();
+  assertClose(await download(g, out2), ref.out, FWD_TOL, "out (no lse)");
+}
+
+async function checkBackward(c: Case, seed: number, accumulate: boolean): Promise<void> {
+  const g = await gpu();
+  const x = makeInputs(c, seed);
+  const f = attentionForwardRef(x.q, x.k, x.v, x.mask, c);
+  const ref = attentionBackwardRef(x.dout, x.q, x.k, x.v, x.mask, c);
+  const q = upload(g, x.q);
+  const k = upload(g, x.k);
+  const v = upload(g, x.v);
+  const m = x.mask ? upload(g, x.mask) : null;
+  const out = poisoned(g, [x.q.length]);
+  const lse = poisoned(g, [c.batch * c.numHeads * c.queryLen]);
+  const rng = new Rng(seed + 99);
+  const base = { dq: rng.randn(x.q.length), dk: rng.randn(x.k.length), dv: rng.randn(x.k.length) };
+  const dq = accumulate ? upload(g, base.dq) : poisoned(g, [x.q.length]);
+  const dk = accumulate ? upload(g, base.dk) : poisoned(g, [x.k.length]);
+  const dv = accumulate ? upload(g, base.dv) : poisoned(g, [x.k.length]);
+  const rec = new Recorder(g);
+  attentionForward(rec, out, lse, q, k, v, m, opts(c));
+  attentionBackward(rec, dq, dk, dv, upload(g, x.dout), out, lse, q, k, v, m, { ...opts(c), accumulate });
+  rec.submit();
+  const stride = c.kvStride ?? c.keyLen;
+  const validKv = c.batch * stride * c.numKvHeads * c.headDim;
+  const want = (r: Float64Array, b0: Float32Array, keys: boolean) =>
+    r.map((val, i) => {
+      // positions ≥ keyLen of a cache are not written: they keep their old value (or NaN poison)
+      if (keys && Math.floor(i / (c.numKvHeads * c.headDim)) % stride >= c.keyLen) {
+        return accumulate ? b0[i]! : NaN;
+      }
+      return val + (accumulate ? b0[i]! : 0);
+    });
+  assertClose(await download(g, out), f.out, FWD_TOL, "out");
+  assertClose(await download(g, dq), want(ref.dq, base.dq, false), BWD_TOL, "dq");
+  const keep = (a: ArrayLike<number>) =>
+    Array.from(a).filter((_, i) => Math.floor(i / (c.numKvHeads * c.headDim)) % stride < c.keyLen);
+  assert.equal(want(ref.dk, base.dk, true).length, validKv);
+  assertClose(keep(await download(g, dk)), keep(want(ref.dk, base.dk, true)), BWD_TOL, "dk");
+  assertClose(keep(await download(g, dv)), keep(want(ref.dv, base.dv, true)), BWD_TOL, "dv");
+}
+
+const base = { scale: 0.35, causal: true };
+
+const CASES: Record<string, Case> = {
+  "causal GQA (H=4, Hkv=2), B=2, T=S=7, D=8": {
+    ...base,
+    numHeads: 4,
+    numKvHeads: 2,
+    headDim: 8,
+    batch: 2,
+    queryLen: 7,
+    keyLen: 7,
+  },
+  "causal with left padding (fully masked rows give zeros), B=3, T=S=33, D=6": {
+    ...base,
+    numHeads: 2,
+    numKvHeads: 1,
+    headDim: 6,
+    batch: 3,
+    queryLen: 33,
+    keyLen: 33,
+    leftPad: [0, 5, 32],
+  },
+  "non-causal with a padding mask, T=S=70 (two query blocks), H=3, D=5": {
+    ...base,
+    causal: false,
+    numHeads: 3,
+    numKvHeads: 3,
+    headDim: 5,
+    batch: 2,
+    queryLen: 70,
+    keyLen: 70,
+    leftPad: [3, 0],
+  },
+  "sliding window 5, GQA 6/2, T=S=41, D=8": {
+    ...base,
+    numHeads: 6,
+    numKvHeads: 2,
+    headDim: 8,
+    batch: 1,
+    queryLen: 41,
+    keyLen: 41,
+    slidingWindow: 5,
+  },
+  "sliding window 16 at T=S=130 (window smaller than the tiles, causal skip)": {
+    ...base,
+    numHeads: 2,
+    numKvHeads: 1,
+    headDim: 4,
+    batch: 1,
+    queryLen: 130,
+    keyLen: 130,
+    slidingWindow: 16,
+  },
+  "decode T=1 against a KV cache S=33 of Smax=40, GQA 4/1, mask": {
+    ...base,
+    numHeads: 4,
+    numKvHeads: 1,
+    headDim: 8,
+    batch: 2,
+    queryLen: 1,
+    keyLen: 33,
+    kvStride: 40,
+    leftPad: [2, 0],
+  },
+  "chunked prefill T=3 at S=130 with a window, D=7": {
+    ...base,
+    numHeads: 2,
+    numKvHeads: 2,
+    headDim: 7,
+    batch: 1,
+    queryLen: 3,
+    keyLen: 130,
+    slidingWindow: 100,
+  },
+  "explicit queryOffset T=7 S=20 offset 5 (non-final chunk)": {
+    ...base,
+    numHeads: 2,
+    numKvHeads: 1,
+    headDim: 8,
+    batch: 1,
+    queryLen: 7,
+    keyLen: 20,
+    queryOffset: 5,
+  },
+};
+
+let seed = 10;
+for (const [name, c] of Object.entries(CASES)) {
+  const s = seed++;
+  Deno.test(`attentionForward matches the float64 reference: ${name}`, () => checkForward(c, s));
+  Deno.test(`attentionBackward matches the float64 reference: ${name}`, () => checkBackward(c, s, false));
+}
+
+Deno.test("attentionBackward with accumulate adds into dq, dk, dv (GQA, padding)", () =>
+  checkBackward({ ...CASES["causal GQA (H=4, Hkv=2), B=2, T=S=7, D=8"]!, leftPad: [2, 0] }, 77, true));
+
+Deno.test("attentionForward at D=64 (the model head size) matches the reference", () =>
+  checkForward({
+    ...base,
+    numHeads: 3,
+    numKvHeads: 1,
+    headDim: 64,
+    batch: 1,
+    queryLen: 50,
+    keyLen: 50,
+    leftPad: [4],
+  }, 5));
+
+Deno.test("attentionBackward at D=64 matches the reference", () =>
+  checkBackward(
+    { ...base, numHeads: 3, numKvHeads: 1, headDim: 64, batch: 1, queryLen: 37, keyLen: 37 },
+    6,
+    false,
+  ));
+
+Deno.test("the reference attention gradient matches central finite differences", () => {
+  const c: Case = {
+    ...base,
+    numHeads: 4,
+    numKvHeads: 2,
+    headDim: 3,
+    batch: 2,
+    queryLen: 4,
+    keyLen: 5,
+    slidingWindow: 3,
+    leftPad: [1, 0],
+  };
+  const x = makeInputs(c, 3);
+  const q = Float64Array.from(x.q);
+  const k = Float64Array.from(x.k);
+  const v = Float64Array.from(x.v);
+  const loss = () => attentionForwardRef(q, k, v, x.mask, c).out.reduce((s, o, i) => s + o * x.dout[i]!, 0);
+  const grad = attentionBackwardRef(x.dout, q, k, v, x.mask, c);
+  const eps = 1e-6;
+  for (const [name, arr, gr] of [["q", q, grad.dq], ["k", k, grad.dk], ["v", v, grad.dv]] as const) {
+    const fd = new Float64Array(arr.length);
+    for (let i = 0; i < arr.length; i++) {
+      const x0 = arr[i]!;
+      arr[i] = x0 + eps;
+      const lp = loss();
+      arr[i] = x0 - eps;
+      const lm = loss();
+      arr[i] = x0;
+      fd[i] = (lp - lm) / (2 * eps);
+    }
+    assertClose(gr, fd, 1e-7, `d${name} vs finite differences`);
+  }
+});

@@ -1,0 +1,335 @@
+import assert from "node:assert/strict";
+import {
+  conv1dBackwardInput,
+  conv1dForward,
+  linearBackwardInput,
+  linearForward,
+  type MatmulKernelChoice,
+  matmulTuning,
+} from "../../kernels/matmul.ts";
+import { Recorder } from "../../src/gpu/recorder.ts";
+import { type Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
+import type { Gpu } from "../../src/gpu/device.ts";
+import { assertClose, download, gpu, poisoned, relError, Rng, upload } from "../_util.ts";
+import {
+  conv1dBackwardInputRef,
+  conv1dForwardRef,
+  linearBackwardInputRef,
+  linearForwardRef,
+} from "../reference/matmul.ts";
+
+// Forward and input-gradient products are single f32 dot products of length ≤ 140 here: 1e-5 normwise.
+const TOL = 1e-5;
+// f16 weights: the reference uses the same f16-rounded weights, so only f32 accumulation differs and the
+// f32 tolerance applies; the 2e-3 bound below is against the unrounded f32 weights (f16 has 11 bits).
+const TOL_F16_VS_F32 = 2e-3;
+
+const CHOICES: (MatmulKernelChoice | null)[] = [null, 32, 64, 128, "matvec"];
+// (M, N, K): odd sizes, sizes that are and are not multiples of 4 (vec4 and scalar loads), one row;
+// (2, 36, 20) and (2, 12, 520) take the matrix-vector kernel in both layouts (520 runs its unrolled loop).
+const SHAPES: [number, number, number][] = [
+  [1, 7, 5],
+  [3, 33, 64],
+  [4, 130, 36],
+  [2, 36, 20],
+  [2, 12, 520],
+  [7, 130, 33],
+  [33, 65, 132],
+  [130, 36, 20],
+];
+
+/** Runs `body` with every kernel forced in turn (null = the heuristic), restoring the heuristic after. */
+async function forEachKernel(body: (choice: MatmulKernelChoice | null) => Promise<void>): Promise<void> {
+  try {
+    for (const c of CHOICES) {
+      matmulTuning.force = c;
+      await body(c);
+    }
+  } finally {
+    matmulTuning.force = null;
+  }
+}
+
+function f16Round(a: Float32Array): { bits: Uint16Array; values: Float32Array } {
+  const h = new Float16Array(a);
+  return { bits: new Uint16Array(h.buffer), values: Float32Array.from(h) };
+}
+
+async function run(g: Gpu, out: Tensor, record: (rec: Recorder) => void): Promise<Float32Array> {
+  const rec = new Recorder(g);
+  record(rec);
+  rec.submit();
+  return await download(g, out);
+}
+
+Deno.test("linearForward matches the float64 reference for every kernel, odd sizes, with and without bias", async () => {
+  const g = await gpu();
+  const rng = new Rng(11);
+  await forEachKernel(async (choice) => {
+    for (const [M, N, K] of SHAPES) {
+      const x = rng.randn(M * K);
+      const w = rng.randn(N * K, 0.5);
+      const b = rng.randn(N);
+      for (const withBias of [true, false]) {
+        const out = poisoned(g, [M, N]);
+        const got = await run(
+          g,
+          out,
+          (rec) =>
+            linearForward(
+              rec,
+              out,
+              upload(g, x, [M, K]),
+              upload(g, w, [N, K]),
+              withBias ? upload(g, b) : null,
+            ),
+        );
+        assertClose(
+          got,
+          linearForwardRef(x, w, withBias ? b : null, M, N, K),
+          TOL,
+          `linear ${choice} ${M}x${N}x${K}`,
+        );
+      }
+    }
+  });
+});
+
+Deno.test("linearForward writes its column slice of a wider output and accumulates", async () => {
+  const g = await gpu();
+  const rng = new Rng(12);
+  await forEachKernel(async (choice) => {
+    for (const [M, N, K] of [[2, 9, 12], [7, 33, 17], [66, 40, 8]] as const) {
+      const ld = N + 13;
+      const off = 5;
+      const x = rng.randn(M * K);
+      const w = rng.randn(N * K);
+      const b = rng.randn(N);
+      const init = rng.randn(M * ld);
+      const prod = linearForwardRef(x, w, b, M, N, K);
+      for (const accumulate of [false, true]) {
+        const out = upload(g, init, [M, ld]);
+        const got = await run(
+          g,
+          out,
+          (rec) =>
+            linearForward(rec, out, upload(g, x), upload(g, w, [N, K]), upload(g, b), {
+              accumulate,
+              outColOffset: off,
+              ldOut: ld,
+            }),
+        );
+        const want = Float64Array.from(init);
+        for (let m = 0; m < M; m++) {
+          for (let n = 0; n < N; n++) {
+            want[m * ld + off + n] = (accumulate ? init[m * ld + off + n]! : 0) + prod[m * N + n]!;
+          }
+        }
+        assertClose(got, want, TOL, `linear slice ${choice} acc=${accumulate} ${M}x${N}x${K}`);
+      }
+    }
+  });
+});
+
+Deno.test("the analytic input gradients of Linear and Conv1D match central finite differences", () => {
+  const rng = new Rng(13);
+  const [M, N, K] = [3, 4, 5];
+  const x = Float64Array.from(rng.randn(M * K));
+  const w = Float64Array.from(rng.randn(N * K));
+  const dy = Float64Array.from(rng.randn(M * N));
+  const h = 1e-6;
+  for (
+    const [name, fwd, bwd] of [
+      ["linear", linearForwardRef, linearBackwardInputRef],
+      ["conv1d", conv1dForwardRef, conv1dBackwardInputRef],
+    ] as const
+  ) {
+    // loss = sum(dy * f(x)); its gradient with respect to x is the backward of dy
+    const loss = (xx: Float64Array) => fwd(xx, w, null, M, N, K).reduce((s, v, i) => s + v * dy[i]!, 0);
+    const analytic = bwd(dy, w, M, N, K);
+    const numeric = new Float64Array(M * K);
+    for (let i = 0; i < M * K; i++) {
+      const xp = Float64Array.from(x);
+      const xm = Float64Array.from(x);
+      xp[i] = xp[i]! + h;
+      xm[i] = xm[i]! - h;
+      numeric[i] = (loss(xp) - loss(xm)) / (2 * h);
+    }
+    assert.ok(relError(analytic, numeric) < 1e-7, `${name}: ${relError(analytic, numeric)}`);
+  }
+});
+
+Deno.test("linearBackwardInput matches the reference, including dy column slices and accumulate", async () => {
+  const g = await gpu();
+  const rng = new Rng(14);
+  await forEachKernel(async (choice) => {
+    for (const [M, N, K] of SHAPES) {
+      const w = rng.randn(N * K, 0.5);
+      for (const [off, ld] of [[0, N], [3, N + 7], [4, N + 8]]) {
+        const dyWide = rng.randn(M * ld!);
+        const dy = new Float32Array(M * N);
+        for (let m = 0; m < M; m++) for (let n = 0; n < N; n++) dy[m * N + n] = dyWide[m * ld! + off! + n]!;
+        const want = linearBackwardInputRef(dy, w, M, N, K);
+        const dx = poisoned(g, [M, K]);
+        const got = await run(
+          g,
+          dx,
+          (rec) =>
+            linearBackwardInput(rec, dx, upload(g, dyWide, [M, ld!]), upload(g, w, [N, K]), {
+              dyColOffset: off!,
+              ldDy: ld!,
+            }),
+        );
+        assertClose(got, want, TOL, `linear backward ${choice} ${M}x${N}x${K} off=${off} ld=${ld}`);
+        const init = rng.randn(M * K);
+        const dxAcc = upload(g, init, [M, K]);
+        const gotAcc = await run(
+          g,
+          dxAcc,
+          (rec) =>
+            linearBackwardInput(rec, dxAcc, upload(g, dyWide, [M, ld!]), upload(g, w, [N, K]), {
+              dyColOffset: off!,
+              ldDy: ld!,
+              accumulate: true,
+            }),
+        );
+        assertClose(
+          gotAcc,
+          want.map((v, i) => v + init[i]!),
+          TOL,
+          `linear backward acc ${choice} ${M}x${N}x${K}`,
+        );
+      }
+    }
+  });
+});
+
+Deno.test("conv1dForward and conv1dBackwardInput match the reference for every kernel", async () => {
+  const g = await gpu();
+  const rng = new Rng(15);
+  await forEachKernel(async (choice) => {
+    for (const [M, N, K] of SHAPES) {
+      const x = rng.randn(M * K);
+      const w = rng.randn(K * N, 0.5); // (K, N)
+      const b = rng.randn(N);
+      const out = poisoned(g, [M, N]);
+      const got = await run(
+        g,
+        out,
+        (rec) => conv1dForward(rec, out, upload(g, x, [M, K]), upload(g, w, [K, N]), upload(g, b)),
+      );
+      assertClose(got, conv1dForwardRef(x, w, b, M, N, K), TOL, `conv1d ${choice} ${M}x${N}x${K}`);
+      const init = rng.randn(M * N);
+      const acc = upload(g, init, [M, N]);
+      const gotAcc = await run(
+        g,
+        acc,
+        (rec) =>
+          conv1dForward(rec, acc, upload(g, x, [M, K]), upload(g, w, [K, N]), null, { accumulate: true }),
+      );
+      assertClose(
+        gotAcc,
+        conv1dForwardRef(x, w, null, M, N, K).map((v, i) => v + init[i]!),
+        TOL,
+        `conv1d acc ${choice}`,
+      );
+
+      const dy = rng.randn(M * N);
+      const dx = poisoned(g, [M, K]);
+      const gotDx = await run(
+        g,
+        dx,
+        (rec) => conv1dBackwardInput(rec, dx, upload(g, dy, [M, N]), upload(g, w, [K, N])),
+      );
+      const wantDx = conv1dBackwardInputRef(dy, w, M, N, K);
+      assertClose(gotDx, wantDx, TOL, `conv1d backward ${choice} ${M}x${N}x${K}`);
+      const initDx = rng.randn(M * K);
+      const dxAcc = upload(g, initDx, [M, K]);
+      const gotDxAcc = await run(
+        g,
+        dxAcc,
+        (rec) =>
+          conv1dBackwardInput(rec, dxAcc, upload(g, dy, [M, N]), upload(g, w, [K, N]), { accumulate: true }),
+      );
+      assertClose(gotDxAcc, wantDx.map((v, i) => v + initDx[i]!), TOL, `conv1d backward acc ${choice}`);
+    }
+  });
+});
+
+Deno.test("f16 weights give the f32 result of the f16-rounded weights in all four products", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return; // the f16 path is only compiled where shader-f16 exists
+  const rng = new Rng(16);
+  await forEachKernel(async (choice) => {
+    for (const [M, N, K] of SHAPES) {
+      const x = rng.randn(M * K);
+      const dy = rng.randn(M * N);
+      const b = rng.randn(N);
+      const w32 = rng.randn(N * K, 0.5); // (N, K) for Linear, read as (K, N) for Conv1D
+      const { bits, values: w } = f16Round(w32);
+      const wNK = () => tensorFrom(g, bits, [N, K]);
+      const wKN = () => tensorFrom(g, bits, [K, N]);
+
+      const out = poisoned(g, [M, N]);
+      const got = await run(g, out, (rec) => linearForward(rec, out, upload(g, x), wNK(), upload(g, b)));
+      assertClose(got, linearForwardRef(x, w, b, M, N, K), TOL, `f16 linear ${choice} ${M}x${N}x${K}`);
+      assertClose(got, linearForwardRef(x, w32, b, M, N, K), TOL_F16_VS_F32, `f16 vs f32 linear ${choice}`);
+
+      const dx = poisoned(g, [M, K]);
+      const gotDx = await run(g, dx, (rec) => linearBackwardInput(rec, dx, upload(g, dy), wNK()));
+      assertClose(
+        gotDx,
+        linearBackwardInputRef(dy, w, M, N, K),
+        TOL,
+        `f16 linear backward ${choice} ${M}x${N}x${K}`,
+      );
+
+      const out2 = poisoned(g, [M, N]);
+      const got2 = await run(g, out2, (rec) => conv1dForward(rec, out2, upload(g, x), wKN(), upload(g, b)));
+      assertClose(got2, conv1dForwardRef(x, w, b, M, N, K), TOL, `f16 conv1d ${choice} ${M}x${N}x${K}`);
+
+      const dx2 = poisoned(g, [M, K]);
+      const gotDx2 = await run(g, dx2, (rec) => conv1dBackwardInput(rec, dx2, upload(g, dy), wKN()));
+      assertClose(
+        gotDx2,
+        conv1dBackwardInputRef(dy, w, M, N, K),
+        TOL,
+        `f16 conv1d backward ${choice} ${M}x${N}x${K}`,
+      );
+    }
+  });
+});
+
+Deno.test("more than 65535 workgroups are folded into y (matvec and tiled)", async () => {
+  const g = await gpu();
+  const rng = new Rng(17);
+  // matvec: 4 rows per workgroup -> 65537 workgroups; tiled 32: 32 columns per workgroup -> 65537
+  for (const [choice, M, N, K] of [["matvec", 2, 4 * 65537, 4], [32, 1, 32 * 65537 - 5, 1]] as const) {
+    matmulTuning.force = choice;
+    try {
+      const x = rng.randn(M * K);
+      const w = rng.randn(N * K);
+      const out = poisoned(g, [M, N]);
+      const got = await run(
+        g,
+        out,
+        (rec) => linearForward(rec, out, upload(g, x), upload(g, w, [N, K]), null),
+      );
+      assertClose(got, linearForwardRef(x, w, null, M, N, K), TOL, `fold ${choice}`);
+    } finally {
+      matmulTuning.force = null;
+    }
+  }
+});
+
+Deno.test("mismatched shapes are refused with a message naming the tensor", async () => {
+  const g = await gpu();
+  const rec = new Recorder(g);
+  const x = poisoned(g, [3, 5]);
+  const w = poisoned(g, [4, 6]);
+  assert.throws(() => linearForward(rec, poisoned(g, [3, 4]), x, w, null), /not a whole number of rows of 6/);
+  assert.throws(
+    () => linearForward(rec, poisoned(g, [3, 4]), poisoned(g, [3, 6]), w, null, { outColOffset: 1 }),
+    /exceed ldOut/,
+  );
+});
