@@ -8,7 +8,7 @@
 
 import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
-import { type Tensor } from "../src/gpu/tensor.ts";
+import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
 
@@ -20,7 +20,12 @@ const K0: f32 = 0.7978845608028654;
 const K1: f32 = 0.044715;
 fn tanhClamped(u: f32) -> f32 { return tanh(clamp(u, -15.0, 15.0)); }`;
 
-function elementwise(name: string, bindings: readonly ("read" | "write")[], decl: string, body: string): Kernel {
+function elementwise(
+  name: string,
+  bindings: readonly ("read" | "write")[],
+  decl: string,
+  body: string,
+): Kernel {
   return defineKernel(name, {}, [...bindings, "uniform"], () => `
 struct P { n: u32, stride: u32, a: u32, b: f32 }
 ${decl}
@@ -35,7 +40,9 @@ ${decl}
 function sameSize(what: string, ...ts: Tensor[]): number {
   const n = ts[0]!.size;
   for (const t of ts) {
-    if (t.size !== n) throw new GpuError(`${what}: ${t.label} [${t.shape}] differs in size from [${ts[0]!.shape}]`);
+    if (t.size !== n) {
+      throw new GpuError(`${what}: ${t.label} [${t.shape}] differs in size from [${ts[0]!.shape}]`);
+    }
   }
   return n;
 }

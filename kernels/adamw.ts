@@ -12,7 +12,7 @@
  */
 
 import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
-import { type Recorder } from "../src/gpu/recorder.ts";
+import type { Recorder } from "../src/gpu/recorder.ts";
 import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
@@ -39,13 +39,25 @@ export const HYPER = {
  * @returns The values to write into `hyper`.
  */
 export function packHyper(
-  h: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; maxGradNorm: number },
+  h: {
+    lr: number;
+    beta1: number;
+    beta2: number;
+    eps: number;
+    weightDecay: number;
+    step: number;
+    maxGradNorm: number;
+  },
 ): Float32Array {
   return new Float32Array([h.lr, h.beta1, h.beta2, h.eps, h.weightDecay, h.step, h.maxGradNorm, 0]);
 }
 
 function adamwKernel(): Kernel {
-  return defineKernel("adamw_step", {}, ["write", "read", "write", "write", "read", "read", "uniform"], () => `
+  return defineKernel(
+    "adamw_step",
+    {},
+    ["write", "read", "write", "write", "read", "read", "uniform"],
+    () => `
 struct P { n: u32, stride: u32, hasNorm: u32, _p: u32 }
 @group(0) @binding(0) var<storage, read_write> param: array<f32>;
 @group(0) @binding(1) var<storage, read> grad: array<f32>;
@@ -99,7 +111,8 @@ fn powSteps(b: f32, t: u32) -> f32 {
   m[i] = m1;
   v[i] = v1;
   param[i] = x;
-}`);
+}`,
+  );
 }
 
 function normPartialKernel(): Kernel {
@@ -189,12 +202,19 @@ export function adamwStep(
   const { param, grad, m, v, hyper } = args;
   const n = param.size;
   for (const t of [grad, m, v]) {
-    if (t.size !== n) throw new GpuError(`adamwStep: ${t.label} [${t.shape}] differs in size from param [${n}]`);
+    if (t.size !== n) {
+      throw new GpuError(`adamwStep: ${t.label} [${t.shape}] differs in size from param [${n}]`);
+    }
   }
   if (hyper.size !== 8 || hyper.dtype !== "f32") {
     throw new GpuError(`adamwStep: hyper must be 8 f32 values, got [${hyper.shape}] ${hyper.dtype}`);
   }
   const norm = args.gradNormSq ?? hyper; // bound but unread when absent
   const { groups, stride } = grid1d(n, WG);
-  rec.dispatch(adamwKernel(), [param, grad, m, v, hyper, norm], [n, stride, args.gradNormSq ? 1 : 0, 0], groups);
+  rec.dispatch(
+    adamwKernel(),
+    [param, grad, m, v, hyper, norm],
+    [n, stride, args.gradNormSq ? 1 : 0, 0],
+    groups,
+  );
 }

@@ -1,6 +1,6 @@
 /**
  * LLaMA-Adapter adaption-prompt attention (PEFT `tuners/adaption_prompt` AdaptedAttention): every query
- * also attends to L adapter tokens whose keys and values `ka`, `va` `(Hkv, L, D)` are shared by the
+ * also attends to L adapter tokens whose keys and values `ka`, `va` `(L, Hkv, D)` are shared by the
  * whole batch, through a softmax over those L tokens only (no causal or padding mask), scaled by a gate:
  *
  *   out[b,t,h,:] (+)= g_h · Σ_j softmax_j(q[b,t,h,:]·ka[kvh(h),j,:] * scale) · va[kvh(h),j,:]
@@ -99,7 +99,7 @@ function check(o: AdapterAttentionOptions, q: Tensor, ka: Tensor, va: Tensor, ga
   if (L < 1 || L > MAX_L) throw new GpuError(`adapter attention: adapterLen ${L} outside 1..${MAX_L}`);
   if (q.size < N * H * D) throw new GpuError(`adapter attention: q [${q.shape}] smaller than (N, H, D)`);
   if (ka.size < Hkv * L * D || va.size < Hkv * L * D) {
-    throw new GpuError(`adapter attention: ka/va smaller than (Hkv, L, D) = (${Hkv}, ${L}, ${D})`);
+    throw new GpuError(`adapter attention: ka/va smaller than (L, Hkv, D) = (${L}, ${Hkv}, ${D})`);
   }
   const g = o.gateKind === "scalar" ? 1 : H;
   if (gate.size < g) throw new GpuError(`adapter attention: gate [${gate.shape}] needs ${g} values`);
@@ -151,7 +151,7 @@ ${each(DV, (c) => `  var a${c} = vec4<f32>(0.0);`)}
   var m = -1.0e30;
   var l = 0.0;
   for (var j = 0u; j < p.L; j++) {
-    let kb = (kvh * p.L + j) * ${D}u;
+    let kb = (j * p.Hkv + kvh) * ${D}u;
     let s = (${each(DV, (c) => `dot(q${c}, ${vecLoad(D, c, "ka", "kb")})`, " + ")}) * p.scale;
     let mNew = max(m, s);
     let corr = exp(m - mNew);
@@ -173,8 +173,8 @@ ${each(DV, (c) => `  ${vecStore(D, c, "out", "qb", `(a${c} * f)`)}`)}
  * @param rec The recorder.
  * @param out Output `(B, T, H, D)` (N = B*T rows).
  * @param q Queries `(B, T, H, D)`.
- * @param ka Adapter keys `(Hkv, L, D)`.
- * @param va Adapter values `(Hkv, L, D)`.
+ * @param ka Adapter keys `(L, Hkv, D)`.
+ * @param va Adapter values `(L, Hkv, D)`.
  * @param gate f32 gate: `(1)` for `"scalar"`, `(H)` for the per-head kinds.
  * @param opts Sizes, scale, gate kind, accumulate.
  */
@@ -182,8 +182,8 @@ export function adapterAttentionForward(
   rec: Recorder,
   out: Tensor, // (B, T, H, D)
   q: Tensor, // (B, T, H, D)
-  ka: Tensor, // (Hkv, L, D)
-  va: Tensor, // (Hkv, L, D)
+  ka: Tensor, // (L, Hkv, D)
+  va: Tensor, // (L, Hkv, D)
   gate: Tensor, // (1) or (H)
   opts: AdapterAttentionOptions,
 ): void {
@@ -254,7 +254,7 @@ ${
         for (var d = 0u; d < D; d++) { Qs[tid * D + d] = q[qb + d]; Os[tid * D + d] = dout[qb + d]; }
         var m = -1.0e30;
         for (var j = 0u; j < p.L; j++) {
-          let kb = (kvh * p.L + j) * D;
+          let kb = (j * p.Hkv + kvh) * D;
           let s = (${each(DV, (c) => `dot(q${c}, ${vecLoad(D, c, "ka", "kb")})`, " + ")}) * p.scale;
           Ps[rb + j] = s;
           DSs[rb + j] = ${
@@ -279,7 +279,7 @@ ${each(DV, (c) => `        var gq${c} = vec4<f32>(0.0);`)}
         for (var j = 0u; j < p.L; j++) {
           let ds = g * Ps[rb + j] * (DSs[rb + j] - pa) * p.scale; // d(score)/d(q·ka) folded with scale
           DSs[rb + j] = ds;
-          let kb = (kvh * p.L + j) * D;
+          let kb = (j * p.Hkv + kvh) * D;
 ${each(DV, (c) => `          gq${c} = gq${c} + ds * ${vecLoad(D, c, "ka", "kb")};`)}
         }
 ${each(DV, (c) => `        ${vecStore(D, c, "dq", "qb", `gq${c}`)}`)}
@@ -351,8 +351,10 @@ const D: u32 = ${D}u;
         sv = sv + scr[half + at];
       }
     }
-    dka[idx] = sk;
-    dva[idx] = sv;
+    // scratch is (L, Hkv, D)-ordered; ka/va are (L, Hkv, D) as the k/v projections write them
+    let o = ((x / D) * p.Hkv + kvh) * D + x % D;
+    dka[o] = sk;
+    dva[o] = sv;
     return;
   }
   let gi = idx - HLD;
@@ -392,26 +394,26 @@ function scratchFor(rec: Recorder, dka: Tensor, n: number): Tensor {
  *
  * @param rec The recorder.
  * @param dq Gradient of q `(B, T, H, D)`; overwritten, or added into with `opts.accumulate`.
- * @param dka Gradient of the adapter keys `(Hkv, L, D)`, overwritten.
- * @param dva Gradient of the adapter values `(Hkv, L, D)`, overwritten.
+ * @param dka Gradient of the adapter keys `(L, Hkv, D)`, overwritten.
+ * @param dva Gradient of the adapter values `(L, Hkv, D)`, overwritten.
  * @param dgate Gradient of the gate `(1)` or `(H)` (through tanh for `"per-head-tanh"`), overwritten.
  * @param dout Gradient of the attention output `(B, T, H, D)`.
  * @param q Queries `(B, T, H, D)`.
- * @param ka Adapter keys `(Hkv, L, D)`.
- * @param va Adapter values `(Hkv, L, D)`.
+ * @param ka Adapter keys `(L, Hkv, D)`.
+ * @param va Adapter values `(L, Hkv, D)`.
  * @param gate The gate `(1)` or `(H)`.
  * @param opts The forward's options (`accumulate` applies to dq).
  */
 export function adapterAttentionBackward(
   rec: Recorder,
   dq: Tensor, // (B, T, H, D)
-  dka: Tensor, // (Hkv, L, D)
-  dva: Tensor, // (Hkv, L, D)
+  dka: Tensor, // (L, Hkv, D)
+  dva: Tensor, // (L, Hkv, D)
   dgate: Tensor, // (1) or (H)
   dout: Tensor, // (B, T, H, D)
   q: Tensor, // (B, T, H, D)
-  ka: Tensor, // (Hkv, L, D)
-  va: Tensor, // (Hkv, L, D)
+  ka: Tensor, // (L, Hkv, D)
+  va: Tensor, // (L, Hkv, D)
   gate: Tensor, // (1) or (H)
   opts: AdapterAttentionOptions,
 ): void {
@@ -420,6 +422,9 @@ export function adapterAttentionBackward(
   const LMAX = lmaxOf(L);
   const RC = rowsPerChunk(L);
   const nGroups = Math.max(1, Math.ceil(N / (RC * SUB_CHUNKS)));
+  if (nGroups > rec.gpu.limits.maxComputeWorkgroupsPerDimension) {
+    throw new GpuError(`adapter attention backward: ${N} rows is too many for one dispatch; split the rows`);
+  }
   const scr = scratchFor(rec, dka, 2 * nGroups * H * L * D + nGroups * H);
   rec.dispatch(
     partialsKernel(D, LMAX, RC),

@@ -17,8 +17,8 @@
  */
 
 import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
-import { type Recorder } from "../src/gpu/recorder.ts";
-import { type Gpu } from "../src/gpu/device.ts";
+import type { Recorder } from "../src/gpu/recorder.ts";
+import type { Gpu } from "../src/gpu/device.ts";
 import { createTensor, DTYPE_BYTES, Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
@@ -63,13 +63,17 @@ export function createCrossEntropyScratch(
   C: number,
   chunk = 8192,
 ): CrossEntropyScratch {
-  if (N < 1 || V < 1 || C < 1) throw new GpuError(`createCrossEntropyScratch: bad sizes N=${N} V=${V} C=${C}`);
+  if (N < 1 || V < 1 || C < 1) {
+    throw new GpuError(`createCrossEntropyScratch: bad sizes N=${N} V=${V} C=${C}`);
+  }
   const roundUp = (x: number) => Math.ceil(x / CHUNK_ALIGN) * CHUNK_ALIGN;
   let c = Math.min(roundUp(Math.max(1, chunk)), roundUp(V));
   const maxBinding = gpu.limits.maxStorageBufferBindingSize;
   while (c > CHUNK_ALIGN && N * c * 4 > maxBinding) c -= CHUNK_ALIGN;
   if (N * c * 4 > maxBinding) {
-    throw new GpuError(`createCrossEntropyScratch: ${N} rows are too many for one binding; pass fewer tokens per call`);
+    throw new GpuError(
+      `createCrossEntropyScratch: ${N} rows are too many for one binding; pass fewer tokens per call`,
+    );
   }
   return {
     N,
@@ -193,14 +197,23 @@ struct P { total: u32, Vc: u32, ld: u32, v0: u32, V: u32, stride: u32, _a: u32, 
 }
 
 /** The head weight as row ranges covering [0, V). */
-function rangesOf(weight: HeadWeight, what: string): { ranges: { rowStart: number; tensor: Tensor }[]; V: number; C: number } {
+function rangesOf(
+  weight: HeadWeight,
+  what: string,
+): { ranges: { rowStart: number; tensor: Tensor }[]; V: number; C: number } {
   const ranges = weight instanceof Tensor ? [{ rowStart: 0, tensor: weight }] : weight;
   if (ranges.length === 0) throw new GpuError(`${what}: no weight ranges`);
   let V = 0;
-  const C = ranges[0]!.tensor.shape[1] ?? 0;
+  const first = ranges[0]!.tensor;
+  if (first.shape.length !== 2) {
+    throw new GpuError(`${what}: weight ${first.label} must be (V, C), got [${first.shape}]`);
+  }
+  const C = first.shape[1]!;
   for (const r of ranges) {
     if (r.tensor.shape.length !== 2 || r.tensor.shape[1] !== C || r.rowStart !== V) {
-      throw new GpuError(`${what}: weight ranges must be (rows, ${C}) tensors covering the vocabulary in order`);
+      throw new GpuError(
+        `${what}: weight ranges must be (rows, ${C}) tensors covering the vocabulary in order`,
+      );
     }
     V += r.tensor.shape[0]!;
   }
@@ -210,7 +223,13 @@ function rangesOf(weight: HeadWeight, what: string): { ranges: { rowStart: numbe
 /** A view of `rows` weight rows starting at local row `r` of a range. */
 function rowView(t: Tensor, r: number, rows: number): Tensor {
   const C = t.shape[1]!;
-  return new Tensor(t.buffer, [rows, C], t.dtype, t.offset + r * C * DTYPE_BYTES[t.dtype], `${t.label}[${r}:${r + rows}]`);
+  return new Tensor(
+    t.buffer,
+    [rows, C],
+    t.dtype,
+    t.offset + r * C * DTYPE_BYTES[t.dtype],
+    `${t.label}[${r}:${r + rows}]`,
+  );
 }
 
 /**
@@ -242,7 +261,9 @@ export function crossEntropyLmHead(
   if (hidden.size !== N * C) {
     throw new GpuError(`crossEntropyLmHead: hidden [${hidden.shape}] is not (N=${N}, C=${C})`);
   }
-  if (labels.dtype !== "i32") throw new GpuError(`crossEntropyLmHead: labels must be i32, got ${labels.dtype}`);
+  if (labels.dtype !== "i32") {
+    throw new GpuError(`crossEntropyLmHead: labels must be i32, got ${labels.dtype}`);
+  }
   if (N > scratch.N) throw new GpuError(`crossEntropyLmHead: ${N} rows exceed the scratch's ${scratch.N}`);
   if (dHidden && dHidden.size !== N * C) {
     throw new GpuError(`crossEntropyLmHead: dHidden [${dHidden.shape}] is not (N=${N}, C=${C})`);
@@ -252,14 +273,25 @@ export function crossEntropyLmHead(
   const chunks: { v0: number; w: Tensor }[] = [];
   for (const r of ranges) {
     const rows = r.tensor.shape[0]!;
-    for (let j = 0; j < rows; j += ld) chunks.push({ v0: r.rowStart + j, w: rowView(r.tensor, j, Math.min(ld, rows - j)) });
+    for (let j = 0; j < rows; j += ld) {
+      chunks.push({ v0: r.rowStart + j, w: rowView(r.tensor, j, Math.min(ld, rows - j)) });
+    }
   }
   const gx = Math.min(N, 65535);
   const rowGroups = [gx, Math.ceil(N / gx)];
   chunks.forEach(({ v0, w }, k) => {
     const Vc = w.shape[0]!;
     linearForward(rec, logits, hidden, w, null, { outColOffset: 0, ldOut: ld });
-    rec.dispatch(onlineKernel(), [logits, labels, scratch.rowState], [N, Vc, ld, v0, k === 0 ? 1 : 0, gx, 0, 0], rowGroups);
+    rec.dispatch(onlineKernel(), [logits, labels, scratch.rowState], [
+      N,
+      Vc,
+      ld,
+      v0,
+      k === 0 ? 1 : 0,
+      gx,
+      0,
+      0,
+    ], rowGroups);
   });
   rec.dispatch(lossKernel(), [labels, scratch.rowState, loss, scratch.stats], [N, V, 0, 0], [1]);
   if (!dHidden) return;
@@ -288,5 +320,7 @@ export function crossEntropyLmHead(
 export function logitsForward(rec: Recorder, logits: Tensor, hidden: Tensor, weight: HeadWeight): void {
   // logits: (N, V); hidden: (N, C); weight: (V, C)
   const { ranges, V } = rangesOf(weight, "logitsForward");
-  for (const r of ranges) linearForward(rec, logits, hidden, r.tensor, null, { outColOffset: r.rowStart, ldOut: V });
+  for (const r of ranges) {
+    linearForward(rec, logits, hidden, r.tensor, null, { outColOffset: r.rowStart, ldOut: V });
+  }
 }

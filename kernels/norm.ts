@@ -11,7 +11,7 @@
 
 import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
-import { type Tensor } from "../src/gpu/tensor.ts";
+import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 
 const WG = 256;
@@ -219,7 +219,12 @@ export function rmsnormBackward(
   const C = weight.size;
   const N = rowsOf(x, C, "rmsnormBackward");
   const { groups, gx } = rowGroups(N);
-  rec.dispatch(rmsnormBackwardKernel(), [dout, x, weight, rstd, dx], [N, C, gx, opts.accumulate ? 1 : 0], groups);
+  rec.dispatch(
+    rmsnormBackwardKernel(),
+    [dout, x, weight, rstd, dx],
+    [N, C, gx, opts.accumulate ? 1 : 0],
+    groups,
+  );
 }
 
 /**

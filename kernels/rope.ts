@@ -10,8 +10,8 @@
  */
 
 import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
-import { type Recorder } from "../src/gpu/recorder.ts";
-import { type Tensor } from "../src/gpu/tensor.ts";
+import type { Recorder } from "../src/gpu/recorder.ts";
+import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
 
@@ -68,7 +68,9 @@ function record(
   what: string,
 ): void {
   const total = sizes(x, invFreq, positions, numHeads, what);
-  if (out && out.size !== x.size) throw new GpuError(`${what}: output [${out.shape}] differs from input [${x.shape}]`);
+  if (out && out.size !== x.size) {
+    throw new GpuError(`${what}: output [${out.shape}] differs from input [${x.shape}]`);
+  }
   const { groups, stride } = grid1d(total, WG);
   const params = [total, numHeads, invFreq.size, stride];
   if (out) rec.dispatch(ropeKernel(inverse, false), [x, invFreq, positions, out], params, groups);
@@ -107,7 +109,13 @@ export function ropeForward(
  * @param positions Position of each row (N) i32.
  * @param numHeads H, the heads per row.
  */
-export function ropeInPlace(rec: Recorder, x: Tensor, invFreq: Tensor, positions: Tensor, numHeads: number): void {
+export function ropeInPlace(
+  rec: Recorder,
+  x: Tensor,
+  invFreq: Tensor,
+  positions: Tensor,
+  numHeads: number,
+): void {
   // x: (N, H*D); invFreq: (D/2); positions: (N)
   record(rec, false, null, x, invFreq, positions, numHeads, "ropeInPlace");
 }

@@ -15,7 +15,7 @@
 
 import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
-import { type Tensor } from "../src/gpu/tensor.ts";
+import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 
 const WG = 256;
@@ -115,7 +115,7 @@ fn reduceSum(lid: u32, v: f32) -> f32 {
   var lo = 0u;
   if (p.useTopP != 0u) {
     var hi = key(smax);
-    let target = p.topP * total;
+    let need = p.topP * total;
     for (var it = 0u; it < 33u; it++) {
       let mid = lo + (hi - lo) / 2u + ((hi - lo) & 1u);
       var s = 0.0;
@@ -124,7 +124,7 @@ fn reduceSum(lid: u32, v: f32) -> f32 {
         if (key(x) >= mid) { s += exp(x - smax); }
       }
       let mass = reduceSum(lid, s);
-      if (mass >= target || mid == lo) { lo = mid; } else { hi = mid - 1u; }
+      if (mass >= need || mid == lo) { lo = mid; } else { hi = mid - 1u; }
     }
   }
 
@@ -200,7 +200,9 @@ export function sampleTokens(
 ): void {
   // logits: (B, V); out: (≥ outIndex + (B-1) * outStride + 1); state: (4)
   const { out, logits, state } = args;
-  if (logits.shape.length !== 2) throw new GpuError(`sampleTokens: logits must be (B, V), got [${logits.shape}]`);
+  if (logits.shape.length !== 2) {
+    throw new GpuError(`sampleTokens: logits must be (B, V), got [${logits.shape}]`);
+  }
   const [B, V] = logits.shape as [number, number];
   if (out.dtype !== "i32" || out.size < args.outIndex + (B - 1) * args.outStride + 1) {
     throw new GpuError(`sampleTokens: out must be i32 with room for ${B} rows at stride ${args.outStride}`);
@@ -208,7 +210,9 @@ export function sampleTokens(
   if (state.size !== 4 || state.dtype !== "u32") throw new GpuError("sampleTokens: state must be u32 (4)");
   const greedy = !(args.temperature > 0);
   const useTopP = !greedy && args.topP < 1;
-  if (useTopP && !(args.topP > 0)) throw new GpuError(`sampleTokens: topP must be in (0, 1], got ${args.topP}`);
+  if (useTopP && !(args.topP > 0)) {
+    throw new GpuError(`sampleTokens: topP must be in (0, 1], got ${args.topP}`);
+  }
   const gx = Math.max(1, Math.min(B, 65535));
   rec.dispatch(sampleKernel(), [logits, state, out], [
     B,

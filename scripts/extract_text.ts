@@ -56,7 +56,9 @@ function parseArgs(args: string[]): { sotuDir: string; defaultData: string } {
       if (v === undefined) throw new Error("--default-data needs a value");
       defaultData = v;
     } else if (a === "-h" || a === "--help") {
-      console.log("usage: extract_text.ts [sotu-dir (default .data)] [--default-data DIR (default default/data)]");
+      console.log(
+        "usage: extract_text.ts [sotu-dir (default .data)] [--default-data DIR (default default/data)]",
+      );
       Deno.exit(0);
     } else if (a.startsWith("-")) {
       throw new Error(`unknown option ${a}`);
@@ -74,7 +76,9 @@ async function run(cmd: string, args: string[], cwd?: string): Promise<string> {
     .output();
   const stdout = new TextDecoder().decode(out.stdout);
   if (!out.success) {
-    throw new Error(`${cmd} ${args.join(" ")} failed (${out.code}):\n${new TextDecoder().decode(out.stderr)}`);
+    throw new Error(
+      `${cmd} ${args.join(" ")} failed (${out.code}):\n${new TextDecoder().decode(out.stderr)}`,
+    );
   }
   return stdout;
 }
@@ -93,7 +97,9 @@ export function stripGutenberg(text: string): { text: string; stripped: boolean 
     out = out.slice(start.index + start[0].length).replace(/^\s+/, "");
     stripped = true;
   }
-  const end = out.match(/^.*(?:\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg).*$/im);
+  const end = out.match(
+    /^.*(?:\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG|End of (?:the )?Project Gutenberg).*$/im,
+  );
   if (end?.index !== undefined) {
     out = out.slice(0, end.index).replace(/\s+$/, "") + "\n";
     stripped = true;
@@ -102,7 +108,15 @@ export function stripGutenberg(text: string): { text: string; stripped: boolean 
 }
 
 async function pack(tmp: string): Promise<Map<string, PackInfo>> {
-  const json = await run("npm", ["pack", "--json", "--silent", "--pack-destination", tmp, SOTU_SPEC, MOBY_SPEC]);
+  const json = await run("npm", [
+    "pack",
+    "--json",
+    "--silent",
+    "--pack-destination",
+    tmp,
+    SOTU_SPEC,
+    MOBY_SPEC,
+  ]);
   const infos = JSON.parse(json) as PackInfo[];
   const byName = new Map<string, PackInfo>();
   for (const info of infos) {
@@ -127,7 +141,9 @@ async function extractSotu(dir: string, outDir: string): Promise<SotuRecord[]> {
   const records: SotuRecord[] = [];
   for (const f of files) {
     const raw = JSON.parse(await Deno.readTextFile(`${dir}/data/${f}`)) as Partial<SotuRecord>;
-    if (typeof raw.text !== "string" || typeof raw.year !== "number") throw new Error(`unexpected record in ${f}`);
+    if (typeof raw.text !== "string" || typeof raw.year !== "number") {
+      throw new Error(`unexpected record in ${f}`);
+    }
     // Addresses are single paragraphs in this package; fold any stray line break so one line = one address.
     const text = raw.text.replace(/\s*\r?\n\s*/g, " ").trim();
     records.push({ year: raw.year, name: raw.name ?? "", party: raw.party ?? "", text });
@@ -159,7 +175,9 @@ function joinSections(sections: Section[]): string {
 }
 
 function describe(sections: Section[]): string {
-  return sections.map((s) => s.chapter === null ? s.file.replace(/\.txt$/, "") : String(s.chapter)).join(", ");
+  return sections.map((s) => s.chapter === null ? s.file.replace(/\.txt$/, "") : String(s.chapter)).join(
+    ", ",
+  );
 }
 
 async function main(): Promise<void> {
@@ -175,7 +193,9 @@ async function main(): Promise<void> {
     const records = await extractSotu(pkgDir(tmp, sotuInfo.name), sotuDir);
     const sotuChars = records.reduce((n, r) => n + r.text.length, 0);
     console.log(
-      `SOTU: ${records.length} addresses (${records[0]!.year}–${records.at(-1)!.year}), ${sotuChars} chars → ` +
+      `SOTU: ${records.length} addresses (${records[0]!.year}–${
+        records.at(-1)!.year
+      }), ${sotuChars} chars → ` +
         `${sotuDir}/sotu.txt, ${sotuDir}/sotu.jsonl`,
     );
 
@@ -191,11 +211,21 @@ async function main(): Promise<void> {
     await Deno.writeTextFile(`${defaultData}/moby-dick-train.txt`, trainText);
     await Deno.writeTextFile(`${defaultData}/moby-dick-eval.txt`, evalText);
     const bytes = (s: string) => new TextEncoder().encode(s).length;
+    const trainBytes = bytes(trainText);
+    const evalBytes = bytes(evalText);
     console.log(
-      `Moby-Dick: ${trainSecs.length} train sections (${bytes(trainText)} bytes), ${evalSecs.length} eval chapters ` +
-        `(${bytes(evalText)} bytes) → ${defaultData}/`,
+      `Moby-Dick: ${trainSecs.length} train sections (${trainBytes} bytes), ` +
+        `${evalSecs.length} eval chapters (${evalBytes} bytes) → ${defaultData}/`,
     );
 
+    const trainSha = await sha256(trainText);
+    const evalSha = await sha256(evalText);
+    const evalPct = Math.round(100 * evalBytes / (evalBytes + trainBytes));
+    const firstYear = records[0]!.year;
+    const lastYear = records.at(-1)!.year;
+    const gutenberg = gutenbergStripped
+      ? "A Project Gutenberg header/footer was found and removed."
+      : "The package ships the text without a Project Gutenberg header or footer, so nothing was stripped.";
     const license = (await Deno.readTextFile(`${mobyDir}/LICENSE`)).split("\n").slice(0, 4).join(" ").trim();
     const readme = `# Default fine-tune data: *Moby-Dick*
 
@@ -208,40 +238,34 @@ Generated by \`scripts/extract_text.ts\`; do not edit by hand.
 
 | file | contents | bytes | sha256 |
 | --- | --- | --- | --- |
-| \`moby-dick-train.txt\` | ${trainSecs.length} sections: ${describe(trainSecs)} | ${bytes(trainText)} | \`${await sha256(
-      trainText,
-    )}\` |
-| \`moby-dick-eval.txt\` | ${evalSecs.length} chapters: ${describe(evalSecs)} | ${bytes(evalText)} | \`${await sha256(
-      evalText,
-    )}\` |
+| \`moby-dick-train.txt\` | ${trainSecs.length} sections: ${
+      describe(trainSecs)
+    } | ${trainBytes} | \`${trainSha}\` |
+| \`moby-dick-eval.txt\` | ${evalSecs.length} chapters: ${
+      describe(evalSecs)
+    } | ${evalBytes} | \`${evalSha}\` |
 
-Split: every ${EVAL_EVERY}th numbered chapter is held out for evaluation (about ${
-      Math.round(100 * bytes(evalText) / (bytes(evalText) + bytes(trainText)))
-    }% of the text); everything else (the Etymology, the Extracts, the other chapters and the Epilogue) is training
-data. The table of contents is left out. Sections appear in book order, each starting with its heading (for
-example \`CHAPTER 1. Loomings.\`), separated by one blank line; paragraphs are single lines separated by blank lines.
+Split: every ${EVAL_EVERY}th numbered chapter is held out for evaluation (about ${evalPct}% of the text);
+everything else (the Etymology, the Extracts, the other chapters and the Epilogue) is training data. The table of
+contents is left out. Sections appear in book order, each starting with its heading (for example
+\`CHAPTER 1. Loomings.\`), separated by one blank line; paragraphs are single lines separated by blank lines.
 The text is otherwise exactly as shipped by the package (UTF-8, with its em dashes and curly quotes).
-${
-      gutenbergStripped
-        ? "A Project Gutenberg header/footer was found and removed."
-        : "The package ships the text without a Project Gutenberg header or footer, so nothing was stripped."
-    }
+${gutenberg}
 
 ## Source and license
 
-- Package: [\`${mobyInfo.name}@${mobyInfo.version}\`](https://www.npmjs.com/package/${mobyInfo.name}) from the npm
-  registry (tarball integrity \`${mobyInfo.integrity}\`), files \`data/*.txt\` in the order of
+- Package: [\`${mobyInfo.name}@${mobyInfo.version}\`](https://www.npmjs.com/package/${mobyInfo.name}) from the
+  npm registry (tarball integrity \`${mobyInfo.integrity}\`), files \`data/*.txt\` in the order of
   \`data/file_list.json\`.
 - License: the package's code is Apache-2.0 (Copyright (c) 2016-2026 The Stdlib Authors). Its own LICENSE says:
   "${license}"
 - The novel itself (1851) is in the public domain.
 
 The pretraining corpus (not committed; written to \`.data/\` by the same script) is
-[\`${sotuInfo.name}@${sotuInfo.version}\`](https://www.npmjs.com/package/${sotuInfo.name}) (integrity
-\`${sotuInfo.integrity}\`): ${records.length} State of the Union addresses, ${records[0]!.year}–${
-      records.at(-1)!.year
-    }, works of the United States Government and thus not protected by copyright in the US; the package's data
-files are PDDL-1.0, their contents CC0-1.0, its code Apache-2.0.
+[\`${sotuInfo.name}@${sotuInfo.version}\`](https://www.npmjs.com/package/${sotuInfo.name}) (tarball integrity
+\`${sotuInfo.integrity}\`): ${records.length} State of the Union addresses, ${firstYear}–${lastYear}, works of
+the United States Government and thus not protected by copyright in the US; the package's data files are
+PDDL-1.0, their contents CC0-1.0, its code Apache-2.0.
 `;
     await Deno.writeTextFile(`${defaultData}/README.md`, readme);
     console.log(`wrote ${defaultData}/README.md`);

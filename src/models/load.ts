@@ -12,7 +12,6 @@ import { checkBufferFits, fmtBytes, getGpu } from "../gpu/device.ts";
 import { tensorFrom } from "../gpu/tensor.ts";
 import { computeRopeInvFreq, type ModelConfig, normalizeConfig } from "../io/hf_config.ts";
 import { openCheckpoint } from "../io/safetensors.ts";
-import { resolveModelSource } from "../io/hub.ts";
 import { GpuError, InvalidFileError, UnsupportedConfigError } from "../errors.ts";
 import { LAYOUTS } from "./layout.ts";
 import type { Model } from "./model.ts";
@@ -59,6 +58,19 @@ export async function readModelConfig(folder: string): Promise<ModelConfig> {
   return normalizeConfig(raw);
 }
 
+/** A local folder as is; anything else through the hub client (loaded only then: it is large). */
+async function resolveFolder(source: string, options: LoadModelOptions): Promise<string> {
+  try {
+    if ((await Deno.stat(source)).isDirectory) return source;
+  } catch { /* not a local path: a hub id */ }
+  const { resolveModelSource } = await import("../io/hub.ts");
+  const hubOptions: Parameters<typeof resolveModelSource>[1] = {};
+  if (options.revision !== undefined) hubOptions.revision = options.revision;
+  if (options.cacheDir !== undefined) hubOptions.cacheDir = options.cacheDir;
+  if (options.offline !== undefined) hubOptions.offline = options.offline;
+  return await resolveModelSource(source, hubOptions);
+}
+
 /**
  * Loads a HuggingFace checkpoint (llama, mistral or gpt2) onto the GPU.
  *
@@ -73,11 +85,7 @@ export async function readModelConfig(folder: string): Promise<ModelConfig> {
  * ```
  */
 export async function loadModel(source: string, options: LoadModelOptions = {}): Promise<Model> {
-  const hubOptions: Parameters<typeof resolveModelSource>[1] = {};
-  if (options.revision !== undefined) hubOptions.revision = options.revision;
-  if (options.cacheDir !== undefined) hubOptions.cacheDir = options.cacheDir;
-  if (options.offline !== undefined) hubOptions.offline = options.offline;
-  const folder = await resolveModelSource(source, hubOptions);
+  const folder = await resolveFolder(source, options);
   const config = await readModelConfig(folder);
   const gpu = await getGpu();
   const dtype = options.dtype ?? "f32";

@@ -127,5 +127,8 @@ Deno.test("the same seed gives the same tokens, and successive calls differ", as
   const c = await draw(logits, B, V, steps, 1, 1, 43);
   assert.deepEqual(a.tokens, b.tokens);
   assert.notDeepEqual(a.tokens, c.tokens);
-  assert.ok(new Set(a.tokens.subarray(0, steps)).size > 1, "the counter should change the draws between calls");
+  assert.ok(
+    new Set(a.tokens.subarray(0, steps)).size > 1,
+    "the counter should change the draws between calls",
+  );
 });

@@ -35,7 +35,7 @@ function probs(q: Arr, ka: Arr, o: RefAdapterOptions, n: number, h: number): Flo
   const s = new Float64Array(L);
   for (let j = 0; j < L; j++) {
     let dot = 0;
-    for (let d = 0; d < D; d++) dot += q[(n * H + h) * D + d]! * ka[(kvh * L + j) * D + d]!;
+    for (let d = 0; d < D; d++) dot += q[(n * H + h) * D + d]! * ka[(j * Hkv + kvh) * D + d]!;
     s[j] = dot * o.scale;
   }
   const mx = Math.max(...s);
@@ -48,8 +48,8 @@ function probs(q: Arr, ka: Arr, o: RefAdapterOptions, n: number, h: number): Flo
  * Adapter attention output (what the kernel adds into `out`).
  *
  * @param q Queries (N, H, D).
- * @param ka Adapter keys (Hkv, L, D).
- * @param va Adapter values (Hkv, L, D).
+ * @param ka Adapter keys (L, Hkv, D).
+ * @param va Adapter values (L, Hkv, D).
  * @param gate Gate (1) or (H).
  * @param o Options.
  * @returns (N, H, D).
@@ -69,7 +69,7 @@ export function adapterAttentionForwardRef(
       const p = probs(q, ka, o, n, h);
       const g = gateOf(gate, o, h);
       for (let j = 0; j < L; j++) {
-        for (let d = 0; d < D; d++) out[(n * H + h) * D + d]! += g * p[j]! * va[(kvh * L + j) * D + d]!;
+        for (let d = 0; d < D; d++) out[(n * H + h) * D + d]! += g * p[j]! * va[(j * Hkv + kvh) * D + d]!;
       }
     }
   }
@@ -85,7 +85,7 @@ export function adapterAttentionForwardRef(
  * @param va Adapter values.
  * @param gate Gate.
  * @param o Options.
- * @returns dq (N, H, D), dka and dva (Hkv, L, D), dgate (1) or (H) (w.r.t. the gate parameter).
+ * @returns dq (N, H, D), dka and dva (L, Hkv, D), dgate (1) or (H) (w.r.t. the gate parameter).
  */
 export function adapterAttentionBackwardRef(
   dout: Arr,
@@ -110,7 +110,7 @@ export function adapterAttentionBackwardRef(
       const a = new Float64Array(L);
       let pa = 0;
       for (let j = 0; j < L; j++) {
-        for (let d = 0; d < D; d++) a[j]! += dout[row + d]! * va[(kvh * L + j) * D + d]!;
+        for (let d = 0; d < D; d++) a[j]! += dout[row + d]! * va[(j * Hkv + kvh) * D + d]!;
         pa += p[j]! * a[j]!;
       }
       const dgdw = o.gateKind === "per-head-tanh" ? 1 - g * g : 1;
@@ -118,7 +118,7 @@ export function adapterAttentionBackwardRef(
       for (let j = 0; j < L; j++) {
         const ds = g * p[j]! * (a[j]! - pa) * o.scale;
         for (let d = 0; d < D; d++) {
-          const kj = (kvh * L + j) * D + d;
+          const kj = (j * Hkv + kvh) * D + d;
           dva[kj]! += g * p[j]! * dout[row + d]!;
           dq[row + d]! += ds * ka[kj]!;
           dka[kj]! += ds * q[row + d]!;

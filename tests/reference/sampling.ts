@@ -25,7 +25,11 @@ export function argmaxRef(x: ArrayLike<number>): number {
  * @param topP Nucleus mass in (0, 1].
  * @returns Probabilities (V).
  */
-export function samplingDistributionRef(logits: ArrayLike<number>, temperature: number, topP: number): Float64Array {
+export function samplingDistributionRef(
+  logits: ArrayLike<number>,
+  temperature: number,
+  topP: number,
+): Float64Array {
   const V = logits.length;
   const s = Array.from(logits, (x) => x / temperature);
   const mx = Math.max(...s);

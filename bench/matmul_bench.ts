@@ -1,0 +1,173 @@
+/**
+ * Matmul benchmarks: GPU time (timestamp queries, many repetitions in one pass) of the products of
+ * kernels/matmul.ts at 1024³, 4096³ and the linear layers of gpt2-124M, SmolLM2-135M and TinyLlama-1.1B
+ * at N = B*T = 2048 rows (forward and input gradient), with f32 and f16 weights, plus the decode
+ * matrix-vector products (M = 1), reported as GB/s of weight streamed. Big shapes run only with
+ * `PROMPTGATE_BENCH_FULL=1` (the default on a real GPU); on a fallback adapter small shapes stand in.
+ *
+ * Run: `deno bench --allow-read --allow-write --allow-env bench/matmul_bench.ts`
+ *
+ * @module
+ */
+
+import { adapterReport, getGpu } from "../src/gpu/device.ts";
+import { Recorder, runOps } from "../src/gpu/recorder.ts";
+import { createTensor, type DType, splitRows, type Tensor, writeTensor } from "../src/gpu/tensor.ts";
+import { timeOps } from "../src/gpu/timing.ts";
+import { conv1dBackwardInput, conv1dForward, linearBackwardInput, linearForward } from "../kernels/matmul.ts";
+
+const gpu = await getGpu();
+const envFull = Deno.env.get("PROMPTGATE_BENCH_FULL");
+const full = envFull === undefined ? !adapterReport(gpu).isFallbackAdapter : envFull === "1";
+
+/** Which product: HF Linear forward / input gradient, or gpt2 Conv1D forward / input gradient. */
+type Op = "linear" | "linear_dx" | "conv1d" | "conv1d_dx";
+
+interface Case {
+  name: string;
+  op: Op;
+  M: number;
+  /** Output features of the layer (weight rows for Linear). */
+  N: number;
+  /** Input features of the layer. */
+  K: number;
+}
+
+const ROWS = 2048; // B=4, T=512
+const cases: Case[] = [];
+const add = (name: string, op: Op, M: number, N: number, K: number) => cases.push({ name, op, M, N, K });
+
+if (full) {
+  add("square 1024", "linear", 1024, 1024, 1024);
+  add("square 4096", "linear", 4096, 4096, 4096);
+  // gpt2-124M (Conv1D weights [in, out]): C 768, I 3072, V 50257 (tied LM head as Linear)
+  for (
+    const [name, n, k] of [["gpt2 c_attn", 2304, 768], ["gpt2 c_proj", 768, 768], ["gpt2 c_fc", 3072, 768], [
+      "gpt2 mlp c_proj",
+      768,
+      3072,
+    ]] as const
+  ) {
+    add(name, "conv1d", ROWS, n, k);
+    add(name, "conv1d_dx", ROWS, n, k);
+    add(`${name} decode`, "conv1d", 1, n, k);
+  }
+  add("gpt2 lm_head", "linear", ROWS, 50257, 768);
+  add("gpt2 lm_head decode", "linear", 1, 50257, 768);
+  // SmolLM2-135M: C 576, I 1536, Hkv*D 192, V 49152; TinyLlama-1.1B: C 2048, I 5632, Hkv*D 256, V 32000
+  for (
+    const [model, C, I, KV, V] of [["smollm2", 576, 1536, 192, 49152], [
+      "tinyllama",
+      2048,
+      5632,
+      256,
+      32000,
+    ]] as const
+  ) {
+    for (
+      const [name, n, k] of [["q_proj", C, C], ["k_proj", KV, C], ["gate_proj", I, C], [
+        "down_proj",
+        C,
+        I,
+      ]] as const
+    ) {
+      add(`${model} ${name}`, "linear", ROWS, n, k);
+      add(`${model} ${name}`, "linear_dx", ROWS, n, k);
+      add(`${model} ${name} decode`, "linear", 1, n, k);
+    }
+    add(`${model} lm_head`, "linear", ROWS, V, C);
+    add(`${model} lm_head decode`, "linear", 1, V, C);
+  }
+} else {
+  add("square 64", "linear", 64, 64, 64);
+  add("square 128", "linear", 128, 128, 128);
+  add("odd 130x96x72", "linear", 130, 96, 72);
+  add("odd 130x96x72", "linear_dx", 130, 96, 72);
+  add("odd 130x96x72", "conv1d", 130, 96, 72);
+  add("odd 130x96x72", "conv1d_dx", 130, 96, 72);
+  add("decode 512x256", "linear", 1, 512, 256);
+  add("decode 512x256", "conv1d", 1, 512, 256);
+}
+
+function randomTensor(shape: number[], dtype: DType): Tensor {
+  const t = createTensor(gpu, shape, dtype, "bench");
+  const n = shape.reduce((a, b) => a * b, 1);
+  if (dtype === "f16") {
+    const h = new Uint16Array(n);
+    for (let i = 0; i < n; i++) h[i] = 0x2c00 + ((i * 7919) % 0x0fff); // small positive/normal halves
+    writeTensor(gpu, t, h);
+  } else {
+    const f = new Float32Array(n);
+    for (let i = 0; i < n; i++) f[i] = ((i * 7919) % 1000) / 1000 - 0.5;
+    writeTensor(gpu, t, f);
+  }
+  return t;
+}
+
+/** Records one case; returns its tensors so they can be freed. */
+function record(rec: Recorder, c: Case, dtype: DType): Tensor[] {
+  const { M, N, K } = c;
+  const linearW = c.op.startsWith("linear");
+  const w = randomTensor(linearW ? [N, K] : [K, N], dtype);
+  const forward = c.op === "linear" || c.op === "conv1d";
+  const input = randomTensor([M, forward ? K : N], "f32");
+  const out = createTensor(gpu, [M, forward ? N : K], "f32", "bench out");
+  const bias = forward ? randomTensor([N], "f32") : null;
+  if (c.op === "linear") {
+    // an LM head may exceed one binding: each row range writes its column slice of the logits
+    for (const { rowStart, tensor } of splitRows(gpu, w)) {
+      const b = bias && tensor !== w ? null : bias;
+      linearForward(rec, out, input, tensor, b, { outColOffset: rowStart, ldOut: N });
+    }
+  } else if (c.op === "linear_dx") linearBackwardInput(rec, out, input, w);
+  else if (c.op === "conv1d") conv1dForward(rec, out, input, w, bias);
+  else conv1dBackwardInput(rec, out, input, w);
+  return bias ? [w, input, out, bias] : [w, input, out];
+}
+
+const rows: Record<string, string | number>[] = [];
+const dtypes: DType[] = gpu.hasF16 ? ["f32", "f16"] : ["f32"];
+for (const c of cases) {
+  for (const dtype of dtypes) {
+    const rec = new Recorder(gpu);
+    const tensors = record(rec, c, dtype);
+    const ops = rec.take();
+    await timeOps(gpu, ops, 2); // warm-up: compiles the pipeline
+    const flops = 2 * c.M * c.N * c.K;
+    const repeats = Math.max(3, Math.min(200, Math.round(2e11 / flops / (full ? 1 : 1000))));
+    const { ms, timestamps } = await timeOps(gpu, ops, repeats);
+    const weightBytes = c.N * c.K * (dtype === "f16" ? 2 : 4);
+    rows.push({
+      case: c.name,
+      op: c.op,
+      "M x N x K": `${c.M}x${c.N}x${c.K}`,
+      w: dtype,
+      "GPU ms": Number(ms.toFixed(4)),
+      "GFLOP/s": Math.round(flops / ms / 1e6),
+      "weight GB/s": c.M <= 4 ? Number((weightBytes / ms / 1e6).toPrecision(4)) : "",
+      clock: timestamps ? "timestamps" : "wall",
+    });
+    for (const t of tensors) t.buffer.destroy();
+  }
+}
+console.log(`matmul on ${adapterReport(gpu).description} (${full ? "full" : "small"} shapes)`);
+console.table(rows);
+
+// Deno.bench entries: wall time of submitting a few recorded products and waiting for them.
+const benchCases = full
+  ? [
+    cases.find((c) => c.name === "square 4096")!,
+    cases.find((c) => c.name === "tinyllama down_proj decode")!,
+  ]
+  : [cases[1]!, cases.find((c) => c.M === 1)!];
+for (const c of benchCases) {
+  for (const dtype of dtypes) {
+    const rec = new Recorder(gpu);
+    record(rec, c, dtype);
+    const ops = rec.take();
+    Deno.bench(`${c.name} ${c.op} ${c.M}x${c.N}x${c.K} w=${dtype}`, async () => {
+      runOps(gpu, ops);
+      await gpu.device.queue.onSubmittedWorkDone();
+    });
+  }
+}
