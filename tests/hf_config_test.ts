@@ -70,7 +70,13 @@ Deno.test("golden llama_basic config: transformers 5 rope_parameters, MHA, untie
     attentionBias: false,
     mlpBias: false,
     ropeTheta: 10000,
-    rope: { type: "default", factor: 1, lowFreqFactor: null, highFreqFactor: null, originalMaxPositionEmbeddings: null },
+    rope: {
+      type: "default",
+      factor: 1,
+      lowFreqFactor: null,
+      highFreqFactor: null,
+      originalMaxPositionEmbeddings: null,
+    },
     slidingWindow: null,
     scaleAttnWeights: true,
     scaleAttnByInverseLayerIdx: false,
@@ -132,7 +138,10 @@ Deno.test("generation_config.json: read when present, null when absent, an error
   const dir = await Deno.makeTempDir();
   try {
     assert.equal(await readGenerationConfig(dir), null);
-    await Deno.writeTextFile(join(dir, "generation_config.json"), '{"eos_token_id": [128001, 128009], "max_length": 4096, "do_sample": true, "temperature": 0.6, "top_p": 0.9}');
+    await Deno.writeTextFile(
+      join(dir, "generation_config.json"),
+      '{"eos_token_id": [128001, 128009], "max_length": 4096, "do_sample": true, "temperature": 0.6, "top_p": 0.9}',
+    );
     const l3 = await readGenerationConfig(dir);
     assert.deepEqual(l3?.eosTokenId, [128001, 128009]);
     assert.equal(l3?.maxLength, 4096);
@@ -140,7 +149,10 @@ Deno.test("generation_config.json: read when present, null when absent, an error
     assert.equal(l3?.temperature, 0.6);
     assert.equal(l3?.topP, 0.9);
     await Deno.writeTextFile(join(dir, "generation_config.json"), "{not json");
-    await assert.rejects(() => readGenerationConfig(dir), (e: unknown) => e instanceof InvalidFileError && /not valid JSON/.test(e.message));
+    await assert.rejects(
+      () => readGenerationConfig(dir),
+      (e: unknown) => e instanceof InvalidFileError && /not valid JSON/.test(e.message),
+    );
     await assert.rejects(() => loadModelConfig(dir), /no config\.json in/);
   } finally {
     await Deno.remove(dir, { recursive: true });
@@ -150,7 +162,13 @@ Deno.test("generation_config.json: read when present, null when absent, an error
 Deno.test("transformers 4 layout (rope_theta + rope_scaling) and the transformers 5 layout normalise the same", () => {
   const v4 = normalizeConfig(llama({
     rope_theta: 500000,
-    rope_scaling: { rope_type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 },
+    rope_scaling: {
+      rope_type: "llama3",
+      factor: 8,
+      low_freq_factor: 1,
+      high_freq_factor: 4,
+      original_max_position_embeddings: 8192,
+    },
   }));
   const v5 = normalizeConfig(llama({
     rope_parameters: {
@@ -163,12 +181,26 @@ Deno.test("transformers 4 layout (rope_theta + rope_scaling) and the transformer
     },
   }));
   assert.deepEqual(shape(v4), shape(v5));
-  assert.deepEqual(v4.rope, { type: "llama3", factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 });
+  assert.deepEqual(v4.rope, {
+    type: "llama3",
+    factor: 8,
+    lowFreqFactor: 1,
+    highFreqFactor: 4,
+    originalMaxPositionEmbeddings: 8192,
+  });
   assert.equal(v4.ropeTheta, 500000);
   // Legacy "type" key, and llama3's original length defaulting to max_position_embeddings.
   const linear = normalizeConfig(llama({ rope_scaling: { type: "linear", factor: 4 } }));
-  assert.deepEqual(linear.rope, { type: "linear", factor: 4, lowFreqFactor: null, highFreqFactor: null, originalMaxPositionEmbeddings: null });
-  const l3 = normalizeConfig(llama({ rope_scaling: { rope_type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4 } }));
+  assert.deepEqual(linear.rope, {
+    type: "linear",
+    factor: 4,
+    lowFreqFactor: null,
+    highFreqFactor: null,
+    originalMaxPositionEmbeddings: null,
+  });
+  const l3 = normalizeConfig(
+    llama({ rope_scaling: { rope_type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4 } }),
+  );
   assert.equal(l3.rope?.originalMaxPositionEmbeddings, 2048);
 });
 
@@ -180,11 +212,16 @@ Deno.test("defaults follow transformers: head_dim, kv heads, eps, theta, mistral
   assert.equal(c.ropeTheta, 10000);
   assert.equal(c.bosTokenId, 1);
   assert.equal(c.eosTokenId, 2);
-  const nemo = normalizeConfig(llama({ hidden_size: 5120, num_attention_heads: 32, num_key_value_heads: 8, head_dim: 128 }));
+  const nemo = normalizeConfig(
+    llama({ hidden_size: 5120, num_attention_heads: 32, num_key_value_heads: 8, head_dim: 128 }),
+  );
   assert.equal(nemo.headDim, 128, "an explicit head_dim need not divide hidden_size");
   const m = normalizeConfig({ ...llama(), model_type: "mistral" });
   assert.equal(m.slidingWindow, 4096, "MistralConfig's default window");
-  assert.equal(normalizeConfig({ ...llama(), model_type: "mistral", sliding_window: 1024 }).slidingWindow, 1024);
+  assert.equal(
+    normalizeConfig({ ...llama(), model_type: "mistral", sliding_window: 1024 }).slidingWindow,
+    1024,
+  );
   assert.deepEqual(normalizeConfig(llama({ eos_token_id: [128001, 128008] })).eosTokenId, [128001, 128008]);
   assert.equal(normalizeConfig(llama({ hidden_act: "swish" })).activation, "silu");
   assert.equal(normalizeConfig(llama({ attention_bias: true, mlp_bias: true })).attentionBias, true);
@@ -195,7 +232,10 @@ Deno.test("unsupported model_type: the error lists the supported ones", () => {
   for (const modelType of ["qwen2", "constructor", "__proto__", "toString"]) {
     assert.throws(() => normalizeConfig(llama({ model_type: modelType })), (e: unknown) => {
       assert.ok(e instanceof UnsupportedConfigError, modelType);
-      assert.match(e.message, new RegExp(`model_type "${modelType}".*supported model types: llama, mistral, gpt2`));
+      assert.match(
+        e.message,
+        new RegExp(`model_type "${modelType}".*supported model types: llama, mistral, gpt2`),
+      );
       return true;
     });
   }
@@ -215,7 +255,10 @@ Deno.test("validation errors name the field and what it must be", () => {
     [llama({ tie_word_embeddings: "yes" }), /field "tie_word_embeddings" must be true or false/],
     [llama({ eos_token_id: [1, "x"] }), /field "eos_token_id" must be a token id or a list of token ids/],
     [llama({ rope_scaling: { rope_type: "linear" } }), /has no "factor"/],
-    [llama({ rope_scaling: { rope_type: "llama3", factor: 8, low_freq_factor: 4, high_freq_factor: 1 } }), /high_freq_factor > low_freq_factor/],
+    [
+      llama({ rope_scaling: { rope_type: "llama3", factor: 8, low_freq_factor: 4, high_freq_factor: 1 } }),
+      /high_freq_factor > low_freq_factor/,
+    ],
     [llama({ head_dim: 15, hidden_size: 60 }), /head_dim 15 must be even/],
   ];
   for (const [raw, pattern] of cases) {
@@ -229,17 +272,42 @@ Deno.test("validation errors name the field and what it must be", () => {
 
 Deno.test("unsupported options are refused with a clear error", () => {
   const cases: [Record<string, unknown>, RegExp][] = [
-    [llama({ rope_scaling: { rope_type: "yarn", factor: 4 } }), /RoPE scaling "yarn".*supported: default, linear, dynamic, llama3/],
+    [
+      llama({ rope_scaling: { rope_type: "yarn", factor: 4 } }),
+      /RoPE scaling "yarn".*supported: default, linear, dynamic, llama3/,
+    ],
     [llama({ rope_parameters: { rope_type: "longrope", rope_theta: 10000 } }), /RoPE scaling "longrope"/],
     [llama({ rope_parameters: { full_attention: { rope_type: "default" } } }), /per-layer-type RoPE/],
-    [llama({ rope_parameters: { rope_type: "default", rope_theta: 1e4, partial_rotary_factor: 0.5 } }), /partial_rotary_factor/],
-    [llama({ hidden_act: "quick_gelu" }), /"quick_gelu", an activation promptgate does not implement; supported: silu/],
     [
-      { model_type: "gpt2", vocab_size: 10, n_embd: 8, n_head: 2, n_layer: 1, n_positions: 16, scale_attn_by_inverse_layer_idx: true },
+      llama({ rope_parameters: { rope_type: "default", rope_theta: 1e4, partial_rotary_factor: 0.5 } }),
+      /partial_rotary_factor/,
+    ],
+    [
+      llama({ hidden_act: "quick_gelu" }),
+      /"quick_gelu", an activation promptgate does not implement; supported: silu/,
+    ],
+    [
+      {
+        model_type: "gpt2",
+        vocab_size: 10,
+        n_embd: 8,
+        n_head: 2,
+        n_layer: 1,
+        n_positions: 16,
+        scale_attn_by_inverse_layer_idx: true,
+      },
       /scale_attn_by_inverse_layer_idx.*does not implement/,
     ],
     [
-      { model_type: "gpt2", vocab_size: 10, n_embd: 8, n_head: 2, n_layer: 1, n_positions: 16, add_cross_attention: true },
+      {
+        model_type: "gpt2",
+        vocab_size: 10,
+        n_embd: 8,
+        n_head: 2,
+        n_layer: 1,
+        n_positions: 16,
+        add_cross_attention: true,
+      },
       /add_cross_attention/,
     ],
   ];
@@ -267,7 +335,9 @@ function assertClose(got: ArrayLike<number>, want: ArrayLike<number>, rel: numbe
 }
 
 Deno.test("RoPE default: 1/theta^(2i/d); float32 mode is within one float32 rounding of float64", () => {
-  const c = normalizeConfig(llama({ hidden_size: 512, num_attention_heads: 4, num_key_value_heads: 4, rope_theta: 10000 }));
+  const c = normalizeConfig(
+    llama({ hidden_size: 512, num_attention_heads: 4, num_key_value_heads: 4, rope_theta: 10000 }),
+  );
   const exact = computeRopeInvFreq(c, { precision: "float64" });
   assertClose(exact, defaultInvFreq(10000, 128), 1e-15, "float64");
   const f32 = computeRopeInvFreq(c);
@@ -278,17 +348,34 @@ Deno.test("RoPE default: 1/theta^(2i/d); float32 mode is within one float32 roun
 
 Deno.test("RoPE linear: the default frequencies divided by factor", () => {
   const c = normalizeConfig(llama({ rope_scaling: { type: "linear", factor: 4 } }));
-  assertClose(computeRopeInvFreq(c, { precision: "float64" }), defaultInvFreq(10000, 16).map((x) => x / 4), 1e-15, "linear");
+  assertClose(
+    computeRopeInvFreq(c, { precision: "float64" }),
+    defaultInvFreq(10000, 16).map((x) => x / 4),
+    1e-15,
+    "linear",
+  );
 });
 
 Deno.test("RoPE dynamic NTK: unscaled up to max_position_embeddings, larger base beyond", () => {
-  const c = normalizeConfig(llama({ max_position_embeddings: 2048, rope_scaling: { type: "dynamic", factor: 2 } }));
+  const c = normalizeConfig(
+    llama({ max_position_embeddings: 2048, rope_scaling: { type: "dynamic", factor: 2 } }),
+  );
   const dim = 16;
   assertClose(computeRopeInvFreq(c, { precision: "float64" }), defaultInvFreq(10000, dim), 1e-15, "at init");
-  assertClose(computeRopeInvFreq(c, { precision: "float64", seqLen: 1000 }), defaultInvFreq(10000, dim), 1e-15, "short");
+  assertClose(
+    computeRopeInvFreq(c, { precision: "float64", seqLen: 1000 }),
+    defaultInvFreq(10000, dim),
+    1e-15,
+    "short",
+  );
   const L = 8192;
   const base = 10000 * ((2 * L) / 2048 - (2 - 1)) ** (dim / (dim - 2));
-  assertClose(computeRopeInvFreq(c, { precision: "float64", seqLen: L }), defaultInvFreq(base, dim), 1e-15, "long");
+  assertClose(
+    computeRopeInvFreq(c, { precision: "float64", seqLen: L }),
+    defaultInvFreq(base, dim),
+    1e-15,
+    "long",
+  );
   assertClose(computeRopeInvFreq(c, { seqLen: L }), defaultInvFreq(base, dim), 2 ** -21, "long, float32");
 });
 
@@ -321,6 +408,35 @@ Deno.test("RoPE llama3 (Llama 3.1 8B settings): equals Meta's apply_scaling refe
   // The highest frequencies are untouched, the lowest divided by the factor, and some are blended.
   assert.equal(exact[0], reference[0]);
   assertClose([exact[63]!], [defaultInvFreq(500000, 128)[63]! / 8], 1e-15, "lowest");
-  const blended = reference.filter((x, i) => x !== defaultInvFreq(500000, 128)[i] && x !== defaultInvFreq(500000, 128)[i]! / 8);
+  const blended = reference.filter((x, i) =>
+    x !== defaultInvFreq(500000, 128)[i] && x !== defaultInvFreq(500000, 128)[i]! / 8
+  );
   assert.ok(blended.length > 0, "some frequencies are in the smooth band");
+});
+
+interface RopeReference {
+  transformers_version: string;
+  cases: { name: string; config: Record<string, unknown>; seq_len: number | null; inv_freq: number[] }[];
+}
+
+const ropeReferencePath = join(ROOT, "tests/fixtures/io/rope_reference.json");
+const ropeReference: RopeReference | null = await Deno.readTextFile(ropeReferencePath).then(
+  (text) => JSON.parse(text),
+  () => null,
+);
+
+Deno.test({
+  name: ropeReference === null
+    ? "RoPE inverse frequencies match transformers (rope_reference.json missing: run " +
+      "python3 tests/fixtures/io/make_rope_reference.py where torch and transformers are installed)"
+    : `RoPE inverse frequencies match transformers ${ropeReference.transformers_version} (float32 buffers)`,
+  ignore: ropeReference === null,
+  fn: () => {
+    for (const c of ropeReference!.cases) {
+      const config = normalizeConfig(c.config);
+      const options = c.seq_len === null ? {} : { seqLen: c.seq_len };
+      // PyTorch's float32 pow may differ from a correctly rounded one by an ulp (2^-23 relative).
+      assertClose(computeRopeInvFreq(config, options), c.inv_freq, 2 ** -22, c.name);
+    }
+  },
 });

@@ -234,6 +234,15 @@ Deno.test("header validation: every malformed header is rejected with a message 
     );
     await assertInvalid(
       dir,
+      rawFile(
+        '{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"z":{"dtype":"F32","shape":[0],"data_offsets":[4,4]},' +
+          '"b":{"dtype":"F32","shape":[1],"data_offsets":[6,10]}}',
+        new Uint8Array(12),
+      ),
+      /"a" \[0, 8\] and "b" \[6, 10\] overlap/,
+    );
+    await assertInvalid(
+      dir,
       rawFile('{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', f32x2),
       /F32 with shape \[3\], which is 12 bytes, but its data_offsets \[0, 8\] span 8 bytes/,
     );

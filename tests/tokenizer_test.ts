@@ -11,7 +11,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { InvalidFileError, PromptgateError } from "../src/errors.ts";
-import { loadTokenizer, Tokenizer } from "../src/io/tokenizer.ts";
+import { loadTokenizer, type Tokenizer } from "../src/io/tokenizer.ts";
 
 const FIXTURES = new URL("./fixtures/tokenizers/", import.meta.url).pathname;
 const NAMES = ["gpt2", "mistral"] as const;
@@ -82,12 +82,16 @@ for (const name of NAMES) {
         }
         const decoded = tok.decode(c.ids_with_special);
         if (decoded !== c.decoded_with_special) {
-          mismatches.push(`${label} decode: got ${JSON.stringify(decoded)}, want ${JSON.stringify(c.decoded_with_special)}`);
+          mismatches.push(
+            `${label} decode: got ${JSON.stringify(decoded)}, want ${JSON.stringify(c.decoded_with_special)}`,
+          );
         }
         const skipped = tok.decode(c.ids_with_special, { skipSpecialTokens: true });
         if (skipped !== c.decoded_skip_special) {
           mismatches.push(
-            `${label} decode skipping special: got ${JSON.stringify(skipped)}, want ${JSON.stringify(c.decoded_skip_special)}`,
+            `${label} decode skipping special: got ${JSON.stringify(skipped)}, want ${
+              JSON.stringify(c.decoded_skip_special)
+            }`,
           );
         }
       }
@@ -153,7 +157,9 @@ Deno.test("stream decoder: the pushed pieces concatenate to decode(ids), never e
         pieces.push(stream.flush());
         const label = `${name} ${JSON.stringify(text)} skip=${skipSpecialTokens}`;
         assert.equal(pieces.join(""), tok.decode(ids, { skipSpecialTokens }), label);
-        for (const piece of pieces) assert.ok(!piece.includes("\uFFFD"), `${label}: piece ${JSON.stringify(piece)}`);
+        for (const piece of pieces) {
+          assert.ok(!piece.includes("\uFFFD"), `${label}: piece ${JSON.stringify(piece)}`);
+        }
       }
     }
   }
@@ -206,24 +212,30 @@ Deno.test("chat template and special tokens come from tokenizer_config, special_
     pad_token: "<unk>",
     chat_template: "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
   };
-  await withFolder({ "tokenizer.json": tokenizerJson, "tokenizer_config.json": JSON.stringify(config) }, async (dir) => {
-    const tok = await loadTokenizer(dir);
-    assert.equal(tok.bosTokenId, 1);
-    assert.equal(tok.eosTokenId, 2);
-    assert.equal(tok.padTokenId, 0);
-    assert.equal(tok.chatTemplate, config.chat_template);
-    // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
-    await Deno.writeTextFile(join(dir, "special_tokens_map.json"), JSON.stringify({ pad_token: "</s>" }));
-    assert.equal((await loadTokenizer(dir)).padTokenId, 2);
-    await Deno.writeTextFile(join(dir, "chat_template.jinja"), "{{ messages }}");
-    assert.equal((await loadTokenizer(dir)).chatTemplate, "{{ messages }}");
-  });
+  await withFolder(
+    { "tokenizer.json": tokenizerJson, "tokenizer_config.json": JSON.stringify(config) },
+    async (dir) => {
+      const tok = await loadTokenizer(dir);
+      assert.equal(tok.bosTokenId, 1);
+      assert.equal(tok.eosTokenId, 2);
+      assert.equal(tok.padTokenId, 0);
+      assert.equal(tok.chatTemplate, config.chat_template);
+      // special_tokens_map.json wins over tokenizer_config.json, as in transformers.
+      await Deno.writeTextFile(join(dir, "special_tokens_map.json"), JSON.stringify({ pad_token: "</s>" }));
+      assert.equal((await loadTokenizer(dir)).padTokenId, 2);
+      await Deno.writeTextFile(join(dir, "chat_template.jinja"), "{{ messages }}");
+      assert.equal((await loadTokenizer(dir)).chatTemplate, "{{ messages }}");
+    },
+  );
   const named = { chat_template: [{ name: "tool_use", template: "T" }, { name: "default", template: "D" }] };
-  await withFolder({ "tokenizer.json": tokenizerJson, "tokenizer_config.json": JSON.stringify(named) }, async (dir) => {
-    const tok = await loadTokenizer(dir);
-    assert.equal(tok.chatTemplate, "D");
-    assert.equal(tok.eosTokenId, null, "no config names an eos token");
-  });
+  await withFolder(
+    { "tokenizer.json": tokenizerJson, "tokenizer_config.json": JSON.stringify(named) },
+    async (dir) => {
+      const tok = await loadTokenizer(dir);
+      assert.equal(tok.chatTemplate, "D");
+      assert.equal(tok.eosTokenId, null, "no config names an eos token");
+    },
+  );
 });
 
 Deno.test("missing or malformed tokenizer files give errors that say what to do", async () => {
@@ -235,7 +247,10 @@ Deno.test("missing or malformed tokenizer files give errors that say what to do"
     });
   });
   await withFolder({ "tokenizer.model": "binary" }, async (dir) => {
-    await assert.rejects(() => loadTokenizer(dir), /only has a sentencepiece tokenizer\.model.*save_pretrained/);
+    await assert.rejects(
+      () => loadTokenizer(dir),
+      /only has a sentencepiece tokenizer\.model.*save_pretrained/,
+    );
   });
   await withFolder({ "tokenizer.json": "{ not json" }, async (dir) => {
     await assert.rejects(() => loadTokenizer(dir), (e: unknown) => {

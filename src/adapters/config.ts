@@ -36,7 +36,9 @@ const GATES: readonly GateKind[] = ["scalar", "per-head", "per-head-tanh"];
  */
 export function validateAdapterConfig(config: AdapterConfig, numLayers: number, what = "adapter"): void {
   if (!Number.isInteger(config.adapterLen) || config.adapterLen < 1 || config.adapterLen > 4096) {
-    throw new AdapterError(`${what}: adapter_len must be an integer from 1 to 4096, got ${config.adapterLen}`);
+    throw new AdapterError(
+      `${what}: adapter_len must be an integer from 1 to 4096, got ${config.adapterLen}`,
+    );
   }
   if (!Number.isInteger(config.adapterLayers) || config.adapterLayers < 1) {
     throw new AdapterError(`${what}: adapter_layers must be a positive integer, got ${config.adapterLayers}`);
@@ -62,7 +64,10 @@ export function validateAdapterConfig(config: AdapterConfig, numLayers: number, 
 export function parseAdapterConfig(text: string, path: string): AdapterConfig {
   let raw: unknown;
   try {
-    raw = JSON.parse(text, (k, v) => (k === "__proto__" || k === "constructor" || k === "prototype") ? undefined : v);
+    raw = JSON.parse(
+      text,
+      (k, v) => (k === "__proto__" || k === "constructor" || k === "prototype") ? undefined : v,
+    );
   } catch (e) {
     throw new InvalidFileError(`${path} is not valid JSON (${(e as Error).message}); save the adapter again`);
   }

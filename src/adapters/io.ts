@@ -16,7 +16,14 @@ import { writeFileAtomic } from "../io/atomic_write.ts";
 import { AdapterError, InvalidFileError } from "../errors.ts";
 import type { Model } from "../models/model.ts";
 import { adapterConfigJson, parseAdapterConfig, validateAdapterConfig } from "./config.ts";
-import { checkAdapterName, getAdapter, peftName, registerAdapter, splitFlat, writeAdapterTensors } from "./manage.ts";
+import {
+  checkAdapterName,
+  getAdapter,
+  peftName,
+  registerAdapter,
+  splitFlat,
+  writeAdapterTensors,
+} from "./manage.ts";
 
 /** PEFT's file names. */
 export const ADAPTER_CONFIG_NAME = "adapter_config.json";
@@ -47,7 +54,11 @@ export function adapterFolder(folder: string, name: string): string {
  * // python: PeftModel.from_pretrained(base, "./my-adapter")
  * ```
  */
-export async function saveAdapter(model: Model, folder: string, options: { names?: string[] } = {}): Promise<void> {
+export async function saveAdapter(
+  model: Model,
+  folder: string,
+  options: { names?: string[] } = {},
+): Promise<void> {
   const names = options.names ?? [...model.adapters.keys()];
   if (names.length === 0) throw new AdapterError("there is no adapter to save: add or load one first");
   for (const name of names) {
@@ -62,7 +73,10 @@ export async function saveAdapter(model: Model, folder: string, options: { names
       toWrite[key] = { dtype: "F32", shape, data };
     }
     await writeSafetensors(join(dir, ADAPTER_WEIGHTS_NAME), toWrite, { format: "pt" });
-    await writeFileAtomic(join(dir, ADAPTER_CONFIG_NAME), JSON.stringify(adapterConfigJson(state.config), null, 2));
+    await writeFileAtomic(
+      join(dir, ADAPTER_CONFIG_NAME),
+      JSON.stringify(adapterConfigJson(state.config), null, 2),
+    );
   }
 }
 
@@ -78,11 +92,17 @@ export async function saveAdapter(model: Model, folder: string, options: { names
  * await loadAdapter(model, "./peft-adapter", { name: "peft" });
  * ```
  */
-export async function loadAdapter(model: Model, folder: string, options: { name?: string } = {}): Promise<Model> {
+export async function loadAdapter(
+  model: Model,
+  folder: string,
+  options: { name?: string } = {},
+): Promise<Model> {
   const name = options.name ?? "default";
   checkAdapterName(name);
   if (model.adapters.has(name)) {
-    throw new AdapterError(`an adapter named "${name}" already exists; delete it first or load under another name`);
+    throw new AdapterError(
+      `an adapter named "${name}" already exists; delete it first or load under another name`,
+    );
   }
   const configPath = join(folder, ADAPTER_CONFIG_NAME);
   let text: string;
@@ -90,7 +110,9 @@ export async function loadAdapter(model: Model, folder: string, options: { name?
     text = await Deno.readTextFile(configPath);
   } catch (e) {
     throw new InvalidFileError(
-      `cannot read ${configPath} (${(e as Error).message}): an adapter folder holds adapter_config.json and ` +
+      `cannot read ${configPath} (${
+        (e as Error).message
+      }): an adapter folder holds adapter_config.json and ` +
         "adapter_model.safetensors",
       { cause: e },
     );

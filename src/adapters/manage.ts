@@ -87,7 +87,9 @@ export function addAdaptionPrompt(model: Model, options: AddAdaptionPromptOption
 export function registerAdapter(model: Model, name: string, config: AdapterConfig): AdapterState {
   checkAdapterName(name);
   if (model.adapters.has(name)) {
-    throw new AdapterError(`an adapter named "${name}" already exists; delete it first or choose another name`);
+    throw new AdapterError(
+      `an adapter named "${name}" already exists; delete it first or choose another name`,
+    );
   }
   validateAdapterConfig(config, model.config.numLayers, `adapter "${name}"`);
   const state = createAdapterState(model.gpu, model.config, name, config);
@@ -144,7 +146,9 @@ export function enableAdapters(model: Model): Model {
  */
 export function deleteAdapter(model: Model, name: string): Model {
   const state = model.adapters.get(name);
-  if (!state) throw new AdapterError(`no adapter named "${name}" to delete; this model has ${listNames(model)}`);
+  if (!state) {
+    throw new AdapterError(`no adapter named "${name}" to delete; this model has ${listNames(model)}`);
+  }
   model.adapters.delete(name);
   destroyAdapterState(state);
   if (model.active === name) model.active = null;
@@ -160,7 +164,9 @@ export function deleteAdapter(model: Model, name: string): Model {
  */
 export function getAdapter(model: Model, name?: string): AdapterState {
   const n = name ?? model.active;
-  if (n === null) throw new AdapterError("no adapter is active: add one with addAdaptionPrompt or loadAdapter");
+  if (n === null) {
+    throw new AdapterError("no adapter is active: add one with addAdaptionPrompt or loadAdapter");
+  }
   const state = model.adapters.get(n);
   if (!state) throw new AdapterError(`no adapter named "${n}"; this model has ${listNames(model)}`);
   return state;
@@ -190,11 +196,18 @@ export function peftName(model: Model, layer: number, tensor: "adaption_prompt" 
  * @param flat The flat values.
  * @returns Tensors keyed by PEFT names (prompt `[1, L, C]` flattened, gate `[1]` or `[H]`).
  */
-export function splitFlat(model: Model, state: AdapterState, flat: Float32Array): Record<string, Float32Array> {
+export function splitFlat(
+  model: Model,
+  state: AdapterState,
+  flat: Float32Array,
+): Record<string, Float32Array> {
   const out: Record<string, Float32Array> = {};
   const promptSize = state.config.adapterLen * model.config.hiddenSize;
   for (const s of state.slots) {
-    out[peftName(model, s.layer, "adaption_prompt")] = flat.slice(s.promptOffset, s.promptOffset + promptSize);
+    out[peftName(model, s.layer, "adaption_prompt")] = flat.slice(
+      s.promptOffset,
+      s.promptOffset + promptSize,
+    );
     out[peftName(model, s.layer, "adaption_gate")] = flat.slice(s.gateOffset, s.gateOffset + state.gateSize);
   }
   return out;
@@ -220,7 +233,11 @@ export async function adapterState(model: Model, name?: string): Promise<Record<
  * @param state The adapter.
  * @param tensors Values by PEFT name.
  */
-export function writeAdapterTensors(model: Model, state: AdapterState, tensors: Record<string, Float32Array>): void {
+export function writeAdapterTensors(
+  model: Model,
+  state: AdapterState,
+  tensors: Record<string, Float32Array>,
+): void {
   const values = new Float32Array(state.size);
   for (const s of state.slots) {
     values.set(tensors[peftName(model, s.layer, "adaption_prompt")]!, s.promptOffset);

@@ -67,7 +67,12 @@ export interface AdapterState {
  * @param config Adapter config.
  * @returns The state, parameters uninitialised (zero).
  */
-export function createAdapterState(gpu: Gpu, model: ModelConfig, name: string, config: AdapterConfig): AdapterState {
+export function createAdapterState(
+  gpu: Gpu,
+  model: ModelConfig,
+  name: string,
+  config: AdapterConfig,
+): AdapterState {
   const C = model.hiddenSize;
   const gateSize = config.gate === "scalar" ? 1 : model.numHeads;
   const pad = (n: number) => Math.ceil(n / ALIGN) * ALIGN;
@@ -93,8 +98,12 @@ export function createAdapterState(gpu: Gpu, model: ModelConfig, name: string, c
     m: null,
     v: null,
     version: 0,
-    ka: slots.map((s) => createTensor(gpu, [config.adapterLen, kvWidth], "f32", `adapter ${name} ka${s.layer}`)),
-    va: slots.map((s) => createTensor(gpu, [config.adapterLen, kvWidth], "f32", `adapter ${name} va${s.layer}`)),
+    ka: slots.map((s) =>
+      createTensor(gpu, [config.adapterLen, kvWidth], "f32", `adapter ${name} ka${s.layer}`)
+    ),
+    va: slots.map((s) =>
+      createTensor(gpu, [config.adapterLen, kvWidth], "f32", `adapter ${name} va${s.layer}`)
+    ),
     kvVersion: -1,
   };
 }
@@ -110,7 +119,13 @@ export function createAdapterState(gpu: Gpu, model: ModelConfig, name: string, c
  */
 export function promptView(state: AdapterState, flat: Tensor, slot: number, hidden: number): Tensor {
   const s = state.slots[slot]!;
-  return new Tensor(flat.buffer, [state.config.adapterLen, hidden], "f32", flat.offset + 4 * s.promptOffset, "prompt");
+  return new Tensor(
+    flat.buffer,
+    [state.config.adapterLen, hidden],
+    "f32",
+    flat.offset + 4 * s.promptOffset,
+    "prompt",
+  );
 }
 
 /**
@@ -144,5 +159,7 @@ export function slotOf(state: AdapterState, layer: number): number {
  * @param state The adapter.
  */
 export function destroyAdapterState(state: AdapterState): void {
-  for (const t of [state.params, state.grads, state.m, state.v, ...state.ka, ...state.va]) t?.buffer.destroy();
+  for (const t of [state.params, state.grads, state.m, state.v, ...state.ka, ...state.va]) {
+    t?.buffer.destroy();
+  }
 }

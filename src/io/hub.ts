@@ -459,10 +459,12 @@ async function download(
     if (isHubApiError(error)) throw hubRefused(error, id, revision);
     const cached = await fromCache(storage, revision);
     if ("folder" in cached) {
-      console.error(
-        `warning: could not reach the Hugging Face hub (${(error as Error).message}); using the cached ` +
-          `snapshot of ${id} at ${cached.folder}.`,
-      );
+      if (options.quiet !== true) {
+        console.error(
+          `warning: could not reach the Hugging Face hub (${(error as Error).message}); using the cached ` +
+            `snapshot of ${id} at ${cached.folder}.`,
+        );
+      }
       return cached.folder;
     }
     throw unreachable(hubUrl, id, error);

@@ -460,18 +460,17 @@ function validateHeader(
       end,
     });
   }
-  const byBegin = [...entries].sort((a, b) => a.begin - b.begin || a.end - b.end);
-  for (let i = 1; i < byBegin.length; i++) {
-    const prev = byBegin[i - 1]!;
-    const cur = byBegin[i]!;
-    // Zero-byte tensors occupy no bytes and cannot overlap anything.
-    if (cur.begin < prev.end && cur.end > cur.begin) {
-      throw invalid(
-        path,
-        `tensors ${JSON.stringify(prev.name)} [${prev.begin}, ${prev.end}] and ${JSON.stringify(cur.name)} ` +
-          `[${cur.begin}, ${cur.end}] overlap`,
-      );
+  // Zero-byte tensors occupy no bytes and cannot overlap anything; compare each tensor with the
+  // furthest-reaching non-empty tensor that starts before it.
+  const byBegin = entries.filter((e) => e.end > e.begin).sort((a, b) => a.begin - b.begin || a.end - b.end);
+  let reach: (typeof entries)[number] | null = null;
+  for (const cur of byBegin) {
+    if (reach !== null && cur.begin < reach.end) {
+      const a = `${JSON.stringify(reach.name)} [${reach.begin}, ${reach.end}]`;
+      const b = `${JSON.stringify(cur.name)} [${cur.begin}, ${cur.end}]`;
+      throw invalid(path, `tensors ${a} and ${b} overlap`);
     }
+    if (reach === null || cur.end > reach.end) reach = cur;
   }
   const tensors = new Map<string, TensorInfo>();
   for (const e of entries) tensors.set(e.name, e.info);

@@ -115,7 +115,8 @@ export function createActivations(
   const N = B * T;
   const C = config.hiddenSize, H = config.numHeads, Hkv = config.numKvHeads, D = config.headDim;
   const I = config.intermediateSize;
-  const t = (shape: number[], label: string, dtype: "f32" | "i32" = "f32") => createTensor(gpu, shape, dtype, label);
+  const t = (shape: number[], label: string, dtype: "f32" | "i32" = "f32") =>
+    createTensor(gpu, shape, dtype, label);
   const layerSet = (label: string, x: Tensor): LayerActivations => ({
     x,
     rstd1: t([N], `${label}.rstd1`),

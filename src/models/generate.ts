@@ -56,11 +56,77 @@ export function createKvCache(model: Model, B: number): KvCache {
   const c = model.config;
   const width = c.numKvHeads * c.headDim;
   const shape = [B, model.maxSeqLen, width];
+  const mask = createTensor(model.gpu, [B, model.maxSeqLen], "i32", "kv mask");
+  writeTensor(model.gpu, mask, new Int32Array(B * model.maxSeqLen).fill(1));
   return {
     k: Array.from({ length: c.numLayers }, (_, l) => createTensor(model.gpu, shape, "f32", `kcache${l}`)),
     v: Array.from({ length: c.numLayers }, (_, l) => createTensor(model.gpu, shape, "f32", `vcache${l}`)),
     maxLen: model.maxSeqLen,
     batch: B,
+    mask,
+  };
+}
+
+/** Batched decoding with a KV cache, returning last-position logits (tests and custom samplers). */
+export interface Decoder {
+  /** Positions already in the cache. */
+  readonly past: number;
+  /**
+   * Runs the prompt batch (right-padded rows allowed via the mask) and returns the logits of its last
+   * position for every row, `(B, V)`.
+   */
+  prefill(batch: { inputIds: number[][]; attentionMask?: number[][] }): Promise<Float32Array>;
+  /** Appends one token per row (mask 0 marks a padded position) and returns `(B, V)` logits. */
+  step(ids: number[], mask?: number[]): Promise<Float32Array>;
+}
+
+/**
+ * Creates a decoder over a fresh KV cache for batch `B`.
+ *
+ * @param model The model.
+ * @param B Batch size.
+ * @returns The decoder.
+ */
+export function createDecoder(model: Model, B: number): Decoder {
+  const gpu = model.gpu;
+  const kv = createKvCache(model, B);
+  const C = model.config.hiddenSize;
+  const last = createTensor(gpu, [B, C], "f32", "decoder last hidden");
+  const logits = createTensor(gpu, [B, model.config.vocabSize], "f32", "decoder logits");
+  let past = 0;
+  let masked = false;
+  const run = async (inputIds: number[][], mask: number[][] | undefined): Promise<Float32Array> => {
+    const p = prepareBatch(model, mask ? { inputIds, attentionMask: mask } : { inputIds }, past);
+    const acts = activationsFor(model, B, p.T, false);
+    uploadBatch(model, acts, p);
+    for (let b = 0; b < B; b++) {
+      gpu.device.queue.writeBuffer(
+        kv.mask.buffer,
+        (b * kv.maxLen + past) * 4,
+        p.mask as Int32Array<ArrayBuffer>,
+        b * p.T,
+        p.T,
+      );
+    }
+    masked ||= p.masked;
+    const adapter = runningAdapter(model);
+    const rec = new Recorder(gpu);
+    recordForward(rec, model, acts, { adapter, masked, head: {}, cache: { kv, past } });
+    for (let b = 0; b < B; b++) copyElements(rec, acts.hFinal, last, C, (b * p.T + p.T - 1) * C, b * C);
+    logitsForward(rec, logits, last, model.weights.lmHead.ranges);
+    rec.submit();
+    past += p.T;
+    return (await readTensor(gpu, logits)) as Float32Array;
+  };
+  return {
+    get past() {
+      return past;
+    },
+    prefill: (batch) => {
+      if (batch.inputIds.length !== B) throw new InvalidFileError(`the decoder was made for batch ${B}`);
+      return run(batch.inputIds, batch.attentionMask);
+    },
+    step: (ids, mask) => run(ids.map((id) => [id]), mask ? mask.map((m) => [m]) : undefined),
   };
 }
 
@@ -106,7 +172,6 @@ function recordStep(
   logitsForward(rec, s.logits, s.lastHidden, model.weights.lmHead.ranges);
 }
 
-
 /**
  * Generates tokens after `inputIds`, streaming them as they are read back.
  *
@@ -125,7 +190,9 @@ export async function* generateStream(
   options: GenerateOptions,
 ): AsyncGenerator<number, void, undefined> {
   const maxNew = options.maxNewTokens;
-  if (!Number.isInteger(maxNew) || maxNew < 0) throw new UnsupportedConfigError("maxNewTokens must be an integer ≥ 0");
+  if (!Number.isInteger(maxNew) || maxNew < 0) {
+    throw new UnsupportedConfigError("maxNewTokens must be an integer ≥ 0");
+  }
   if (inputIds.length === 0) throw new InvalidFileError("generate needs a prompt of at least one token");
   const temperature = options.temperature ?? 0;
   const topP = options.topP ?? 1;
@@ -153,7 +220,15 @@ export async function* generateStream(
   recordStep(rec, model, preActs, s, 0, refresh);
   if (adapter) adapter.kvVersion = adapter.version;
   const sample = (r: Recorder, index: number) =>
-    sampleTokens(r, { out: s.tokens, outIndex: index, outStride: 0, logits: s.logits, state: s.rng, temperature, topP });
+    sampleTokens(r, {
+      out: s.tokens,
+      outIndex: index,
+      outStride: 0,
+      logits: s.logits,
+      state: s.rng,
+      temperature,
+      topP,
+    });
   sample(rec, 0);
   rec.submit();
   const stepActs = activationsFor(model, 1, 1, false);
@@ -195,7 +270,11 @@ export async function* generateStream(
  * const ids = await generate(model, [1, 450, 4996], { maxNewTokens: 16 });
  * ```
  */
-export async function generate(model: Model, inputIds: number[], options: GenerateOptions): Promise<number[]> {
+export async function generate(
+  model: Model,
+  inputIds: number[],
+  options: GenerateOptions,
+): Promise<number[]> {
   const out: number[] = [];
   for await (const id of generateStream(model, inputIds, { chunk: 32, ...options })) out.push(id);
   return out;

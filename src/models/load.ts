@@ -94,7 +94,9 @@ export async function loadModel(source: string, options: LoadModelOptions = {}):
       `dtype f16 needs the WebGPU feature shader-f16, which ${gpu.info.description} does not offer; use dtype f32`,
     );
   }
-  if (dtype !== "f32" && dtype !== "f16") throw new UnsupportedConfigError(`dtype must be f32 or f16, got ${dtype}`);
+  if (dtype !== "f32" && dtype !== "f16") {
+    throw new UnsupportedConfigError(`dtype must be f32 or f16, got ${dtype}`);
+  }
   const maxSeqLen = options.maxSeqLen ?? Math.min(config.maxPositions, 4096);
   if (!Number.isInteger(maxSeqLen) || maxSeqLen < 1) {
     throw new UnsupportedConfigError(`maxSeqLen must be a positive integer, got ${maxSeqLen}`);
@@ -106,7 +108,8 @@ export async function loadModel(source: string, options: LoadModelOptions = {}):
   }
   // fit check before uploading anything
   const need = weightBytes(config, dtype);
-  const largest = Math.max(config.intermediateSize * config.hiddenSize, config.hiddenSize * config.hiddenSize * 3) *
+  const largest =
+    Math.max(config.intermediateSize * config.hiddenSize, config.hiddenSize * config.hiddenSize * 3) *
     (dtype === "f16" ? 2 : 4);
   checkBufferFits(gpu, largest, "the largest projection weight");
   const heap = gpu.limits.maxBufferSize;

@@ -22,7 +22,14 @@ import type { ModelConfig } from "../io/hf_config.ts";
  * @param accumulate Add into `out` instead of overwriting it.
  * @param withBias Whether to add the bias (default true).
  */
-export function linear(rec: Recorder, out: Tensor, x: Tensor, lin: Linear, accumulate = false, withBias = true): void {
+export function linear(
+  rec: Recorder,
+  out: Tensor,
+  x: Tensor,
+  lin: Linear,
+  accumulate = false,
+  withBias = true,
+): void {
   const N = lin.w.shape[0]!;
   const bias = withBias ? lin.b : null;
   if (lin.ranges.length === 1) {
@@ -51,7 +58,11 @@ export function linearBackward(rec: Recorder, dx: Tensor, dy: Tensor, lin: Linea
     return;
   }
   lin.ranges.forEach(({ rowStart, tensor }, i) => {
-    linearBackwardInput(rec, dx, dy, tensor, { accumulate: accumulate || i > 0, dyColOffset: rowStart, ldDy: N });
+    linearBackwardInput(rec, dx, dy, tensor, {
+      accumulate: accumulate || i > 0,
+      dyColOffset: rowStart,
+      ldDy: N,
+    });
   });
 }
 

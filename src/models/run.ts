@@ -11,7 +11,14 @@ import { AdapterError } from "../errors.ts";
 import { splitFlat } from "../adapters/manage.ts";
 import type { Activations } from "./activations.ts";
 import { type Model, runningAdapter } from "./model.ts";
-import { activationsFor, type Batch, prepareBatch, recordBackward, recordForward, uploadBatch } from "./transformer.ts";
+import {
+  activationsFor,
+  type Batch,
+  prepareBatch,
+  recordBackward,
+  recordForward,
+  uploadBatch,
+} from "./transformer.ts";
 
 /** What {@link forward} returns. */
 export interface ForwardResult {
@@ -77,7 +84,9 @@ export function recordLossAndGradients(rec: Recorder, model: Model, batch: Batch
     );
   }
   const p = prepareBatch(model, batch);
-  if (!p.labels) throw new AdapterError("a training batch needs labels (use the input ids, -100 where ignored)");
+  if (!p.labels) {
+    throw new AdapterError("a training batch needs labels (use the input ids, -100 where ignored)");
+  }
   const acts = activationsFor(model, p.B, p.T, true);
   uploadBatch(model, acts, p);
   recordForward(rec, model, acts, { adapter, masked: p.masked, head: { lossGradient: true } });

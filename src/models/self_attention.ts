@@ -39,6 +39,8 @@ export interface KvCache {
   readonly maxLen: number;
   /** Batch size. */
   readonly batch: number;
+  /** HF attention mask of the cached positions (B, Smax) i32; the decoder writes it as tokens arrive. */
+  readonly mask: Tensor;
 }
 
 /** Everything one layer's forward or backward needs. */
@@ -143,7 +145,8 @@ export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
       copyElements(rec, la.v, values, acts.T * width, b * acts.T * width, dst);
     }
   }
-  attentionForward(rec, la.attn, acts.training ? la.lse : null, la.q, keys, values, ctx.masked ? acts.mask : null, {
+  const mask = ctx.masked ? (ctx.cache ? ctx.cache.kv.mask : acts.mask) : null;
+  attentionForward(rec, la.attn, acts.training ? la.lse : null, la.q, keys, values, mask, {
     ...attentionOptions(ctx),
   });
   const adapter = ctx.adapter;
@@ -184,9 +187,22 @@ export function selfAttentionBackward(ctx: LayerContext, needInput: boolean): vo
   linearBackward(rec, d.attn, d.res, w.o); // d attn (+ adapter when through o_proj)
   const adapter = ctx.adapter;
   if (needInput) {
-    attentionBackward(rec, d.q, d.k, d.v, d.attn, la.attn, la.lse, la.q, la.k, la.v, ctx.masked ? acts.mask : null, {
-      ...attentionOptions(ctx),
-    });
+    attentionBackward(
+      rec,
+      d.q,
+      d.k,
+      d.v,
+      d.attn,
+      la.attn,
+      la.lse,
+      la.q,
+      la.k,
+      la.v,
+      ctx.masked ? acts.mask : null,
+      {
+        ...attentionOptions(ctx),
+      },
+    );
   }
   if (adapter) {
     const { state, slot } = adapter;

@@ -13,8 +13,8 @@ import { embeddingForward, positionEmbeddingForward } from "../../kernels/embedd
 import { layernormBackward, layernormForward, rmsnormBackward, rmsnormForward } from "../../kernels/norm.ts";
 import {
   createCrossEntropyScratch,
-  type CrossEntropyScratch,
   crossEntropyLmHead,
+  type CrossEntropyScratch,
   logitsForward,
 } from "../../kernels/cross_entropy.ts";
 import { fill } from "../../kernels/fill.ts";
@@ -80,17 +80,23 @@ export function prepareBatch(model: Model, batch: Batch, past = 0): PreparedBatc
   const rows = batch.inputIds;
   const B = rows.length;
   const T = rows[0]?.length ?? 0;
-  if (B === 0 || T === 0) throw new InvalidFileError("the batch is empty: pass at least one row with one token");
+  if (B === 0 || T === 0) {
+    throw new InvalidFileError("the batch is empty: pass at least one row with one token");
+  }
   const V = model.config.vocabSize;
   const ids = new Int32Array(B * T), mask = new Int32Array(B * T).fill(1), positions = new Int32Array(B * T);
   let masked = false;
   rows.forEach((row, b) => {
     if (row.length !== T) {
-      throw new InvalidFileError(`batch rows differ in length (${row.length} vs ${T}): pad them to one length`);
+      throw new InvalidFileError(
+        `batch rows differ in length (${row.length} vs ${T}): pad them to one length`,
+      );
     }
     row.forEach((id, t) => {
       if (!Number.isInteger(id) || id < 0 || id >= V) {
-        throw new InvalidFileError(`token id ${id} at row ${b}, position ${t} is outside the vocabulary [0, ${V})`);
+        throw new InvalidFileError(
+          `token id ${id} at row ${b}, position ${t} is outside the vocabulary [0, ${V})`,
+        );
       }
       ids[b * T + t] = id;
       positions[b * T + t] = past + t;
@@ -114,7 +120,9 @@ export function prepareBatch(model: Model, batch: Batch, past = 0): PreparedBatc
       for (let t = 0; t + 1 < T; t++) {
         const y = row[t + 1]!;
         if (y !== -100 && (!Number.isInteger(y) || y < 0 || y >= V)) {
-          throw new InvalidFileError(`label ${y} at row ${b}, position ${t + 1} is outside [0, ${V}) and not -100`);
+          throw new InvalidFileError(
+            `label ${y} at row ${b}, position ${t + 1} is outside [0, ${V}) and not -100`,
+          );
         }
         labels[b * T + t] = y;
       }
@@ -232,8 +240,9 @@ export function recordForward(rec: Recorder, model: Model, acts: Activations, op
   const fns = LAYER_FUNCTIONS[c.family];
   for (let l = 0; l < c.numLayers; l++) fns.forward(layerContext(rec, model, acts, l, opts));
   const fn = w.finalNorm;
-  if (fn.bias) layernormForward(rec, acts.hFinal, acts.meanF, acts.rstdF, acts.xFinal, fn.weight, fn.bias, c.normEps);
-  else rmsnormForward(rec, acts.hFinal, acts.rstdF, acts.xFinal, fn.weight, c.normEps);
+  if (fn.bias) {
+    layernormForward(rec, acts.hFinal, acts.meanF, acts.rstdF, acts.xFinal, fn.weight, fn.bias, c.normEps);
+  } else rmsnormForward(rec, acts.hFinal, acts.rstdF, acts.xFinal, fn.weight, c.normEps);
   const head = opts.head;
   if (head.logits) logitsForward(rec, head.logits, acts.hFinal, w.lmHead.ranges);
   if (head.loss || head.lossGradient) {
@@ -273,7 +282,9 @@ export function recordBackward(
   if (!acts.training) throw new AdapterError("internal: backward needs training activations");
   const c = model.config;
   const w = model.weights;
-  if (!adapter.grads) adapter.grads = createTensor(model.gpu, [adapter.size], "f32", `adapter ${adapter.name} grads`);
+  if (!adapter.grads) {
+    adapter.grads = createTensor(model.gpu, [adapter.size], "f32", `adapter ${adapter.name} grads`);
+  }
   fill(rec, adapter.grads, 0);
   const d = acts.grad;
   const fn = w.finalNorm;
@@ -281,7 +292,9 @@ export function recordBackward(
   else rmsnormBackward(rec, d.res, d.h, acts.xFinal, fn.weight, acts.rstdF);
   const lowest = adapter.slots[0]!.layer;
   if (lowest < acts.saveFrom) {
-    throw new AdapterError("internal: activations were created for fewer adapted layers than this adapter has");
+    throw new AdapterError(
+      "internal: activations were created for fewer adapted layers than this adapter has",
+    );
   }
   const fns = LAYER_FUNCTIONS[c.family];
   const opts: ForwardOptions = { adapter, masked, head: {} };

@@ -171,7 +171,12 @@ export async function loadWeights(
   let positions: Tensor | null = null;
   if (layout.positionEmbed) {
     need(layout.positionEmbed, [config.maxPositions, C]);
-    positions = upload(await source.readF32(layout.positionEmbed), [config.maxPositions, C], layout.positionEmbed, true);
+    positions = upload(
+      await source.readF32(layout.positionEmbed),
+      [config.maxPositions, C],
+      layout.positionEmbed,
+      true,
+    );
   }
   const H = config.numHeads, Hkv = config.numKvHeads, D = config.headDim;
   const layers: LayerWeights[] = [];
@@ -211,14 +216,27 @@ export async function loadWeights(
       up = await linear(`${p}${m.mlp.fc}`, I, C, true);
       down = await linear(`${p}${m.mlp.proj}`, C, I, true);
     }
-    layers.push({ norm1: await norm(`${p}${m.norm1}`), q, k, v, o, norm2: await norm(`${p}${m.norm2}`), gate, up, down });
+    layers.push({
+      norm1: await norm(`${p}${m.norm1}`),
+      q,
+      k,
+      v,
+      o,
+      norm2: await norm(`${p}${m.norm2}`),
+      gate,
+      up,
+      down,
+    });
   }
   const finalNorm = await norm(layout.finalNorm);
   let lmHead = embed;
   if (!config.tieWordEmbeddings) {
     if (source.has(layout.lmHead)) {
       need(layout.lmHead, [config.vocabSize, C]);
-      lmHead = makeLinear(upload(await source.readF32(layout.lmHead), [config.vocabSize, C], layout.lmHead), null);
+      lmHead = makeLinear(
+        upload(await source.readF32(layout.lmHead), [config.vocabSize, C], layout.lmHead),
+        null,
+      );
     } else {
       throw new InvalidFileError(
         `config.json says tie_word_embeddings is false but the checkpoint has no "${layout.lmHead}"`,

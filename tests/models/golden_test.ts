@@ -7,8 +7,8 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { openSafetensors } from "../../src/io/safetensors.ts";
 import {
-  addAdaptionPrompt,
   adapterState,
+  addAdaptionPrompt,
   createOptimizer,
   deleteAdapter,
   disableAdapters,
@@ -60,7 +60,7 @@ function realRows(g: Golden, logits: Float32Array, V: number): Float32Array {
   const mask = g.t.get("attention_mask") as Int32Array;
   const out: number[] = [];
   mask.forEach((m, i) => {
-    if (m) for (let v = 0; v < V; v++) out.push(logits[i * V + v]!);
+    if (m) { for (let v = 0; v < V; v++) out.push(logits[i * V + v]!); }
   });
   return Float32Array.from(out);
 }
@@ -79,10 +79,19 @@ for (const name of CASES) {
     });
 
     await t.step("a fresh adapter (gate 0) gives bit-identical logits", async () => {
-      addAdaptionPrompt(model, { adapterLen: g.meta.adapter_len, adapterLayers: g.meta.adapter_layers, name: "fresh" });
+      addAdaptionPrompt(model, {
+        adapterLen: g.meta.adapter_len,
+        adapterLayers: g.meta.adapter_layers,
+        name: "fresh",
+      });
       const zero = await forward(model, batch);
       assert.deepEqual(zero.logits, base.logits);
-      assertClose(realRows(g, zero.logits, V), realRows(g, f("zero_init_logits"), V), 1e-5, "zero_init_logits");
+      assertClose(
+        realRows(g, zero.logits, V),
+        realRows(g, f("zero_init_logits"), V),
+        1e-5,
+        "zero_init_logits",
+      );
       deleteAdapter(model, "fresh");
     });
 

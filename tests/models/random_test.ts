@@ -1,0 +1,97 @@
+/**
+ * Random-weight models (src/models/random.ts): the built-in configs have the real models' parameter
+ * counts, the invented checkpoint is deterministic in its seed, and a tiny random llama and gpt2 run end
+ * to end — finite loss near ln V (weights × 0.02 make nearly uniform predictions), and AdamW on an
+ * adapter lowers the loss of a fixed batch.
+ */
+import assert from "node:assert/strict";
+import { addAdaptionPrompt, createOptimizer, forward } from "../../mod.ts";
+import { normalizeConfig } from "../../src/io/hf_config.ts";
+import { LAYOUTS } from "../../src/models/layout.ts";
+import {
+  checkpointShapes,
+  createRandomModel,
+  modelConfigFor,
+  RANDOM_MODEL_NAMES,
+  randomTensorSource,
+} from "../../src/models/random.ts";
+import { Rng } from "../_util.ts";
+
+/** Parameter counts of the published checkpoints (embedding counted once when tied). */
+const PARAMS: Record<string, number> = {
+  "gpt2-124M": 124_439_808,
+  "smollm2-135M": 134_515_008,
+  "tinyllama-1.1B": 1_100_048_384,
+};
+
+Deno.test("built-in configs have the published models' parameter counts", () => {
+  for (const name of RANDOM_MODEL_NAMES) {
+    const c = modelConfigFor(name);
+    let n = 0;
+    for (const shape of checkpointShapes(c, LAYOUTS[c.family]).values()) {
+      n += shape.reduce((a, b) => a * b, 1);
+    }
+    assert.equal(n, PARAMS[name], name);
+  }
+  const smol = modelConfigFor("smollm2-135M");
+  assert.deepEqual([smol.headDim, smol.numKvHeads, smol.ropeTheta, smol.tieWordEmbeddings], [
+    64,
+    3,
+    1e5,
+    true,
+  ]);
+});
+
+Deno.test("the invented checkpoint is deterministic in the seed and differs between tensors", async () => {
+  const c = modelConfigFor("gpt2-124M");
+  const a = randomTensorSource(c, LAYOUTS.gpt2, 7), b = randomTensorSource(c, LAYOUTS.gpt2, 7);
+  const q0 = await a.readF32("transformer.h.0.attn.c_attn.weight");
+  assert.deepEqual(q0, await b.readF32("transformer.h.0.attn.c_attn.weight"));
+  const q1 = await a.readF32("transformer.h.1.attn.c_attn.weight");
+  assert.notDeepEqual(q0.slice(0, 64), q1.slice(0, 64));
+  let sq = 0;
+  for (const x of q0) sq += x * x;
+  const std = Math.sqrt(sq / q0.length);
+  assert.ok(Math.abs(std - 0.02) < 0.001, `weight std ${std} should be 0.02 ± 0.001`);
+  assert.ok((await a.readF32("transformer.h.0.ln_1.weight")).every((x) => x === 1), "norm scales are 1");
+  assert.ok((await a.readF32("transformer.h.0.attn.c_attn.bias")).every((x) => x === 0), "biases are 0");
+});
+
+const TINY = {
+  llama: {
+    model_type: "llama",
+    vocab_size: 96,
+    hidden_size: 32,
+    intermediate_size: 64,
+    num_hidden_layers: 3,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    max_position_embeddings: 64,
+  },
+  gpt2: { model_type: "gpt2", vocab_size: 96, n_embd: 32, n_layer: 3, n_head: 4, n_positions: 64 },
+};
+
+for (const [family, raw] of Object.entries(TINY)) {
+  Deno.test(`a tiny random ${family}: finite loss near ln V, and AdamW on an adapter lowers it`, async () => {
+    const config = normalizeConfig(raw);
+    const model = await createRandomModel(config, { seed: 3, maxSeqLen: 32 });
+    const rng = new Rng(11);
+    const ids = Array.from({ length: 2 }, () => Array.from(rng.ints(8, config.vocabSize)));
+    const batch = { inputIds: ids, labels: ids };
+    const { loss, shape } = await forward(model, batch);
+    assert.deepEqual(shape, [2, 8, 96]);
+    // weights × 0.02 give logits near zero: the loss of nearly uniform predictions, ln 96 = 4.564
+    assert.ok(
+      loss !== undefined && Math.abs(loss - Math.log(96)) < 0.05,
+      `loss ${loss} should be ln 96 ± 0.05`,
+    );
+    addAdaptionPrompt(model, { adapterLen: 4, adapterLayers: 2 });
+    const opt = createOptimizer(model, { lr: 5e-2, weightDecay: 0 });
+    const losses: number[] = [];
+    for (let i = 0; i < 6; i++) losses.push(await opt.step(batch));
+    assert.ok(losses.every(Number.isFinite), `losses ${losses} should be finite`);
+    // the first step starts at the base model (gate zero), so the loss is the base loss to f32 rounding
+    assert.ok(Math.abs(losses[0]! - loss!) <= 1e-5 * loss!, `first loss ${losses[0]} should equal ${loss}`);
+    assert.ok(losses.at(-1)! < losses[0]! - 1e-4, `losses ${losses} should fall`);
+  });
+}
