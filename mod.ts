@@ -24,9 +24,9 @@ export type { Batch } from "./src/models/transformer.ts";
 export { forward, type ForwardResult, lossAndGradients } from "./src/models/run.ts";
 export { generate, type GenerateOptions, generateStream } from "./src/models/generate.ts";
 export {
+  adapterState,
   addAdaptionPrompt,
   type AddAdaptionPromptOptions,
-  adapterState,
   deleteAdapter,
   disableAdapters,
   enableAdapters,

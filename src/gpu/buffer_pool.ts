@@ -8,7 +8,7 @@
  */
 
 import { checkBufferFits, type Gpu } from "./device.ts";
-import { DTYPE_BYTES, type DType, numel, STORAGE_USAGE, Tensor } from "./tensor.ts";
+import { type DType, DTYPE_BYTES, numel, STORAGE_USAGE, Tensor } from "./tensor.ts";
 
 /**
  * Rounds a byte count up to its size class: 256 B, then powers of √2 (at most ~41% waste).

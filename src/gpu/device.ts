@@ -61,7 +61,8 @@ const RAISED_LIMITS = [
 let gpuPromise: Promise<Gpu> | null = null;
 
 /** Message given when no adapter is found: what to install, per platform. */
-export const NO_ADAPTER_MESSAGE = "no WebGPU adapter: on a machine without a GPU install a software Vulkan driver " +
+export const NO_ADAPTER_MESSAGE =
+  "no WebGPU adapter: on a machine without a GPU install a software Vulkan driver " +
   "(Debian/Ubuntu: `apt-get install mesa-vulkan-drivers libvulkan1`) and set XDG_RUNTIME_DIR; with a GPU, " +
   "install its Vulkan (Linux), Metal (macOS) or D3D12 (Windows) driver. Check with `deno eval " +
   '"console.log(await navigator.gpu.requestAdapter())"`.';
@@ -115,7 +116,8 @@ async function createGpu(): Promise<Gpu> {
     pendingErrors: [],
   };
   device.lost.then((info) => {
-    gpu.lostMessage = `the GPU device was lost (${info.reason || "unknown reason"}: ${info.message || "no message"}). ` +
+    gpu.lostMessage =
+      `the GPU device was lost (${info.reason || "unknown reason"}: ${info.message || "no message"}). ` +
       "Restart the process; if it happens again, lower --batch-size or --seq-len, or use --dtype f16.";
     if (gpuPromise !== null) gpuPromise = null;
   });
@@ -195,7 +197,9 @@ export function checkBufferFits(gpu: Gpu, bytes: number, what: string, bound = f
   const maxBinding = gpu.limits.maxStorageBufferBindingSize;
   if (bytes > maxBuffer) {
     throw new GpuError(
-      `${what} needs a ${fmtBytes(bytes)} buffer but this GPU allows at most ${fmtBytes(maxBuffer)} per buffer ` +
+      `${what} needs a ${fmtBytes(bytes)} buffer but this GPU allows at most ${
+        fmtBytes(maxBuffer)
+      } per buffer ` +
         `(${gpu.info.description}). Use --dtype f16, a smaller batch or sequence length, or a GPU with larger limits.`,
     );
   }

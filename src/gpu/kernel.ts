@@ -119,18 +119,22 @@ export function getPipeline(gpu: Gpu, kernel: Kernel): CompiledKernel {
     compute: { module, entryPoint: kernel.entryPoint },
   });
   const compiled = { pipeline, layout };
-  const done = Promise.all([device.popErrorScope(), device.popErrorScope()]).then(async ([oom, validation]) => {
-    const error = validation ?? oom;
-    if (!error) return;
-    let detail = "";
-    try {
-      const info = await module.getCompilationInfo();
-      detail = info.messages.map((m) => `\n  line ${m.lineNum}:${m.linePos} ${m.type}: ${m.message}`).join("");
-    } catch { /* compilation info is optional */ }
-    const e = new GpuError(`${describeGpuError(error, `kernel ${kernel.key}`)}${detail}`);
-    gpu.pendingErrors.push(e);
-    throw e;
-  });
+  const done = Promise.all([device.popErrorScope(), device.popErrorScope()]).then(
+    async ([oom, validation]) => {
+      const error = validation ?? oom;
+      if (!error) return;
+      let detail = "";
+      try {
+        const info = await module.getCompilationInfo();
+        detail = info.messages.map((m) => `\n  line ${m.lineNum}:${m.linePos} ${m.type}: ${m.message}`).join(
+          "",
+        );
+      } catch { /* compilation info is optional */ }
+      const e = new GpuError(`${describeGpuError(error, `kernel ${kernel.key}`)}${detail}`);
+      gpu.pendingErrors.push(e);
+      throw e;
+    },
+  );
   compileChecks.set(compiled, done);
   done.catch(() => {}); // reported through pendingErrors
   cache.set(kernel.key, compiled);

@@ -88,7 +88,12 @@ export class Recorder {
    * @param params The uniform's values (when the kernel has a uniform binding).
    * @param groups Workgroup counts `[x, y?, z?]`.
    */
-  dispatch(kernel: Kernel, buffers: readonly Tensor[], params: readonly Param[] | null, groups: readonly number[]): void {
+  dispatch(
+    kernel: Kernel,
+    buffers: readonly Tensor[],
+    params: readonly Param[] | null,
+    groups: readonly number[],
+  ): void {
     const gpu = this.gpu;
     if (gpu.lostMessage !== null) throw new GpuError(gpu.lostMessage);
     const c = cachesOf(gpu);
@@ -100,7 +105,9 @@ export class Recorder {
     const [x = 1, y = 1, z = 1] = groups;
     const maxGroups = gpu.limits.maxComputeWorkgroupsPerDimension;
     if (x > maxGroups || y > maxGroups || z > maxGroups) {
-      throw new GpuError(`kernel ${kernel.key}: dispatch [${x}, ${y}, ${z}] exceeds ${maxGroups} workgroups per dimension`);
+      throw new GpuError(
+        `kernel ${kernel.key}: dispatch [${x}, ${y}, ${z}] exceeds ${maxGroups} workgroups per dimension`,
+      );
     }
     if (x === 0 || y === 0 || z === 0) return;
     const maxBinding = gpu.limits.maxStorageBufferBindingSize;
@@ -160,7 +167,13 @@ export class Recorder {
    * @param dst Destination tensor (same byte length or larger).
    */
   copy(src: Tensor, dst: Tensor): void {
-    this.ops.push({ kind: "copy", label: `copy ${src.label}->${dst.label}`, src, dst, bytes: src.byteLength });
+    this.ops.push({
+      kind: "copy",
+      label: `copy ${src.label}->${dst.label}`,
+      src,
+      dst,
+      bytes: src.byteLength,
+    });
   }
 
   /**
@@ -204,7 +217,11 @@ export function runOps(gpu: Gpu, ops: readonly Op[], timestamps?: GPUQuerySet): 
       if (!pass) {
         const desc: GPUComputePassDescriptor = { label: op.label };
         if (timestamps && passIndex === 0) {
-          desc.timestampWrites = { querySet: timestamps, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 };
+          desc.timestampWrites = {
+            querySet: timestamps,
+            beginningOfPassWriteIndex: 0,
+            endOfPassWriteIndex: 1,
+          };
         }
         pass = enc.beginComputePass(desc);
         passIndex++;

@@ -84,6 +84,32 @@ export function numel(shape: readonly number[]): number {
 }
 
 /**
+ * Bytes of every buffer {@link createTensor} has created in this process (buffers are rarely freed, so
+ * this is the tensors' GPU memory; benchmarks report it as peak memory). Uniforms, staging and pool
+ * buffers are not counted.
+ */
+export let gpuBytesAllocated = 0;
+
+/** The largest {@link gpuBytesAllocated} since the last {@link resetGpuBytesPeak}. */
+export let gpuBytesPeak = 0;
+
+/**
+ * Starts a new peak-memory window: {@link gpuBytesPeak} becomes the bytes allocated now.
+ *
+ * @returns The bytes allocated now (the window's baseline).
+ * @example Bytes a phase adds
+ * ```ts ignore
+ * const before = resetGpuBytesPeak();
+ * // ... allocate ...
+ * console.log(gpuBytesPeak - before);
+ * ```
+ */
+export function resetGpuBytesPeak(): number {
+  gpuBytesPeak = gpuBytesAllocated;
+  return gpuBytesAllocated;
+}
+
+/**
  * Creates a tensor in a fresh buffer (contents zero).
  *
  * @param gpu The GPU.
@@ -96,10 +122,17 @@ export function numel(shape: readonly number[]): number {
  * const t = createTensor(await getGpu(), [2, 3], "f32", "x");
  * ```
  */
-export function createTensor(gpu: Gpu, shape: readonly number[], dtype: DType = "f32", label = "tensor"): Tensor {
+export function createTensor(
+  gpu: Gpu,
+  shape: readonly number[],
+  dtype: DType = "f32",
+  label = "tensor",
+): Tensor {
   const bytes = Math.max(16, Math.ceil((numel(shape) * DTYPE_BYTES[dtype]) / 16) * 16);
   checkBufferFits(gpu, bytes, `${label} [${shape}] ${dtype}`);
   const buffer = gpu.device.createBuffer({ size: bytes, usage: STORAGE_USAGE, label });
+  gpuBytesAllocated += bytes;
+  if (gpuBytesAllocated > gpuBytesPeak) gpuBytesPeak = gpuBytesAllocated;
   return new Tensor(buffer, shape, dtype, 0, label);
 }
 
@@ -140,7 +173,13 @@ export function writeTensor(gpu: Gpu, t: Tensor, data: HostArray): void {
     throw new GpuError(`writeTensor(${t.label}): got ${data.length} values for shape [${t.shape}]`);
   }
   if (data.byteLength % 4 === 0) {
-    gpu.device.queue.writeBuffer(t.buffer, t.offset, data.buffer as ArrayBuffer, data.byteOffset, data.byteLength);
+    gpu.device.queue.writeBuffer(
+      t.buffer,
+      t.offset,
+      data.buffer as ArrayBuffer,
+      data.byteOffset,
+      data.byteLength,
+    );
   } else {
     const padded = new Uint8Array(Math.ceil(data.byteLength / 4) * 4);
     padded.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
@@ -247,7 +286,9 @@ export function splitRows(
   while ((step * rowBytes) % align !== 0) step++;
   let rowsPer = Math.floor(maxBytes / rowBytes / step) * step;
   if (rowsPer < 1) {
-    throw new GpuError(`splitRows(${t.label}): one row of ${rowBytes} bytes exceeds the binding limit ${maxBytes}`);
+    throw new GpuError(
+      `splitRows(${t.label}): one row of ${rowBytes} bytes exceeds the binding limit ${maxBytes}`,
+    );
   }
   if (rowsPer >= rows) return [{ rowStart: 0, tensor: t }];
   if ((t.offset % align) !== 0) throw new GpuError(`splitRows(${t.label}): base offset not aligned`);
