@@ -49,9 +49,20 @@ import { createOptimizer } from "../src/train/optimizer.ts";
 import { adamwStep, packHyper } from "../kernels/adamw.ts";
 import { generate } from "../src/models/generate.ts";
 import type { Model } from "../src/models/model.ts";
-import { createRandomModel, modelConfigFor, RANDOM_MODEL_NAMES, type RandomModelName } from "../src/models/random.ts";
+import {
+  createRandomModel,
+  modelConfigFor,
+  RANDOM_MODEL_NAMES,
+  type RandomModelName,
+} from "../src/models/random.ts";
 import { recordLossAndGradients } from "../src/models/run.ts";
-import { activationsFor, type Batch, prepareBatch, recordForward, uploadBatch } from "../src/models/transformer.ts";
+import {
+  activationsFor,
+  type Batch,
+  prepareBatch,
+  recordForward,
+  uploadBatch,
+} from "../src/models/transformer.ts";
 import { Random } from "../src/train/rng.ts";
 
 // ---------------------------------------------------------------------------------------------------
@@ -129,10 +140,14 @@ const TINY_CONFIGS: Record<string, Record<string, unknown>> = {
 };
 
 function configOf(name: string): ModelConfig {
-  if ((RANDOM_MODEL_NAMES as readonly string[]).includes(name)) return modelConfigFor(name as RandomModelName);
+  if ((RANDOM_MODEL_NAMES as readonly string[]).includes(name)) {
+    return modelConfigFor(name as RandomModelName);
+  }
   const tiny = TINY_CONFIGS[name];
   if (tiny) return normalizeConfig(tiny, name);
-  throw new Error(`unknown model "${name}"; known: ${[...RANDOM_MODEL_NAMES, ...Object.keys(TINY_CONFIGS)].join(", ")}`);
+  throw new Error(
+    `unknown model "${name}"; known: ${[...RANDOM_MODEL_NAMES, ...Object.keys(TINY_CONFIGS)].join(", ")}`,
+  );
 }
 
 /** Share of the time budget by model (roughly its step time). */
@@ -169,7 +184,11 @@ async function wallMs(gpu: Gpu, ops: readonly Op[], reps: number, trials: number
  * Per-kernel GPU time of `ops` in chunks (a query set holds at most 4096 timestamps), grouped by
  * `label` (profileOps groups by what precedes the first `|`).
  */
-async function profileChunked(gpu: Gpu, ops: readonly Op[], label: (op: Op) => string): Promise<ProfileRow[]> {
+async function profileChunked(
+  gpu: Gpu,
+  ops: readonly Op[],
+  label: (op: Op) => string,
+): Promise<ProfileRow[]> {
   const dispatches = ops.filter((o) => o.kind === "dispatch").map((o) => ({ ...o, label: label(o) }));
   const rows = new Map<string, ProfileRow>();
   for (let i = 0; i < dispatches.length; i += 1500) {
@@ -334,7 +353,11 @@ async function runCase(
       add(label, "fwd_base_ms", base);
       add(label, "adapter_overhead", fwd / base);
       const gWith = await timeOps(gpu, withOps, 3), gBase = await timeOps(gpu, baseOps, 3);
-      Object.assign(d, { fwdGpuMs: gWith.ms, fwdBaseGpuMs: gBase.ms, adapterOverheadGpu: gWith.ms / gBase.ms });
+      Object.assign(d, {
+        fwdGpuMs: gWith.ms,
+        fwdBaseGpuMs: gBase.ms,
+        adapterOverheadGpu: gWith.ms / gBase.ms,
+      });
     });
 
     // decode at batch 1: prefill of the prompt, then greedy tokens read back once
@@ -351,7 +374,9 @@ async function runCase(
         const t = performance.now();
         const out = await generate(model, prompt, { maxNewTokens: s.newTokens, chunk: s.newTokens });
         rates.push(out.length / ((performance.now() - t) / 1000));
-        if (out.length !== s.newTokens) throw new Error(`generate gave ${out.length} of ${s.newTokens} tokens`);
+        if (out.length !== s.newTokens) {
+          throw new Error(`generate gave ${out.length} of ${s.newTokens} tokens`);
+        }
       }
       add(label, "ttft_ms", median(ttft));
       add(label, "decode_tok_s", Math.max(...rates));
@@ -432,7 +457,9 @@ function printProfiles(all: CaseDetails[]): void {
       const total = prof.reduce((a, r) => a + r.ms, 0);
       console.log(
         `\nprofile of one training step: ${label} ${c.dtype} — ${total.toFixed(2)} ms GPU summed over ` +
-          `${d.dispatches} dispatches (one pass each); whole step in one pass ${Number(d.stepGpuMs).toFixed(2)} ms; ` +
+          `${d.dispatches} dispatches (one pass each); whole step in one pass ${
+            Number(d.stepGpuMs).toFixed(2)
+          } ms; ` +
           `wall ${Number(d.stepMs ?? NaN).toFixed(2)} ms`,
       );
       for (const r of prof.slice(0, 12)) {
@@ -446,8 +473,12 @@ function printProfiles(all: CaseDetails[]): void {
   }
 }
 
-function printTable(rows: { model: string; dtype: string; metric: string; unit: string }[], cols: string[]): void {
-  const fmt = (v: unknown) => typeof v === "number" ? (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3)) : "-";
+function printTable(
+  rows: { model: string; dtype: string; metric: string; unit: string }[],
+  cols: string[],
+): void {
+  const fmt = (v: unknown) =>
+    typeof v === "number" ? (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3)) : "-";
   const header = ["model", "dtype", "metric", ...cols, "unit"];
   const lines = rows.map((r) => [
     r.model,
@@ -457,7 +488,8 @@ function printTable(rows: { model: string; dtype: string; metric: string; unit: 
     r.unit,
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
-  const line = (l: string[]) => l.map((x, i) => (i < 3 ? x.padEnd(widths[i]!) : x.padStart(widths[i]!))).join("  ");
+  const line = (l: string[]) =>
+    l.map((x, i) => (i < 3 ? x.padEnd(widths[i]!) : x.padStart(widths[i]!))).join("  ");
   console.log(line(header));
   for (const l of lines) console.log(line(l));
 }
@@ -468,7 +500,10 @@ async function driver(args: string[]): Promise<void> {
     options: {
       models: { type: "string", default: RANDOM_MODEL_NAMES.join(",") },
       dtypes: { type: "string", default: "f32,f16" },
-      out: { type: "string", default: `bench/results/e2e-ours-${new Date().toISOString().slice(0, 10)}.json` },
+      out: {
+        type: "string",
+        default: `bench/results/e2e-ours-${new Date().toISOString().slice(0, 10)}.json`,
+      },
       "details-out": { type: "string" },
       "budget-s": { type: "string", default: "300" },
       ...SETTINGS_OPTIONS,

@@ -165,7 +165,18 @@ export class Tokenizer {
         { cause: error },
       );
     }
-    return new Tokenizer(hf, config, chatTemplateOf(config, files.chatTemplate));
+    const tokenizer = new Tokenizer(hf, config, chatTemplateOf(config, files.chatTemplate));
+    // The library builds some components lazily: exercise them now so a damaged file fails at load time.
+    try {
+      hf.decode(hf.encode("Hello, world! 123 \u00e9\ud83d\udc0b", { add_special_tokens: true }).ids, {});
+    } catch (error) {
+      throw new InvalidFileError(
+        `${source} loaded but cannot encode or decode text (${(error as Error).message}); the file is damaged ` +
+          "or uses a component @huggingface/tokenizers does not implement. Download the tokenizer again.",
+        { cause: error },
+      );
+    }
+    return tokenizer;
   }
 
   /**
@@ -184,7 +195,13 @@ export class Tokenizer {
     if (typeof text !== "string") {
       throw new PromptgateError(`encode expects a string, got ${typeof text}.`);
     }
-    return this.#hf.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
+    try {
+      return this.#hf.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
+    } catch (error) {
+      throw new InvalidFileError(`the tokenizer failed to encode text (${(error as Error).message})`, {
+        cause: error,
+      });
+    }
   }
 
   /**
@@ -205,10 +222,16 @@ export class Tokenizer {
         );
       }
     }
-    return this.#hf.decode([...ids], {
-      skip_special_tokens: options.skipSpecialTokens ?? false,
-      clean_up_tokenization_spaces: this.#cleanUp,
-    });
+    try {
+      return this.#hf.decode([...ids], {
+        skip_special_tokens: options.skipSpecialTokens ?? false,
+        clean_up_tokenization_spaces: this.#cleanUp,
+      });
+    } catch (error) {
+      throw new InvalidFileError(`the tokenizer failed to decode ids (${(error as Error).message})`, {
+        cause: error,
+      });
+    }
   }
 
   /**

@@ -7,12 +7,11 @@
  * @module
  */
 
-import { join } from "node:path";
 import { checkBufferFits, fmtBytes, getGpu } from "../gpu/device.ts";
 import { tensorFrom } from "../gpu/tensor.ts";
-import { computeRopeInvFreq, type ModelConfig, normalizeConfig } from "../io/hf_config.ts";
+import { computeRopeInvFreq, loadModelConfig } from "../io/hf_config.ts";
 import { openCheckpoint } from "../io/safetensors.ts";
-import { GpuError, InvalidFileError, UnsupportedConfigError } from "../errors.ts";
+import { GpuError, UnsupportedConfigError } from "../errors.ts";
 import { LAYOUTS } from "./layout.ts";
 import type { Model } from "./model.ts";
 import { loadWeights, weightBytes } from "./weights.ts";
@@ -29,33 +28,6 @@ export interface LoadModelOptions {
   cacheDir?: string;
   /** Read only the local cache (also when HF_HUB_OFFLINE=1). */
   offline?: boolean;
-}
-
-/**
- * Reads and normalises a folder's `config.json`.
- *
- * @param folder The model folder.
- * @returns The normalised config.
- */
-export async function readModelConfig(folder: string): Promise<ModelConfig> {
-  const path = join(folder, "config.json");
-  let text: string;
-  try {
-    text = await Deno.readTextFile(path);
-  } catch (e) {
-    throw new InvalidFileError(
-      `cannot read ${path} (${(e as Error).message}): a model folder needs config.json, *.safetensors and ` +
-        "tokenizer.json as HuggingFace saves them",
-      { cause: e },
-    );
-  }
-  let raw: unknown;
-  try {
-    raw = JSON.parse(text, (k, v) => (k === "__proto__" ? undefined : v));
-  } catch (e) {
-    throw new InvalidFileError(`${path} is not valid JSON: ${(e as Error).message}`, { cause: e });
-  }
-  return normalizeConfig(raw);
 }
 
 /** A local folder as is; anything else through the hub client (loaded only then: it is large). */
@@ -86,7 +58,7 @@ async function resolveFolder(source: string, options: LoadModelOptions): Promise
  */
 export async function loadModel(source: string, options: LoadModelOptions = {}): Promise<Model> {
   const folder = await resolveFolder(source, options);
-  const config = await readModelConfig(folder);
+  const config = await loadModelConfig(folder);
   const gpu = await getGpu();
   const dtype = options.dtype ?? "f32";
   if (dtype === "f16" && !gpu.hasF16) {
@@ -138,6 +110,7 @@ export async function loadModel(source: string, options: LoadModelOptions = {}):
       invFreq,
       maxSeqLen,
       source,
+      folder,
       adapters: new Map(),
       active: null,
       disabled: false,

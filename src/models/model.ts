@@ -32,6 +32,8 @@ export interface Model {
   readonly maxSeqLen: number;
   /** Where it was loaded from (folder or hub id). */
   readonly source: string;
+  /** The local folder holding its files (the hub cache snapshot for a hub id; "" for a random model). */
+  readonly folder: string;
   /** Adapters by name. */
   readonly adapters: Map<string, AdapterState>;
   /** The active adapter's name, or null. */

@@ -1,23 +1,33 @@
 /**
  * Random-weight models of real shapes, for benchmarks and tests that need a model's size but not its
- * knowledge (the benchmark machine has no network, and TinyLlama in f32 is 4.4 GB of checkpoint). The
- * weights go through the same {@link loadWeights} as a checkpoint, from a {@link TensorSource} that
- * invents each tensor from its expected shape: projections and embeddings normal × 0.02 (HF's
- * `initializer_range`), norm scales 1, biases 0. Drawing a billion normals in JavaScript would take
- * longer than the benchmark, so every tensor is a window of one seeded pool of normals, starting at an
- * offset hashed from the tensor's name: different tensors differ, the same seed gives the same model.
+ * knowledge (the benchmark machine has no network, and TinyLlama in f32 is 4.4 GB of checkpoint):
+ * projections and embeddings normal × 0.02 (HF's `initializer_range`), norm scales 1, biases 0, in the
+ * tensors `loadWeights` makes of a checkpoint. Drawing (and converting to f16) a billion normals
+ * in JavaScript would take longer than the benchmark, so every tensor is a window of one seeded tape of
+ * normals, starting at an offset hashed from the tensor's name: different tensors differ, the same seed
+ * gives the same model. {@link randomTensorSource} serves the same tensors as a checkpoint would, for
+ * `loadWeights` itself.
  *
  * @module
  */
 
-import { getGpu } from "../gpu/device.ts";
-import { tensorFrom } from "../gpu/tensor.ts";
+import { checkBufferFits, getGpu, type Gpu } from "../gpu/device.ts";
+import { splitRows, type Tensor, tensorFrom } from "../gpu/tensor.ts";
+import { f32ArrayToF16 } from "../io/dtype.ts";
 import { computeRopeInvFreq, type ModelConfig, normalizeConfig } from "../io/hf_config.ts";
 import { UnsupportedConfigError } from "../errors.ts";
 import { Random } from "../train/rng.ts";
 import { type Layout, LAYOUTS } from "./layout.ts";
 import type { Model } from "./model.ts";
-import { loadWeights, type TensorSource } from "./weights.ts";
+// loadWeights: named in docs only
+import type {
+  LayerWeights,
+  Linear,
+  loadWeights as _loadWeights,
+  Norm,
+  TensorSource,
+  Weights,
+} from "./weights.ts";
 
 /** Models whose shapes {@link modelConfigFor} knows. */
 export type RandomModelName = "gpt2-124M" | "smollm2-135M" | "tinyllama-1.1B";
@@ -108,7 +118,7 @@ export interface RandomModelOptions {
 
 /**
  * The tensor names and shapes a checkpoint of `config` holds, in the layout's storage order (gpt2
- * Conv1D weights `[in, out]`), mirroring what {@link loadWeights} asks for.
+ * Conv1D weights `[in, out]`), mirroring what `loadWeights` asks for.
  *
  * @param config The config.
  * @param layout The family's layout.
@@ -158,7 +168,7 @@ export function checkpointShapes(config: ModelConfig, layout: Layout): Map<strin
 /** Normals in the pool: odd, so no row length of a real model divides it and rows do not repeat. */
 const POOL_SIZE = (1 << 20) + 7;
 
-/** FNV-1a of a string, mixed with the seed: the pool offset of a tensor. */
+/** FNV-1a of a string, mixed with the seed. */
 function nameHash(name: string, seed: number): number {
   let h = (0x811c9dc5 ^ seed) >>> 0;
   for (let i = 0; i < name.length; i++) h = Math.imul(h ^ name.charCodeAt(i), 0x01000193) >>> 0;
@@ -166,7 +176,45 @@ function nameHash(name: string, seed: number): number {
 }
 
 /**
- * A {@link TensorSource} that invents every tensor a checkpoint of `config` would hold.
+ * A tape of normals × 0.02: a seeded pool repeated to `length + POOL_SIZE` values, so that every tensor
+ * is a zero-copy window `tape[offset, offset + n)` with `offset` hashed from its name (a multiple of 4,
+ * which keeps f16 windows 4-byte aligned for `writeBuffer`).
+ */
+class Tape {
+  readonly f32: Float32Array;
+  #f16: Uint16Array | null = null;
+  readonly seed: number;
+
+  constructor(length: number, seed: number) {
+    this.seed = seed;
+    const rng = new Random(seed);
+    const pool = new Float32Array(POOL_SIZE);
+    for (let i = 0; i < POOL_SIZE; i++) pool[i] = 0.02 * rng.normal();
+    this.f32 = new Float32Array(length + POOL_SIZE);
+    for (let i = 0; i < this.f32.length; i += POOL_SIZE) {
+      this.f32.set(i + POOL_SIZE <= this.f32.length ? pool : pool.subarray(0, this.f32.length - i), i);
+    }
+  }
+
+  /** f16 bits of the tape, converted once. */
+  get f16(): Uint16Array {
+    return this.#f16 ??= f32ArrayToF16(this.f32);
+  }
+
+  offset(name: string): number {
+    return (nameHash(name, this.seed) % POOL_SIZE) & ~3;
+  }
+}
+
+function largestTensor(shapes: Map<string, number[]>): number {
+  let n = 0;
+  for (const shape of shapes.values()) n = Math.max(n, shape.reduce((a, b) => a * b, 1));
+  return n;
+}
+
+/**
+ * A {@link TensorSource} that invents every tensor a checkpoint of `config` would hold (what
+ * `loadWeights` would read from a real one).
  *
  * @param config The config.
  * @param layout The family's layout.
@@ -175,10 +223,7 @@ function nameHash(name: string, seed: number): number {
  */
 export function randomTensorSource(config: ModelConfig, layout: Layout, seed = 0): TensorSource {
   const shapes = checkpointShapes(config, layout);
-  const rng = new Random(seed);
-  const pool = new Float32Array(POOL_SIZE);
-  for (let i = 0; i < POOL_SIZE; i++) pool[i] = 0.02 * rng.normal();
-  const isNormScale = (name: string) => shapes.get(name)!.length === 1 && !name.endsWith(".bias");
+  const tape = new Tape(largestTensor(shapes), seed);
   return {
     has: (name) => shapes.has(name),
     shape: (name) => [...(shapes.get(name) ?? [])],
@@ -186,21 +231,103 @@ export function randomTensorSource(config: ModelConfig, layout: Layout, seed = 0
       const shape = shapes.get(name);
       if (!shape) return Promise.reject(new UnsupportedConfigError(`internal: no random tensor "${name}"`));
       const n = shape.reduce((a, b) => a * b, 1);
-      const out = new Float32Array(n);
       if (shape.length === 1) {
-        if (isNormScale(name)) out.fill(1);
-        return Promise.resolve(out);
+        return Promise.resolve(new Float32Array(n).fill(name.endsWith(".bias") ? 0 : 1));
       }
-      let start = nameHash(name, seed) % POOL_SIZE;
-      for (let i = 0; i < n;) {
-        const take = Math.min(n - i, POOL_SIZE - start);
-        out.set(pool.subarray(start, start + take), i);
-        i += take;
-        start = 0;
-      }
-      return Promise.resolve(out);
+      const at = tape.offset(name);
+      return Promise.resolve(tape.f32.slice(at, at + n));
     },
   };
+}
+
+/**
+ * Random weights straight onto the GPU, in the shapes `loadWeights` gives a checkpoint of
+ * `config` (projections `[out, in]`, gpt2's `c_attn` as three `[C, C]` parts, norms and biases and
+ * gpt2's positions in f32): the same tensors as `loadWeights(randomTensorSource(...))`, but each an
+ * upload of a window of one tape, already in the compute dtype — no per-tensor copy or f16 conversion
+ * on the host, which for TinyLlama would take longer than its benchmark.
+ *
+ * @param gpu The GPU.
+ * @param config The config.
+ * @param layout The family's layout.
+ * @param dtype Compute dtype of projections and embeddings.
+ * @param seed The seed.
+ * @returns The weights.
+ */
+export function randomWeights(
+  gpu: Gpu,
+  config: ModelConfig,
+  layout: Layout,
+  dtype: "f32" | "f16",
+  seed = 0,
+): Weights {
+  const C = config.hiddenSize, I = config.intermediateSize, D = config.headDim;
+  const H = config.numHeads, Hkv = config.numKvHeads;
+  const tape = new Tape(largestTensor(checkpointShapes(config, layout)), seed);
+  let bytes = 0;
+  const count = (t: Tensor): Tensor => {
+    bytes += t.byteLength;
+    return t;
+  };
+  const matrix = (name: string, rows: number, cols: number, keepF32 = false): Tensor => {
+    const at = tape.offset(name), n = rows * cols;
+    const f16 = dtype === "f16" && !keepF32;
+    checkBufferFits(gpu, n * (f16 ? 2 : 4), name);
+    const data = f16 ? tape.f16.subarray(at, at + n) : tape.f32.subarray(at, at + n);
+    return count(tensorFrom(gpu, data, [rows, cols], name));
+  };
+  const vector = (name: string, n: number, value: number): Tensor =>
+    count(tensorFrom(gpu, new Float32Array(n).fill(value), [n], name));
+  const linear = (name: string, out: number, inp: number, bias: boolean): Linear => {
+    const w = matrix(`${name}.weight`, out, inp);
+    return { w, b: bias ? vector(`${name}.bias`, out, 0) : null, ranges: splitRows(gpu, w) };
+  };
+  const norm = (name: string): Norm => ({
+    weight: vector(`${name}.weight`, C, 1),
+    bias: config.norm === "layernorm" ? vector(`${name}.bias`, C, 0) : null,
+  });
+  const embed = linear(layout.embed.replace(/\.weight$/, ""), config.vocabSize, C, false);
+  const positions = layout.positionEmbed ? matrix(layout.positionEmbed, config.maxPositions, C, true) : null;
+  const m = layout.modules;
+  const layers: LayerWeights[] = [];
+  for (let i = 0; i < config.numLayers; i++) {
+    const p = layout.layerPrefix(i);
+    const qkv = "fused" in m.qkv
+      ? (["q", "k", "v"] as const).map((part) =>
+        linear(`${p}${(m.qkv as { fused: string }).fused}.${part}`, C, C, true)
+      )
+      : [
+        linear(`${p}${m.qkv.q}`, H * D, C, config.attentionBias),
+        linear(`${p}${m.qkv.k}`, Hkv * D, C, config.attentionBias),
+        linear(`${p}${m.qkv.v}`, Hkv * D, C, config.attentionBias),
+      ];
+    const o = linear(`${p}${m.o}`, C, H * D, config.attentionBias || config.family === "gpt2");
+    const mlp = "gate" in m.mlp
+      ? {
+        gate: linear(`${p}${m.mlp.gate}`, I, C, config.mlpBias),
+        up: linear(`${p}${m.mlp.up}`, I, C, config.mlpBias),
+        down: linear(`${p}${m.mlp.down}`, C, I, config.mlpBias),
+      }
+      : {
+        gate: null,
+        up: linear(`${p}${m.mlp.fc}`, I, C, true),
+        down: linear(`${p}${m.mlp.proj}`, C, I, true),
+      };
+    layers.push({
+      norm1: norm(`${p}${m.norm1}`),
+      q: qkv[0]!,
+      k: qkv[1]!,
+      v: qkv[2]!,
+      o,
+      norm2: norm(`${p}${m.norm2}`),
+      ...mlp,
+    });
+  }
+  const finalNorm = norm(layout.finalNorm);
+  const lmHead = config.tieWordEmbeddings
+    ? embed
+    : linear(layout.lmHead.replace(/\.weight$/, ""), config.vocabSize, C, false);
+  return { embed, positions, layers, finalNorm, lmHead, bytes };
 }
 
 /**
@@ -241,7 +368,7 @@ export async function createRandomModel(
   }
   const seed = options.seed ?? 0;
   const layout = LAYOUTS[config.family];
-  const weights = await loadWeights(gpu, config, layout, randomTensorSource(config, layout, seed), dtype);
+  const weights = randomWeights(gpu, config, layout, dtype, seed);
   const invFreq = layout.rope
     ? tensorFrom(gpu, Float32Array.from(computeRopeInvFreq(config)), undefined, "rope inv_freq")
     : null;
@@ -254,6 +381,7 @@ export async function createRandomModel(
     invFreq,
     maxSeqLen,
     source: `random:${config.modelType}:${seed}`,
+    folder: "",
     adapters: new Map(),
     active: null,
     disabled: false,

@@ -77,11 +77,16 @@ export async function writeAdapterFiles(model: Model, name: string, folder: stri
   const tensors = await adapterState(model, name);
   const toWrite: Record<string, TensorToWrite> = {};
   for (const [key, data] of Object.entries(tensors)) {
-    const shape = key.endsWith("adaption_prompt") ? [1, state.config.adapterLen, model.config.hiddenSize] : [data.length];
+    const shape = key.endsWith("adaption_prompt")
+      ? [1, state.config.adapterLen, model.config.hiddenSize]
+      : [data.length];
     toWrite[key] = { dtype: "F32", shape, data };
   }
   await writeSafetensors(join(folder, "adapter_model.safetensors"), toWrite, { format: "pt" });
-  await writeFileAtomic(join(folder, "adapter_config.json"), JSON.stringify(adapterConfigJson(state.config), null, 2) + "\n");
+  await writeFileAtomic(
+    join(folder, "adapter_config.json"),
+    JSON.stringify(adapterConfigJson(state.config), null, 2) + "\n",
+  );
 }
 
 async function exists(path: string): Promise<boolean> {
@@ -157,7 +162,9 @@ export async function findCheckpoint(outDir: string): Promise<string | null> {
 export async function cleanStaleCheckpoints(outDir: string): Promise<void> {
   try {
     for await (const e of Deno.readDir(outDir)) {
-      if (e.isDirectory && e.name.startsWith(TMP_PREFIX)) await Deno.remove(join(outDir, e.name), { recursive: true });
+      if (e.isDirectory && e.name.startsWith(TMP_PREFIX)) {
+        await Deno.remove(join(outDir, e.name), { recursive: true });
+      }
     }
   } catch {
     // No folder yet: nothing to clean.
@@ -175,13 +182,18 @@ function safeParse(text: string): unknown {
  * @returns Trainer and optimizer state.
  * @throws {InvalidFileError} When a file is missing or malformed.
  */
-export async function readCheckpoint(dir: string): Promise<{ state: TrainerState; optimizer: OptimizerState }> {
+export async function readCheckpoint(
+  dir: string,
+): Promise<{ state: TrainerState; optimizer: OptimizerState }> {
   const statePath = join(dir, TRAINER_STATE_NAME);
   let state: TrainerState;
   try {
     state = safeParse(await Deno.readTextFile(statePath)) as TrainerState;
   } catch (e) {
-    throw new InvalidFileError(`cannot read ${statePath} (${(e as Error).message}); the checkpoint is damaged`, { cause: e });
+    throw new InvalidFileError(
+      `cannot read ${statePath} (${(e as Error).message}); the checkpoint is damaged`,
+      { cause: e },
+    );
   }
   if (
     typeof state !== "object" || state === null || !Number.isInteger(state.step) || state.step < 0 ||
@@ -194,13 +206,17 @@ export async function readCheckpoint(dir: string): Promise<{ state: TrainerState
   const file = await openSafetensors(join(dir, OPTIMIZER_STATE_NAME));
   try {
     for (const k of ["m", "v", "step"]) {
-      if (!file.tensors.has(k)) throw new InvalidFileError(`${file.path} lacks the tensor "${k}"; the checkpoint is damaged`);
+      if (!file.tensors.has(k)) {
+        throw new InvalidFileError(`${file.path} lacks the tensor "${k}"; the checkpoint is damaged`);
+      }
     }
     const m = await file.readTensor("m", "f32");
     const v = await file.readTensor("v", "f32");
     const raw = await file.readRaw("step");
     const step = Number(new DataView(raw.buffer, raw.byteOffset, raw.byteLength).getBigInt64(0, true));
-    if (m.length !== v.length) throw new InvalidFileError(`${file.path}: m and v differ in length; the checkpoint is damaged`);
+    if (m.length !== v.length) {
+      throw new InvalidFileError(`${file.path}: m and v differ in length; the checkpoint is damaged`);
+    }
     if (step !== state.step) {
       throw new TrainingError(
         `${dir}: the optimizer is at step ${step} but trainer_state.json says ${state.step}; the checkpoint is damaged`,

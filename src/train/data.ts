@@ -20,7 +20,7 @@ import { InvalidFileError, UnsupportedConfigError } from "../errors.ts";
 import { Random } from "./rng.ts";
 
 /** The label value the loss ignores (HF convention). */
-export const IGNORE_INDEX = -100;
+export const IGNORE_INDEX: number = -100;
 
 /** What the data code needs from a tokenizer (the library's `Tokenizer` satisfies it). */
 export interface TextTokenizer {
@@ -78,7 +78,9 @@ export async function listDataFiles(path: string): Promise<string[]> {
     info = await Deno.stat(path);
   } catch (e) {
     throw new InvalidFileError(
-      `the data path ${path} does not exist (${(e as Error).message}); pass --data with a .jsonl, .json or .txt ` +
+      `the data path ${path} does not exist (${
+        (e as Error).message
+      }); pass --data with a .jsonl, .json or .txt ` +
         "file or a folder of them",
       { cause: e },
     );
@@ -112,10 +114,13 @@ export async function listDataFiles(path: string): Promise<string[]> {
 }
 
 function safeParse(text: string): unknown {
-  return JSON.parse(text, (k, v) => (k === "__proto__" || k === "constructor" || k === "prototype" ? undefined : v));
+  return JSON.parse(
+    text,
+    (k, v) => (k === "__proto__" || k === "constructor" || k === "prototype" ? undefined : v),
+  );
 }
 
-const FORMS = "expected {\"instruction\", \"input\"?, \"output\"}, {\"prompt\", \"completion\"} or {\"text\"}";
+const FORMS = 'expected {"instruction", "input"?, "output"}, {"prompt", "completion"} or {"text"}';
 
 /**
  * Turns one parsed JSON value into a record, or says what is wrong with it.
@@ -205,9 +210,12 @@ export async function readDataFile(path: string, options: ReadDataOptions = {}):
     } catch (e) {
       const lines = text.split("\n").filter((l) => l.trim().length > 0);
       if (lines.length > 1 && lines[0]!.trim().startsWith("{")) return readLines(text, path, bad);
-      throw new InvalidFileError(`${path} is not valid JSON (${(e as Error).message}); ${FORMS} or an array of them`, {
-        cause: e,
-      });
+      throw new InvalidFileError(
+        `${path} is not valid JSON (${(e as Error).message}); ${FORMS} or an array of them`,
+        {
+          cause: e,
+        },
+      );
     }
     const items = Array.isArray(value) ? value : [value];
     // Line numbers of top-level array items are not kept by JSON.parse: report the item index instead.
@@ -216,7 +224,9 @@ export async function readDataFile(path: string, options: ReadDataOptions = {}):
       if (typeof r === "string") {
         const where = `${path}:item ${i + 1}`;
         if (onBad === "error") {
-          throw new InvalidFileError(`${where}: ${r}. Fix it, or pass --on-bad-line skip to skip bad records`);
+          throw new InvalidFileError(
+            `${where}: ${r}. Fix it, or pass --on-bad-line skip to skip bad records`,
+          );
         }
         options.warn?.({ where, message: r });
       } else out.push(r);
@@ -289,10 +299,12 @@ export interface RenderedExample {
   endText: string | null;
 }
 
-const ALPACA_WITH_INPUT = "Below is an instruction that describes a task, paired with an input that provides " +
+const ALPACA_WITH_INPUT =
+  "Below is an instruction that describes a task, paired with an input that provides " +
   "further context. Write a response that appropriately completes the request.\n\n" +
   "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
-const ALPACA_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately " +
+const ALPACA_NO_INPUT =
+  "Below is an instruction that describes a task. Write a response that appropriately " +
   "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
 
 /** Which chat form the tokenizer's template looks like. */
@@ -341,7 +353,11 @@ export function renderPrompt(
   if (template === "none") return { prompt: user, hasBos: false, endText: null };
   switch (chatForm) {
     case "chatml":
-      return { prompt: `<|im_start|>user\n${user}<|im_end|>\n<|im_start|>assistant\n`, hasBos: false, endText: "<|im_end|>\n" };
+      return {
+        prompt: `<|im_start|>user\n${user}<|im_end|>\n<|im_start|>assistant\n`,
+        hasBos: false,
+        endText: "<|im_end|>\n",
+      };
     case "llama3":
       return {
         prompt: `<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n${user}<|eot_id|>` +
@@ -472,7 +488,9 @@ export interface BuiltRows {
  */
 export function buildRows(examples: readonly TokenizedExample[], options: BuildRowsOptions): BuiltRows {
   const { seqLen, padId } = options;
-  if (!Number.isInteger(seqLen) || seqLen < 2) throw new UnsupportedConfigError(`--seq-len must be an integer ≥ 2, got ${seqLen}`);
+  if (!Number.isInteger(seqLen) || seqLen < 2) {
+    throw new UnsupportedConfigError(`--seq-len must be an integer ≥ 2, got ${seqLen}`);
+  }
   const pad = (ids: number[], labels: number[]): Row => {
     const n = ids.length;
     const fill = seqLen - n;
@@ -496,7 +514,9 @@ export function buildRows(examples: readonly TokenizedExample[], options: BuildR
         }
       }
     }
-    if (ids.length > 1 && rows.length === 0 && labels.some((l) => l !== IGNORE_INDEX)) rows.push(pad(ids, labels));
+    if (ids.length > 1 && rows.length === 0 && labels.some((l) => l !== IGNORE_INDEX)) {
+      rows.push(pad(ids, labels));
+    }
     return { rows, truncated, dropped };
   }
   for (const e of examples) {
@@ -601,13 +621,17 @@ export class BatchIterator {
   #cursor: DataCursor;
 
   /**
+   * Creates the iterator at the start of epoch 0.
+   *
    * @param rows Training rows.
    * @param batchSize Rows per batch.
    * @param seed Shuffle seed.
    * @param shuffle Shuffle each epoch (default true).
    */
   constructor(rows: readonly Row[], batchSize: number, seed: number, readonly shuffle = true) {
-    if (rows.length === 0) throw new InvalidFileError("the training set is empty; add data or lower --eval-split");
+    if (rows.length === 0) {
+      throw new InvalidFileError("the training set is empty; add data or lower --eval-split");
+    }
     if (!Number.isInteger(batchSize) || batchSize < 1) {
       throw new UnsupportedConfigError(`--batch-size must be a positive integer, got ${batchSize}`);
     }
@@ -625,7 +649,7 @@ export class BatchIterator {
     this.#cursor = { epoch, index: 0, rng: saved };
   }
 
-  /** @returns Where the iterator is (a copy). */
+  /** Where the iterator is (a copy, for checkpoints). */
   get cursor(): DataCursor {
     return { ...this.#cursor, rng: { ...this.#cursor.rng } };
   }
@@ -652,7 +676,11 @@ export class BatchIterator {
     this.#cursor.index = c.index;
   }
 
-  /** @returns The next batch of exactly `batchSize` rows (wrapping into the next epoch). */
+  /**
+   * The next batch.
+   *
+   * @returns Exactly `batchSize` rows (wrapping into the next epoch).
+   */
   next(): RowBatch {
     const rows: Row[] = [];
     while (rows.length < this.#batchSize) {

@@ -34,7 +34,11 @@ export class MetricsLog {
   /** Entries so far. */
   readonly entries: MetricsEntry[] = [];
 
-  /** @param path Where `metrics.jsonl` lives. */
+  /**
+   * Creates an empty log.
+   *
+   * @param path Where `metrics.jsonl` lives.
+   */
   constructor(readonly path: string) {}
 
   /**
@@ -66,38 +70,41 @@ export class MetricsLog {
   }
 
   /**
-   * Adds an entry, or merges into the entry of the same step (eval after train).
+   * Adds an entry and appends it to the file (append + fsync: a crash can tear at most this last line,
+   * which {@link MetricsLog.resume} drops).
    *
    * @param e The entry.
    */
-  add(e: MetricsEntry): void {
-    const last = this.entries.at(-1);
-    if (last && last.step === e.step) Object.assign(last, e);
-    else this.entries.push(e);
+  async append(e: MetricsEntry): Promise<void> {
+    this.entries.push(e);
+    const f = await Deno.open(this.path, { append: true, create: true });
+    try {
+      const bytes = new TextEncoder().encode(line(e) + "\n");
+      let at = 0;
+      while (at < bytes.length) at += await f.write(bytes.subarray(at));
+      await f.sync();
+    } finally {
+      f.close();
+    }
   }
 
   /**
-   * Sets the eval loss of a step (adding an entry when the step was not logged).
+   * The file's text.
    *
-   * @param step The step.
-   * @param evalLoss The loss.
+   * @returns One JSON object a line.
    */
-  setEval(step: number, evalLoss: number): void {
-    const e = this.entries.find((x) => x.step === step);
-    if (e) e.eval_loss = evalLoss;
-    else this.entries.push({ step, loss: NaN, lr: 0, tokens_per_s: 0, eval_loss: evalLoss });
-  }
-
-  /** @returns The file's text. */
   text(): string {
-    return this.entries.map((e) => JSON.stringify(e, (_k, v) => (typeof v === "number" && !Number.isFinite(v) ? null : v)))
-      .join("\n") + (this.entries.length ? "\n" : "");
+    return this.entries.map(line).join("\n") + (this.entries.length ? "\n" : "");
   }
 
-  /** Writes the file atomically. */
+  /** Rewrites the whole file atomically (after a resume cut it back). */
   async write(): Promise<void> {
     await writeFileAtomic(this.path, this.text());
   }
+}
+
+function line(e: MetricsEntry): string {
+  return JSON.stringify(e, (_k, v) => (typeof v === "number" && !Number.isFinite(v) ? null : v));
 }
 
 /** How progress is shown. */
@@ -121,6 +128,8 @@ export class Reporter {
   readonly #enc = new TextEncoder();
 
   /**
+   * Creates a reporter.
+   *
    * @param mode How to show progress.
    * @param lineEverySeconds Minimum seconds between plain progress lines (default 10).
    */
@@ -172,7 +181,9 @@ export class Reporter {
   event(e: TrainEvent): void {
     if (this.mode !== "json") return;
     Deno.stdout.writeSync(
-      this.#enc.encode(JSON.stringify(e, (_k, v) => (typeof v === "number" && !Number.isFinite(v) ? null : v)) + "\n"),
+      this.#enc.encode(
+        JSON.stringify(e, (_k, v) => (typeof v === "number" && !Number.isFinite(v) ? null : v)) + "\n",
+      ),
     );
   }
 
@@ -200,7 +211,17 @@ export class Reporter {
    *
    * @param s Step numbers and values.
    */
-  step(s: { step: number; total: number; loss: number; evalLoss: number | null; tokensPerS: number; lr: number; etaS: number }): void {
+  step(
+    s: {
+      step: number;
+      total: number;
+      loss: number;
+      evalLoss: number | null;
+      tokensPerS: number;
+      lr: number;
+      etaS: number;
+    },
+  ): void {
     if (this.mode === "bar") {
       this.#bar?.update(s.step, {
         loss: s.loss.toFixed(4),

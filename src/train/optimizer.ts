@@ -73,7 +73,9 @@ export function createOptimizer(model: Model, options: OptimizerOptions): Optimi
   const wd = options.weightDecay ?? 0.01;
   const clip = options.maxGradNorm ?? 0;
   for (const [k, v] of Object.entries({ lr: options.lr, beta1: b1, beta2: b2, eps, weightDecay: wd, clip })) {
-    if (!Number.isFinite(v) || v < 0) throw new UnsupportedConfigError(`optimizer ${k} must be a finite number ≥ 0`);
+    if (!Number.isFinite(v) || v < 0) {
+      throw new UnsupportedConfigError(`optimizer ${k} must be a finite number ≥ 0`);
+    }
   }
   if (b1 >= 1 || b2 >= 1) throw new UnsupportedConfigError("optimizer betas must be below 1");
   const gpu = model.gpu;

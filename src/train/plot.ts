@@ -40,7 +40,9 @@ export function niceTicks(lo: number, hi: number, count = 5): number[] {
   const mag = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) ?? 10 * mag;
   const out: number[] = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) {
+    out.push(Number(v.toPrecision(12)));
+  }
   return out;
 }
 
@@ -71,7 +73,10 @@ export function lossPlotSvg(series: readonly PlotSeries[], options: PlotOptions 
   const W = options.width ?? 640, H = options.height ?? 400;
   const m = { left: 60, right: 20, top: 36, bottom: 44 };
   const pw = W - m.left - m.right, ph = H - m.top - m.bottom;
-  const clean = series.map((s) => ({ ...s, points: s.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y)) }));
+  const clean = series.map((s) => ({
+    ...s,
+    points: s.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y)),
+  }));
   const all = clean.flatMap((s) => s.points);
   let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
   let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
@@ -120,7 +125,9 @@ export function lossPlotSvg(series: readonly PlotSeries[], options: PlotOptions 
     }
     const ly = m.top + 8 + i * 16;
     parts.push(
-      `<line x1="${m.left + pw - 90}" x2="${m.left + pw - 70}" y1="${ly}" y2="${ly}" stroke="${esc(s.color)}" stroke-width="2"/>`,
+      `<line x1="${m.left + pw - 90}" x2="${m.left + pw - 70}" y1="${ly}" y2="${ly}" stroke="${
+        esc(s.color)
+      }" stroke-width="2"/>`,
       `<text x="${m.left + pw - 64}" y="${ly + 4}">${esc(s.label)}</text>`,
     );
   });

@@ -32,7 +32,9 @@ export interface ScheduleOptions {
  * @throws {UnsupportedConfigError} On a negative or non-finite value.
  */
 export function validateSchedule(o: ScheduleOptions): void {
-  if (!(o.lr > 0 && Number.isFinite(o.lr))) throw new UnsupportedConfigError(`--lr must be a positive number, got ${o.lr}`);
+  if (!(o.lr > 0 && Number.isFinite(o.lr))) {
+    throw new UnsupportedConfigError(`--lr must be a positive number, got ${o.lr}`);
+  }
   if (!Number.isInteger(o.warmupSteps) || o.warmupSteps < 0) {
     throw new UnsupportedConfigError(`--warmup-steps must be an integer ≥ 0, got ${o.warmupSteps}`);
   }
@@ -40,7 +42,9 @@ export function validateSchedule(o: ScheduleOptions): void {
     throw new UnsupportedConfigError(`the total number of steps must be ≥ 1, got ${o.totalSteps}`);
   }
   const r = o.minLrRatio ?? 0.1;
-  if (!(r >= 0 && r <= 1)) throw new UnsupportedConfigError(`the minimum lr ratio must be in [0, 1], got ${r}`);
+  if (!(r >= 0 && r <= 1)) {
+    throw new UnsupportedConfigError(`the minimum lr ratio must be in [0, 1], got ${r}`);
+  }
   if (o.kind !== undefined && o.kind !== "cosine" && o.kind !== "constant") {
     throw new UnsupportedConfigError(`--schedule must be cosine or constant, got ${o.kind}`);
   }
@@ -48,7 +52,8 @@ export function validateSchedule(o: ScheduleOptions): void {
 
 /**
  * The learning rate of optimizer step `step` (1-based, as the optimizer counts): `lr·step/warmup` during
- * warmup, then `lr` (constant) or a half cosine from `lr` down to `lr·minLrRatio` at `totalSteps`.
+ * warmup, then `lr` (constant) or a half cosine from `lr` (first step after warmup) down to `lr·minLrRatio`
+ * (step `totalSteps`).
  *
  * @param step The step about to be taken, 1-based.
  * @param o The schedule.
@@ -57,14 +62,15 @@ export function validateSchedule(o: ScheduleOptions): void {
  * ```ts
  * import { learningRate } from "./schedule.ts";
  * const o = { lr: 1e-2, warmupSteps: 10, totalSteps: 100 };
- * console.log(learningRate(5, o), learningRate(10, o), learningRate(100, o)); // 0.005 0.01 0.001
+ * console.log(learningRate(5, o), learningRate(11, o), learningRate(100, o)); // 0.005 0.01 0.001
  * ```
  */
 export function learningRate(step: number, o: ScheduleOptions): number {
   if (o.warmupSteps > 0 && step <= o.warmupSteps) return (o.lr * step) / o.warmupSteps;
   if ((o.kind ?? "cosine") === "constant") return o.lr;
   const min = o.lr * (o.minLrRatio ?? 0.1);
-  const span = Math.max(1, o.totalSteps - o.warmupSteps);
-  const t = Math.min(1, Math.max(0, (step - o.warmupSteps) / span));
+  // The first step after warmup runs at the peak, the last one at the floor.
+  const span = Math.max(1, o.totalSteps - o.warmupSteps - 1);
+  const t = Math.min(1, Math.max(0, (step - o.warmupSteps - 1) / span));
   return min + 0.5 * (o.lr - min) * (1 + Math.cos(Math.PI * t));
 }

@@ -24,7 +24,7 @@ const TOL = 1e-5;
 // f32 tolerance applies; the 2e-3 bound below is against the unrounded f32 weights (f16 has 11 bits).
 const TOL_F16_VS_F32 = 2e-3;
 
-const CHOICES: (MatmulKernelChoice | null)[] = [null, 32, 64, 128, "matvec"];
+const CHOICES: (MatmulKernelChoice | null)[] = [null, "128x128", "128x64", "64x128", "64x64", "32x32", "matvec"];
 // (M, N, K): odd sizes, sizes that are and are not multiples of 4 (vec4 and scalar loads), one row;
 // (2, 36, 20) and (2, 12, 520) take the matrix-vector kernel in both layouts (520 runs its unrolled loop).
 const SHAPES: [number, number, number][] = [
@@ -36,17 +36,36 @@ const SHAPES: [number, number, number][] = [
   [7, 130, 33],
   [33, 65, 132],
   [130, 36, 20],
+  [128, 128, 24], // whole 128x128 / 64x64 tiles and K steps: the unguarded ("exact") kernel
 ];
 
-/** Runs `body` with every kernel forced in turn (null = the heuristic), restoring the heuristic after. */
-async function forEachKernel(body: (choice: MatmulKernelChoice | null) => Promise<void>): Promise<void> {
+/** Kernel variants beyond the tile choice: split-K (partial sums plus a reduction) and single-buffered tiles. */
+const VARIANTS: { label: string; force: MatmulKernelChoice; splitK?: number; doubleBuffer?: boolean }[] = [
+  { label: "32x32 split-K 3", force: "32x32", splitK: 3 },
+  { label: "128x128 split-K 2", force: "128x128", splitK: 2 },
+  { label: "64x64 single-buffered", force: "64x64", doubleBuffer: false },
+];
+
+/**
+ * Runs `body` with every kernel forced in turn (null = the heuristic), then every variant, restoring the
+ * heuristic after.
+ */
+async function forEachKernel(body: (choice: string) => Promise<void>): Promise<void> {
   try {
     for (const c of CHOICES) {
       matmulTuning.force = c;
-      await body(c);
+      await body(String(c));
+    }
+    for (const v of VARIANTS) {
+      matmulTuning.force = v.force;
+      matmulTuning.splitK = v.splitK ?? null;
+      matmulTuning.doubleBuffer = v.doubleBuffer ?? null;
+      await body(v.label);
     }
   } finally {
     matmulTuning.force = null;
+    matmulTuning.splitK = null;
+    matmulTuning.doubleBuffer = null;
   }
 }
 
@@ -303,9 +322,11 @@ Deno.test("f16 weights give the f32 result of the f16-rounded weights in all fou
 Deno.test("more than 65535 workgroups are folded into y (matvec and tiled)", async () => {
   const g = await gpu();
   const rng = new Rng(17);
-  // matvec: 4 rows per workgroup -> 65537 workgroups; tiled 32: 32 columns per workgroup -> 65537
-  for (const [choice, M, N, K] of [["matvec", 2, 4 * 65537, 4], [32, 1, 32 * 65537 - 5, 1]] as const) {
+  // matvec with 256 threads per output: 1 row per workgroup -> 65537 workgroups; tiled 32x32: 32
+  // columns per workgroup -> 65537
+  for (const [choice, M, N, K] of [["matvec", 2, 65537, 4], ["32x32", 1, 32 * 65537 - 5, 1]] as const) {
     matmulTuning.force = choice;
+    matmulTuning.matvecThreads = 256;
     try {
       const x = rng.randn(M * K);
       const w = rng.randn(N * K);
@@ -318,6 +339,7 @@ Deno.test("more than 65535 workgroups are folded into y (matvec and tiled)", asy
       assertClose(got, linearForwardRef(x, w, null, M, N, K), TOL, `fold ${choice}`);
     } finally {
       matmulTuning.force = null;
+      matmulTuning.matvecThreads = null;
     }
   }
 });

@@ -14,7 +14,11 @@ import {
   modelConfigFor,
   RANDOM_MODEL_NAMES,
   randomTensorSource,
+  randomWeights,
 } from "../../src/models/random.ts";
+import { getGpu } from "../../src/gpu/device.ts";
+import { Tensor } from "../../src/gpu/tensor.ts";
+import { loadWeights, type Weights } from "../../src/models/weights.ts";
 import { Rng } from "../_util.ts";
 
 /** Parameter counts of the published checkpoints (embedding counted once when tied). */
@@ -42,6 +46,53 @@ Deno.test("built-in configs have the published models' parameter counts", () => 
   ]);
 });
 
+const TINY = {
+  llama: {
+    model_type: "llama",
+    vocab_size: 96,
+    hidden_size: 32,
+    intermediate_size: 64,
+    num_hidden_layers: 3,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    max_position_embeddings: 64,
+  },
+  gpt2: { model_type: "gpt2", vocab_size: 96, n_embd: 32, n_layer: 3, n_head: 4, n_positions: 64 },
+};
+
+/** Every tensor of a Weights object with its path, for structural comparison. */
+function describeWeights(w: Weights): string[] {
+  const out: string[] = [];
+  const visit = (v: unknown, path: string): void => {
+    if (v instanceof Tensor) out.push(`${path} [${v.shape}] ${v.dtype}`);
+    else if (v === null) out.push(`${path} null`);
+    else if (Array.isArray(v)) v.forEach((x, i) => visit(x, `${path}.${i}`));
+    else if (typeof v === "object") { for (const [k, x] of Object.entries(v)) visit(x, `${path}.${k}`); }
+    else out.push(`${path} ${v}`);
+  };
+  visit(w, "");
+  return out;
+}
+
+for (const family of ["llama", "gpt2"] as const) {
+  Deno.test(`randomWeights makes the tensors loadWeights makes of a ${family} checkpoint (shapes, dtypes, bytes)`, async () => {
+    const g = await getGpu();
+    const config = normalizeConfig(TINY[family]);
+    for (const dtype of ["f32", "f16"] as const) {
+      if (dtype === "f16" && !g.hasF16) continue;
+      const fast = randomWeights(g, config, LAYOUTS[family], dtype, 1);
+      const loaded = await loadWeights(
+        g,
+        config,
+        LAYOUTS[family],
+        randomTensorSource(config, LAYOUTS[family], 1),
+        dtype,
+      );
+      assert.deepEqual(describeWeights(fast), describeWeights(loaded), dtype);
+    }
+  });
+}
+
 Deno.test("the invented checkpoint is deterministic in the seed and differs between tensors", async () => {
   const c = modelConfigFor("gpt2-124M");
   const a = randomTensorSource(c, LAYOUTS.gpt2, 7), b = randomTensorSource(c, LAYOUTS.gpt2, 7);
@@ -57,20 +108,6 @@ Deno.test("the invented checkpoint is deterministic in the seed and differs betw
   assert.ok((await a.readF32("transformer.h.0.attn.c_attn.bias")).every((x) => x === 0), "biases are 0");
 });
 
-const TINY = {
-  llama: {
-    model_type: "llama",
-    vocab_size: 96,
-    hidden_size: 32,
-    intermediate_size: 64,
-    num_hidden_layers: 3,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
-    max_position_embeddings: 64,
-  },
-  gpt2: { model_type: "gpt2", vocab_size: 96, n_embd: 32, n_layer: 3, n_head: 4, n_positions: 64 },
-};
-
 for (const [family, raw] of Object.entries(TINY)) {
   Deno.test(`a tiny random ${family}: finite loss near ln V, and AdamW on an adapter lowers it`, async () => {
     const config = normalizeConfig(raw);
@@ -78,13 +115,26 @@ for (const [family, raw] of Object.entries(TINY)) {
     const rng = new Rng(11);
     const ids = Array.from({ length: 2 }, () => Array.from(rng.ints(8, config.vocabSize)));
     const batch = { inputIds: ids, labels: ids };
-    const { loss, shape } = await forward(model, batch);
+    const { loss, shape, logits } = await forward(model, batch);
     assert.deepEqual(shape, [2, 8, 96]);
-    // weights × 0.02 give logits near zero: the loss of nearly uniform predictions, ln 96 = 4.564
+    // the loss is HF's causal-LM loss of the logits (float64 reference, labels shifted by one)
+    let ref = 0;
+    for (let b = 0; b < 2; b++) {
+      for (let t = 0; t + 1 < 8; t++) {
+        const row = logits.subarray((b * 8 + t) * 96, (b * 8 + t + 1) * 96);
+        const max = Math.max(...row);
+        let sum = 0;
+        for (const x of row) sum += Math.exp(x - max);
+        ref += max + Math.log(sum) - row[ids[b]![t + 1]!]!;
+      }
+    }
+    ref /= 14;
     assert.ok(
-      loss !== undefined && Math.abs(loss - Math.log(96)) < 0.05,
-      `loss ${loss} should be ln 96 ± 0.05`,
+      loss !== undefined && Math.abs(loss - ref) <= 1e-5 * ref,
+      `loss ${loss} should be ${ref} (≤ 1e-5 rel.)`,
     );
+    // weights × 0.02 give logits of std ≈ 0.02·√C ≈ 0.11: nearly uniform predictions, loss near ln 96 = 4.564
+    assert.ok(Math.abs(loss - Math.log(96)) < 0.2, `loss ${loss} should be near ln 96`);
     addAdaptionPrompt(model, { adapterLen: 4, adapterLayers: 2 });
     const opt = createOptimizer(model, { lr: 5e-2, weightDecay: 0 });
     const losses: number[] = [];
