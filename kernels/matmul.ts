@@ -23,31 +23,49 @@
 
 import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
 import type { Recorder } from "../src/gpu/recorder.ts";
-import type { Tensor } from "../src/gpu/tensor.ts";
+import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
 
 /** How the B operand is stored: `nk` = `(N, K)` row-major (HF Linear), `kn` = `(K, N)` row-major. */
 type BLayout = "nk" | "kn";
 
-/** Which kernel runs a product: a tile size, or the matrix-vector kernel. */
-export type MatmulKernelChoice = 32 | 64 | 128 | "matvec";
+/** Output tile (rows x columns per workgroup) of the tiled kernel. */
+export type MatmulTile = "128x128" | "128x64" | "64x128" | "64x64" | "32x32";
+
+/** Which kernel runs a product: a tile of the tiled kernel, or the matrix-vector kernel. */
+export type MatmulKernelChoice = MatmulTile | "matvec";
 
 /**
  * Tuning knobs for tests and benchmarks. `force` makes every product use that kernel where it applies
- * (`"matvec"` applies only when M ≤ 4 and vec4 loads are possible); `null` lets the size heuristic choose.
+ * (`"matvec"` applies only when M ≤ 4 and vec4 loads are possible, else the 32x32 tile runs); `splitK`
+ * forces the tiled kernel to split K over that many workgroups (partial sums reduced by a second
+ * dispatch); `doubleBuffer` forces the workgroup tiles single- or double-buffered; `matvecThreads` forces
+ * the threads that reduce one output of the matrix-vector kernel. `null` lets the shape heuristic choose.
  */
-export const matmulTuning: { force: MatmulKernelChoice | null } = { force: null };
+export const matmulTuning: {
+  force: MatmulKernelChoice | null;
+  splitK: number | null;
+  doubleBuffer: boolean | null;
+  matvecThreads: 32 | 64 | 128 | 256 | null;
+} = { force: null, splitK: null, doubleBuffer: null, matvecThreads: null };
 
 /** K step of the tiled kernel. */
 const BK = 8;
 
-/** Threads and per-thread outputs of each tile size: tile = threads x outputs per thread. */
-const TILES: Record<32 | 64 | 128, { wx: number; wy: number; rm: number; rn: number }> = {
-  128: { wx: 16, wy: 16, rm: 8, rn: 8 },
-  64: { wx: 16, wy: 16, rm: 4, rn: 4 },
-  32: { wx: 8, wy: 8, rm: 4, rn: 4 },
+/** Threads and per-thread outputs of each tile: rows = wy * rm, columns = wx * rn. */
+const TILES: Record<MatmulTile, { wx: number; wy: number; rm: number; rn: number }> = {
+  "128x128": { wx: 16, wy: 16, rm: 8, rn: 8 },
+  "128x64": { wx: 16, wy: 16, rm: 8, rn: 4 },
+  "64x128": { wx: 16, wy: 16, rm: 4, rn: 8 },
+  "64x64": { wx: 16, wy: 16, rm: 4, rn: 4 },
+  "32x32": { wx: 8, wy: 8, rm: 4, rn: 4 },
 };
+
+function tileDims(tile: MatmulTile): { bm: number; bn: number } {
+  const { wx, wy, rm, rn } = TILES[tile];
+  return { bm: wy * rm, bn: wx * rn };
+}
 
 /** Options that change the WGSL of the product kernels. */
 interface GemmOptions {
@@ -61,23 +79,36 @@ interface GemmOptions {
   accumulate: boolean;
 }
 
-/** The uniform of both kernels (12 words). */
+/** Options of the tiled kernel beyond the product's. */
+interface TiledOptions extends GemmOptions {
+  tile: MatmulTile;
+  /** M, N and the K range of every workgroup are whole tiles: no clamps, selects or store guards. */
+  exact: boolean;
+  /** Two workgroup-memory stages: one barrier per K step instead of two. */
+  db: boolean;
+  /** Writes raw partial sums of its K range to a workspace (split-K); bias/accumulate come later. */
+  split: boolean;
+}
+
+/** The uniform of the product kernels (16 words). */
 const PARAMS_WGSL = `struct P {
   M: u32, N: u32, K: u32,
   lda: u32, aOff: u32, // A row stride and column offset (in vec4 units when A is read as vec4)
   ldb: u32,            // B row stride (in vec4 units when B is read as vec4)
   ldc: u32, cOff: u32, // output row stride and column offset (elements)
-  tilesN: u32, groupsX: u32, tiles: u32, _pad: u32,
+  tilesN: u32, groupsX: u32, tiles: u32,
+  kChunk: u32,         // K range of one split (a multiple of the K step), K when not split
+  tilesMN: u32, _p0: u32, _p1: u32, _p2: u32,
 }`;
 
-function header(o: GemmOptions): string {
+function header(o: GemmOptions, bType?: string): string {
   const bElem = o.f16 ? "f16" : "f32";
   const lines = [
     o.f16 ? "enable f16;" : "",
     PARAMS_WGSL,
     `@group(0) @binding(0) var<storage, read_write> out: array<f32>;`,
     `@group(0) @binding(1) var<storage, read> a: array<${o.vecA ? "vec4<f32>" : "f32"}>;`,
-    `@group(0) @binding(2) var<storage, read> b: array<${o.vecB ? `vec4<${bElem}>` : bElem}>;`,
+    `@group(0) @binding(2) var<storage, read> b: array<${bType ?? (o.vecB ? `vec4<${bElem}>` : bElem)}>;`,
   ];
   if (o.bias) lines.push(`@group(0) @binding(3) var<storage, read> bias: array<f32>;`);
   lines.push(`@group(0) @binding(${o.bias ? 4 : 3}) var<uniform> p: P;`);
@@ -88,7 +119,7 @@ function header(o: GemmOptions): string {
  * WGSL expression loading 4 consecutive elements of a row-major matrix as a vec4<f32>.
  * `row`/`col` are the element coordinates of the first one. The dimension named by `zero` is the
  * reduction dimension: past its end the value must be 0. The other dimension is clamped (those results
- * are never stored).
+ * are never stored). `exact`: every access is in range, so neither clamps nor selects are emitted.
  */
 function load4(
   arr: string,
@@ -100,8 +131,10 @@ function load4(
   off: string,
   zero: "row" | "col",
   vec: boolean,
+  exact: boolean,
 ): string {
-  const r = zero === "row" ? `min(${row}, ${rows} - 1u)` : `min(${row}, ${rows} - 1u)`;
+  if (exact && vec) return `vec4<f32>(${arr}[${row} * ${ld} + ${off} + (${col} >> 2u)])`;
+  const r = `min(${row}, ${rows} - 1u)`;
   if (vec) {
     // cols is a multiple of 4, so a vec4 is wholly inside or wholly outside
     const idx = `${r} * ${ld} + ${off} + (min(${col}, ${cols} - 4u) >> 2u)`;
@@ -122,22 +155,26 @@ function load4(
  * The tiled kernel. Workgroup (wx, wy) threads; thread (tx, ty) owns rm x rn outputs: rows
  * `(i*wy + ty)*4 + 0..3` for i < rm/4 and columns `(j*wx + tx)*4 + 0..3` for j < rn/4, so reads of the
  * staged tiles are vec4 and conflict-free. `As[k][m]` and `Bs[k][n]` hold the tiles k-major, 4 rows or
- * columns per vec4.
+ * columns per vec4 (two stages of them when double-buffered). With `split`, workgroup t works on the
+ * K range `[s * kChunk, (s + 1) * kChunk)` of split `s = t / tilesMN` and writes its raw partial sums
+ * to plane `s` of a workspace.
  */
-function tiledKernel(tile: 32 | 64 | 128, o: GemmOptions): Kernel {
-  return defineKernel("matmul_tiled", { tile, ...o }, bindings(o.bias), () => {
-    const { wx, wy, rm, rn } = TILES[tile];
+function tiledKernel(o: TiledOptions): Kernel {
+  return defineKernel("matmul_tiled", { ...o }, bindings(o.bias && !o.split), () => {
+    const { wx, wy, rm, rn } = TILES[o.tile];
     const bm = wy * rm;
     const bn = wx * rn;
     const threads = wx * wy;
     const ra = rm / 4; // vec4 row blocks per thread
     const cb = rn / 4; // vec4 column blocks per thread
+    const kv = BK / 4; // vec4 per row of a k-major-loaded block
+    const ex = o.exact;
     const L: string[] = [];
     const emit = (s: string) => L.push(s);
 
     // Tile loading: each slot is one vec4 of global data, kept in a register between loop iterations.
-    // A (and B when "nk"): a (rows x BK) block, 4 consecutive k per vec4 -> slot s covers row s / 2,
-    // k (s % 2) * 4. B when "kn": a (BK x cols) block, 4 consecutive n per vec4.
+    // A (and B when "nk"): a (rows x BK) block, 4 consecutive k per vec4 -> slot l covers row l / kv,
+    // k (l % kv) * 4. B when "kn": a (BK x cols) block, 4 consecutive n per vec4.
     const aSlots = (bm * BK) / 4;
     const bSlots = (bn * BK) / 4;
     const slotLoads = (
@@ -156,10 +193,11 @@ function tiledKernel(tile: 32 | 64 | 128, o: GemmOptions): Kernel {
       }
       return { fetch, put, count: fetch.length };
     };
+    const stage = (size: number) => (o.db ? `st * ${size}u + ` : "");
     // rows along k (A, or B "nk"): stored transposed into T[k][row]
     const kMajorStore = (tileRows: number, arr: string) => (l: string, v: string) =>
       [0, 1, 2, 3].map((c) =>
-        `${arr}[((${l} % 2u) * 4u + ${c}u) * ${tileRows / 4}u + (${l} / 2u) / 4u][(${l} / 2u) % 4u] = ${v}.${
+        `${arr}[${stage((BK * tileRows) / 4)}((${l} % ${kv}u) * 4u + ${c}u) * ${tileRows / 4}u + (${l} / ${kv}u) / 4u][(${l} / ${kv}u) % 4u] = ${v}.${
           "xyzw"[c]
         };`
       );
@@ -167,7 +205,18 @@ function tiledKernel(tile: 32 | 64 | 128, o: GemmOptions): Kernel {
       aSlots,
       "la",
       (l) =>
-        load4("a", `m0 + ${l} / 2u`, `k0 + (${l} % 2u) * 4u`, "p.M", "p.K", "p.lda", "p.aOff", "col", o.vecA),
+        load4(
+          "a",
+          `m0 + ${l} / ${kv}u`,
+          `k0 + (${l} % ${kv}u) * 4u`,
+          "p.M",
+          "kEnd",
+          "p.lda",
+          "p.aOff",
+          "col",
+          o.vecA,
+          ex,
+        ),
       kMajorStore(bm, "As"),
     );
     const B = o.bLayout === "nk"
@@ -175,7 +224,7 @@ function tiledKernel(tile: 32 | 64 | 128, o: GemmOptions): Kernel {
         bSlots,
         "lb",
         (l) =>
-          load4("b", `n0 + ${l} / 2u`, `k0 + (${l} % 2u) * 4u`, "p.N", "p.K", "p.ldb", "0u", "col", o.vecB),
+          load4("b", `n0 + ${l} / ${kv}u`, `k0 + (${l} % ${kv}u) * 4u`, "p.N", "kEnd", "p.ldb", "0u", "col", o.vecB, ex),
         kMajorStore(bn, "Bs"),
       )
       : slotLoads(
@@ -186,76 +235,92 @@ function tiledKernel(tile: 32 | 64 | 128, o: GemmOptions): Kernel {
             "b",
             `k0 + ${l} / ${bn / 4}u`,
             `n0 + (${l} % ${bn / 4}u) * 4u`,
-            "p.K",
+            "kEnd",
             "p.N",
             "p.ldb",
             "0u",
             "row",
             o.vecB,
+            ex,
           ),
-        (l, v) => [`Bs[${l}] = ${v};`], // already k-major: slot l is Bs[k][n/4]
+        (l, v) => [`Bs[${stage((BK * bn) / 4)}${l}] = ${v};`], // already k-major: slot l is Bs[k][n/4]
       );
 
-    emit(header(o));
-    emit(`var<workgroup> As: array<vec4<f32>, ${(BK * bm) / 4}>;`);
-    emit(`var<workgroup> Bs: array<vec4<f32>, ${(BK * bn) / 4}>;`);
+    emit(header(o.split ? { ...o, bias: false } : o));
+    const stages = o.db ? 2 : 1;
+    emit(`var<workgroup> As: array<vec4<f32>, ${(stages * BK * bm) / 4}>;`);
+    emit(`var<workgroup> Bs: array<vec4<f32>, ${(stages * BK * bn) / 4}>;`);
     emit(`@compute @workgroup_size(${wx}, ${wy})`);
     emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
-    emit(`  let t = wid.x + wid.y * p.groupsX; // tiles folded into y past 65535`);
-    emit(`  if (t >= p.tiles) { return; }`);
+    emit(`  let g = wid.x + wid.y * p.groupsX; // tiles folded into y past 65535`);
+    emit(`  if (g >= p.tiles) { return; }`);
+    emit(`  let sp = g / p.tilesMN; // split of K`);
+    emit(`  let t = g % p.tilesMN;`);
     emit(`  let m0 = (t / p.tilesN) * ${bm}u;`);
     emit(`  let n0 = (t % p.tilesN) * ${bn}u;`);
     emit(`  let tx = lid.x;`);
     emit(`  let ty = lid.y;`);
     emit(`  let tid = ty * ${wx}u + tx;`);
+    emit(`  var k0 = sp * p.kChunk;`);
+    emit(`  let kEnd = min(p.K, k0 + p.kChunk);`);
     for (let r = 0; r < rm; r++) for (let j = 0; j < cb; j++) emit(`  var c${r}_${j} = vec4<f32>(0.0);`);
     for (let s = 0; s < A.count; s++) emit(`  var la${s} = vec4<f32>(0.0);`);
     for (let s = 0; s < B.count; s++) emit(`  var lb${s} = vec4<f32>(0.0);`);
-    emit(`  var k0 = 0u;`);
+    if (o.db) emit(`  var st = 0u;`);
     emit(`  // prefetch the first tiles into registers`);
     for (const s of [...A.fetch, ...B.fetch]) emit(`  ${s}`);
     emit(`  loop {`);
-    emit(`    if (k0 >= p.K) { break; }`);
+    emit(`    if (k0 >= kEnd) { break; }`);
     emit(`    // registers -> workgroup memory`);
     for (const s of [...A.put, ...B.put]) emit(`    ${s}`);
     emit(`    workgroupBarrier();`);
     emit(`    // start loading the next tiles while this one is multiplied`);
     emit(`    k0 += ${BK}u;`);
-    emit(`    if (k0 < p.K) {`);
+    emit(`    if (k0 < kEnd) {`);
     for (const s of [...A.fetch, ...B.fetch]) emit(`      ${s}`);
     emit(`    }`);
+    const aBase = o.db ? `st * ${(BK * bm) / 4}u + ty` : "ty";
+    const bBase = o.db ? `st * ${(BK * bn) / 4}u + tx` : "tx";
+    emit(`    let ab = ${aBase};`);
+    emit(`    let bb = ${bBase};`);
     for (let k = 0; k < BK; k++) {
       emit(`    {`);
-      for (let i = 0; i < ra; i++) emit(`      let a${i} = As[${(k * bm) / 4 + i * wy}u + ty];`);
-      for (let j = 0; j < cb; j++) emit(`      let b${j} = Bs[${(k * bn) / 4 + j * wx}u + tx];`);
+      for (let i = 0; i < ra; i++) emit(`      let a${i} = As[ab + ${(k * bm) / 4 + i * wy}u];`);
+      for (let j = 0; j < cb; j++) emit(`      let b${j} = Bs[bb + ${(k * bn) / 4 + j * wx}u];`);
       for (let r = 0; r < rm; r++) {
         const ar = `a${Math.floor(r / 4)}.${"xyzw"[r % 4]}`;
         for (let j = 0; j < cb; j++) emit(`      c${r}_${j} = fma(vec4<f32>(${ar}), b${j}, c${r}_${j});`);
       }
       emit(`    }`);
     }
-    emit(`    workgroupBarrier();`);
+    // double-buffered: the next iteration writes the other stage, and the one after that is behind the
+    // next iteration's barrier, which every thread reaches only after this multiply
+    if (o.db) emit(`    st = 1u - st;`);
+    else emit(`    workgroupBarrier();`);
     emit(`  }`);
     emit(`  // epilogue: bias, accumulate, guarded stores`);
+    const bias = o.bias && !o.split;
     for (let j = 0; j < cb; j++) {
       emit(`  let col${j} = n0 + ${j * wx * 4}u + tx * 4u;`);
-      if (o.bias) {
+      if (bias) {
         const bv = [0, 1, 2, 3].map((c) => `bias[min(col${j} + ${c}u, p.N - 1u)]`).join(", ");
         emit(`  let bias${j} = vec4<f32>(${bv});`);
       }
     }
+    const acc = o.accumulate && !o.split;
+    emit(o.split ? `  let plane = sp * p.M * p.ldc;` : `  let plane = 0u;`);
     for (let r = 0; r < rm; r++) {
       emit(`  {`);
       emit(`    let m = m0 + ${Math.floor(r / 4) * wy * 4 + (r % 4)}u + ty * 4u;`);
-      emit(`    if (m < p.M) {`);
-      emit(`      let row = m * p.ldc + p.cOff;`);
+      emit(ex ? `    {` : `    if (m < p.M) {`);
+      emit(`      let row = plane + m * p.ldc + p.cOff;`);
       for (let j = 0; j < cb; j++) {
-        const v = o.bias ? `c${r}_${j} + bias${j}` : `c${r}_${j}`;
+        const v = bias ? `c${r}_${j} + bias${j}` : `c${r}_${j}`;
         emit(`      { let v = ${v};`);
         for (let c = 0; c < 4; c++) {
           const idx = `row + col${j} + ${c}u`;
-          const rhs = o.accumulate ? `out[${idx}] + v.${"xyzw"[c]}` : `v.${"xyzw"[c]}`;
-          emit(`        if (col${j} + ${c}u < p.N) { out[${idx}] = ${rhs}; }`);
+          const rhs = acc ? `out[${idx}] + v.${"xyzw"[c]}` : `v.${"xyzw"[c]}`;
+          emit(ex ? `        out[${idx}] = ${rhs};` : `        if (col${j} + ${c}u < p.N) { out[${idx}] = ${rhs}; }`);
         }
         emit(`      }`);
       }
@@ -267,130 +332,192 @@ function tiledKernel(tile: 32 | 64 | 128, o: GemmOptions): Kernel {
   });
 }
 
-/** Output rows per workgroup of the "nk" matrix-vector kernel (64 threads reduce each row). */
-const MV_ROWS = 4;
-/** The "kn" matrix-vector kernel: vec4 columns per workgroup, and k slices reducing each. */
-const MV_COLS4 = 8;
-const MV_SLICES = 32;
-/** Largest M the matrix-vector kernel handles (one accumulator per row of A). */
-const MV_MAX_M = 4;
+/** Threads of the split-K reduction. */
+const REDUCE_WG = 256;
 
 /**
- * The matrix-vector kernel (M ≤ 4; A and B read as vec4). "nk": each workgroup reduces MV_ROWS rows of
- * B, 64 threads per row striding over K with vec4 loads (coalesced), then a tree reduction in workgroup
- * memory. "kn": each workgroup owns MV_COLS4 vec4 columns of B, MV_SLICES threads per column stride over
- * K rows, then reduce.
+ * The split-K reduction: `out[m, cOff + n] (+)= sum_s ws[s, m, n] (+ bias[n])`, one output per thread.
+ * Uses the product uniform: `tiles` = M * N outputs, `kChunk` = number of splits.
  */
-function matvecKernel(o: GemmOptions): Kernel {
-  return defineKernel(
-    "matmul_matvec",
-    o as unknown as Record<string, boolean | string>,
-    bindings(o.bias),
-    () => {
-      const L: string[] = [];
-      const emit = (s: string) => L.push(s);
-      const ms = [...Array(MV_MAX_M).keys()];
-      emit(header(o));
-      if (o.bLayout === "nk") {
-        const lanes = 256 / MV_ROWS;
-        emit(`var<workgroup> red: array<f32, ${256 * MV_MAX_M}>;`);
-        emit(`@compute @workgroup_size(256)`);
-        emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
-        emit(`  let g = wid.x + wid.y * p.groupsX;`);
-        emit(`  if (g >= p.tiles) { return; }`);
-        emit(`  let lane = lid.x % ${lanes}u;`);
-        emit(`  let n = g * ${MV_ROWS}u + lid.x / ${lanes}u;`);
-        emit(`  let wrow = min(n, p.N - 1u) * p.ldb;`);
-        for (const m of ms) emit(`  let x${m} = min(${m}u, p.M - 1u) * p.lda + p.aOff;`);
-        for (const m of ms) emit(`  var s${m} = vec4<f32>(0.0);`);
-        emit(`  let K4 = p.K / 4u;`);
-        emit(`  var k = lane;`);
-        emit(`  // two independent weight loads per iteration keep more bytes in flight`);
-        emit(`  loop {`);
-        emit(`    if (k + ${lanes}u >= K4) { break; }`);
-        emit(`    let w0 = vec4<f32>(b[wrow + k]);`);
-        emit(`    let w1 = vec4<f32>(b[wrow + k + ${lanes}u]);`);
-        for (const m of ms) {
-          emit(
-            `    s${m} = fma(w0, a[x${m} + k], fma(w1, a[x${m} + k + ${lanes}u], s${m}));`,
-          );
-        }
-        emit(`    k += ${2 * lanes}u;`);
-        emit(`  }`);
-        emit(`  if (k < K4) {`);
-        emit(`    let w0 = vec4<f32>(b[wrow + k]);`);
-        for (const m of ms) emit(`    s${m} = fma(w0, a[x${m} + k], s${m});`);
-        emit(`  }`);
-        for (const m of ms) emit(`  red[${m * 256}u + lid.x] = s${m}.x + s${m}.y + s${m}.z + s${m}.w;`);
-        emit(`  workgroupBarrier();`);
-        for (let stride = lanes / 2; stride >= 1; stride /= 2) {
-          emit(`  if (lane < ${stride}u) {`);
-          for (const m of ms) emit(`    red[${m * 256}u + lid.x] += red[${m * 256}u + lid.x + ${stride}u];`);
-          emit(`  }`);
-          emit(`  workgroupBarrier();`);
-        }
-        emit(`  if (lane == 0u && n < p.N) {`);
-        const bias = o.bias ? " + bias[n]" : "";
-        for (const m of ms) {
-          const idx = `${m}u * p.ldc + p.cOff + n`;
-          const rhs = o.accumulate
-            ? `out[${idx}] + red[${m * 256}u + lid.x]${bias}`
-            : `red[${m * 256}u + lid.x]${bias}`;
-          emit(`    if (${m}u < p.M) { out[${idx}] = ${rhs}; }`);
-        }
-        emit(`  }`);
-        emit(`}`);
-      } else {
-        emit(`var<workgroup> red: array<vec4<f32>, ${256 * MV_MAX_M}>;`);
-        emit(`@compute @workgroup_size(256)`);
-        emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
-        emit(`  let g = wid.x + wid.y * p.groupsX;`);
-        emit(`  if (g >= p.tiles) { return; }`);
-        emit(`  let col = lid.x % ${MV_COLS4}u;`);
-        emit(`  let slice = lid.x / ${MV_COLS4}u;`);
-        emit(`  let n4 = g * ${MV_COLS4}u + col; // vec4 column`);
-        emit(`  let wcol = min(n4, p.N / 4u - 1u);`);
-        for (const m of ms) emit(`  let x${m} = min(${m}u, p.M - 1u) * p.lda + p.aOff;`);
-        for (const m of ms) emit(`  var s${m} = vec4<f32>(0.0);`);
-        emit(`  for (var k = slice; k < p.K; k += ${MV_SLICES}u) {`);
-        emit(`    let w = vec4<f32>(b[k * p.ldb + wcol]);`);
-        emit(`    let k4 = k / 4u;`);
-        emit(`    let kc = k % 4u;`);
-        for (const m of ms) emit(`    s${m} = fma(w, vec4<f32>(a[x${m} + k4][kc]), s${m});`);
-        emit(`  }`);
-        for (const m of ms) emit(`  red[${m * 256}u + lid.x] = s${m};`);
-        emit(`  workgroupBarrier();`);
-        for (let stride = MV_SLICES / 2; stride >= 1; stride /= 2) {
-          emit(`  if (slice < ${stride}u) {`);
-          for (const m of ms) {
-            emit(
-              `    red[${m * 256}u + lid.x] += red[${m * 256}u + lid.x + ${stride * MV_COLS4}u];`,
-            );
-          }
-          emit(`  }`);
-          emit(`  workgroupBarrier();`);
-        }
-        emit(`  if (slice == 0u && n4 < p.N / 4u) {`);
-        if (o.bias) {
-          emit(
-            `    let bv = vec4<f32>(bias[n4 * 4u], bias[n4 * 4u + 1u], bias[n4 * 4u + 2u], bias[n4 * 4u + 3u]);`,
-          );
-        }
-        for (const m of ms) {
-          emit(`    if (${m}u < p.M) {`);
-          emit(`      let v = red[${m * 256}u + lid.x]${o.bias ? " + bv" : ""};`);
-          for (let c = 0; c < 4; c++) {
-            const idx = `${m}u * p.ldc + p.cOff + n4 * 4u + ${c}u`;
-            emit(`      out[${idx}] = ${o.accumulate ? `out[${idx}] + ` : ""}v.${"xyzw"[c]};`);
-          }
-          emit(`    }`);
-        }
-        emit(`  }`);
-        emit(`}`);
+function splitReduceKernel(o: { bias: boolean; accumulate: boolean }): Kernel {
+  const binds: ("read" | "write" | "uniform")[] = o.bias
+    ? ["write", "read", "read", "uniform"]
+    : ["write", "read", "uniform"];
+  return defineKernel("matmul_splitk_reduce", o, binds, () =>
+    [
+      PARAMS_WGSL,
+      `@group(0) @binding(0) var<storage, read_write> out: array<f32>;`,
+      `@group(0) @binding(1) var<storage, read> ws: array<f32>;`,
+      o.bias ? `@group(0) @binding(2) var<storage, read> bias: array<f32>;` : "",
+      `@group(0) @binding(${o.bias ? 3 : 2}) var<uniform> p: P;`,
+      `@compute @workgroup_size(${REDUCE_WG})`,
+      `fn main(@builtin(global_invocation_id) gid: vec3u) {`,
+      `  let i = gid.x + gid.y * p.groupsX;`,
+      `  if (i >= p.tiles) { return; }`,
+      `  let m = i / p.N;`,
+      `  let n = i % p.N;`,
+      `  var s = 0.0;`,
+      `  for (var sp = 0u; sp < p.kChunk; sp++) { s += ws[sp * p.tiles + i]; }`,
+      o.bias ? `  s += bias[n];` : "",
+      `  let o = m * p.ldc + p.cOff + n;`,
+      o.accumulate ? `  out[o] = out[o] + s;` : `  out[o] = s;`,
+      `}`,
+    ].join("\n"));
+}
+
+/** Largest M the matrix-vector kernels handle (one accumulator per row of A). */
+const MV_MAX_M = 4;
+/** Threads of a matrix-vector workgroup. */
+const MV_WG = 256;
+/** Independent weight loads per thread per loop iteration (bytes in flight). */
+const MV_UNROLL = 4;
+/** The "kn" matrix-vector kernel: vec4 columns per workgroup (the rest of the threads split K). */
+const MV_KN_COLS4 = 4;
+
+/**
+ * The "nk" matrix-vector kernel (M ≤ 4, A and B read as vec4): `T` threads reduce one output row,
+ * `256 / T` rows per workgroup, each thread keeping MV_UNROLL independent weight loads in flight and
+ * the M rows of A as compile-time accumulators; then a tree reduction in workgroup memory. With `h8`
+ * the f16 weight is read as vec4<u32> (8 halves, 16 bytes per load) and unpacked in registers.
+ */
+function matvecNkKernel(o: GemmOptions & { rows: number; threads: number; h8: boolean }): Kernel {
+  return defineKernel("matmul_matvec_nk", { ...o }, bindings(o.bias), () => {
+    const L: string[] = [];
+    const emit = (s: string) => L.push(s);
+    const ms = [...Array(o.rows).keys()];
+    const T = o.threads;
+    const R = MV_WG / T;
+    const U = MV_UNROLL;
+    emit(header(o, o.h8 ? "vec4<u32>" : undefined));
+    emit(`var<workgroup> red: array<f32, ${MV_WG * o.rows}>;`);
+    emit(`@compute @workgroup_size(${MV_WG})`);
+    emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
+    emit(`  let g = wid.x + wid.y * p.groupsX;`);
+    emit(`  if (g >= p.tiles) { return; }`);
+    emit(`  let lane = lid.x % ${T}u;`);
+    emit(`  let n = g * ${R}u + lid.x / ${T}u;`);
+    // B in units of its loads: vec4 (4 elements) or vec4<u32> (8 halves)
+    const per = o.h8 ? 8 : 4;
+    emit(`  let wrow = min(n, p.N - 1u) * ${o.h8 ? "(p.ldb / 2u)" : "p.ldb"};`);
+    for (const m of ms) emit(`  let x${m} = ${m}u * p.lda + p.aOff;`);
+    for (const m of ms) emit(`  var s${m} = vec4<f32>(0.0);`);
+    emit(`  let KL = p.K / ${per}u; // loads per row`);
+    emit(`  var k = lane;`);
+    const loadW = (idx: string, name: string) => {
+      if (!o.h8) return [`let ${name} = vec4<f32>(b[${idx}]);`];
+      return [
+        `let ${name}r = b[${idx}];`,
+        `let ${name}lo = vec4<f32>(unpack2x16float(${name}r.x), unpack2x16float(${name}r.y));`,
+        `let ${name}hi = vec4<f32>(unpack2x16float(${name}r.z), unpack2x16float(${name}r.w));`,
+      ];
+    };
+    const fmaW = (name: string, kk: string) => {
+      if (!o.h8) return ms.map((m) => `s${m} = fma(${name}, a[x${m} + ${kk}], s${m});`);
+      return ms.map((m) =>
+        `s${m} = fma(${name}lo, a[x${m} + ${kk} * 2u], fma(${name}hi, a[x${m} + ${kk} * 2u + 1u], s${m}));`
+      );
+    };
+    emit(`  loop {`);
+    emit(`    if (k + ${(U - 1) * T}u >= KL) { break; }`);
+    for (let u = 0; u < U; u++) for (const s of loadW(`wrow + k + ${u * T}u`, `w${u}`)) emit(`    ${s}`);
+    for (let u = 0; u < U; u++) for (const s of fmaW(`w${u}`, `(k + ${u * T}u)`)) emit(`    ${s}`);
+    emit(`    k += ${U * T}u;`);
+    emit(`  }`);
+    emit(`  loop {`);
+    emit(`    if (k >= KL) { break; }`);
+    for (const s of loadW(`wrow + k`, `w`)) emit(`    ${s}`);
+    for (const s of fmaW(`w`, `k`)) emit(`    ${s}`);
+    emit(`    k += ${T}u;`);
+    emit(`  }`);
+    for (const m of ms) emit(`  red[${m * MV_WG}u + lid.x] = s${m}.x + s${m}.y + s${m}.z + s${m}.w;`);
+    emit(`  workgroupBarrier();`);
+    for (let stride = T / 2; stride >= 1; stride /= 2) {
+      emit(`  if (lane < ${stride}u) {`);
+      for (const m of ms) emit(`    red[${m * MV_WG}u + lid.x] += red[${m * MV_WG}u + lid.x + ${stride}u];`);
+      emit(`  }`);
+      emit(`  workgroupBarrier();`);
+    }
+    emit(`  if (lane == 0u && n < p.N) {`);
+    const bias = o.bias ? " + bias[n]" : "";
+    for (const m of ms) {
+      const idx = `${m}u * p.ldc + p.cOff + n`;
+      const v = `red[${m * MV_WG}u + lid.x]${bias}`;
+      emit(`    out[${idx}] = ${o.accumulate ? `out[${idx}] + ${v}` : v};`);
+    }
+    emit(`  }`);
+    emit(`}`);
+    return L.join("\n");
+  });
+}
+
+/**
+ * The "kn" matrix-vector kernel (M ≤ 4, A and B read as vec4): each workgroup owns MV_KN_COLS4 vec4
+ * columns of B (64 contiguous bytes per row); its other threads split K, each keeping MV_UNROLL
+ * independent row loads in flight; then a tree reduction over the K slices.
+ */
+function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
+  return defineKernel("matmul_matvec_kn", { ...o }, bindings(o.bias), () => {
+    const L: string[] = [];
+    const emit = (s: string) => L.push(s);
+    const ms = [...Array(o.rows).keys()];
+    const C = MV_KN_COLS4;
+    const S = MV_WG / C;
+    const U = MV_UNROLL;
+    emit(header(o));
+    emit(`var<workgroup> red: array<vec4<f32>, ${MV_WG * o.rows}>;`);
+    emit(`@compute @workgroup_size(${MV_WG})`);
+    emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
+    emit(`  let g = wid.x + wid.y * p.groupsX;`);
+    emit(`  if (g >= p.tiles) { return; }`);
+    emit(`  let col = lid.x % ${C}u;`);
+    emit(`  let slice = lid.x / ${C}u;`);
+    emit(`  let n4 = g * ${C}u + col; // vec4 column`);
+    emit(`  let wcol = min(n4, p.N / 4u - 1u);`);
+    for (const m of ms) emit(`  let x${m} = ${m}u * p.lda + p.aOff;`);
+    for (const m of ms) emit(`  var s${m} = vec4<f32>(0.0);`);
+    const body = (k: string, name: string) => [
+      `let ${name} = vec4<f32>(b[(${k}) * p.ldb + wcol]);`,
+    ];
+    const fmas = (k: string, name: string) =>
+      ms.map((m) => `s${m} = fma(${name}, vec4<f32>(a[x${m} + (${k}) / 4u][(${k}) % 4u]), s${m});`);
+    emit(`  var k = slice;`);
+    emit(`  loop {`);
+    emit(`    if (k + ${(U - 1) * S}u >= p.K) { break; }`);
+    for (let u = 0; u < U; u++) for (const s of body(`k + ${u * S}u`, `w${u}`)) emit(`    ${s}`);
+    for (let u = 0; u < U; u++) for (const s of fmas(`k + ${u * S}u`, `w${u}`)) emit(`    ${s}`);
+    emit(`    k += ${U * S}u;`);
+    emit(`  }`);
+    emit(`  loop {`);
+    emit(`    if (k >= p.K) { break; }`);
+    for (const s of body(`k`, `w`)) emit(`    ${s}`);
+    for (const s of fmas(`k`, `w`)) emit(`    ${s}`);
+    emit(`    k += ${S}u;`);
+    emit(`  }`);
+    for (const m of ms) emit(`  red[${m * MV_WG}u + lid.x] = s${m};`);
+    emit(`  workgroupBarrier();`);
+    for (let stride = S / 2; stride >= 1; stride /= 2) {
+      emit(`  if (slice < ${stride}u) {`);
+      for (const m of ms) emit(`    red[${m * MV_WG}u + lid.x] += red[${m * MV_WG}u + lid.x + ${stride * C}u];`);
+      emit(`  }`);
+      emit(`  workgroupBarrier();`);
+    }
+    emit(`  if (slice == 0u && n4 < p.N / 4u) {`);
+    if (o.bias) {
+      emit(`    let bv = vec4<f32>(bias[n4 * 4u], bias[n4 * 4u + 1u], bias[n4 * 4u + 2u], bias[n4 * 4u + 3u]);`);
+    }
+    for (const m of ms) {
+      emit(`    {`);
+      emit(`      let v = red[${m * MV_WG}u + lid.x]${o.bias ? " + bv" : ""};`);
+      for (let c = 0; c < 4; c++) {
+        const idx = `${m}u * p.ldc + p.cOff + n4 * 4u + ${c}u`;
+        emit(`      out[${idx}] = ${o.accumulate ? `out[${idx}] + ` : ""}v.${"xyzw"[c]};`);
       }
-      return L.join("\n");
-    },
-  );
+      emit(`    }`);
+    }
+    emit(`  }`);
+    emit(`}`);
+    return L.join("\n");
+  });
 }
 
 function bindings(bias: boolean): ("read" | "write" | "uniform")[] {
@@ -414,16 +541,88 @@ interface Gemm {
   accumulate: boolean;
 }
 
-/** Picks the kernel for a product: matvec for decode, else the largest tile that still fills the GPU. */
-function chooseKernel(g: Gemm, canMatvec: boolean): MatmulKernelChoice {
+/** Multiprocessors of the GPU the heuristic plans for (H100/H200: 132); waves are counted in these. */
+const SMS = 132;
+
+/** A tiled plan: the tile and how many K splits. */
+interface TiledPlan {
+  tile: MatmulTile;
+  splits: number;
+}
+
+/**
+ * Picks the tile and split count for a product (see bench/RESULTS.md for the measurements behind it).
+ * The big tile has the best arithmetic intensity but only pays when its workgroups fill the GPU; the
+ * score is the fraction of the last wave that is used, times the tile's measured relative speed.
+ * Skinny products (few output tiles, long K) split K so that every multiprocessor gets work.
+ */
+function planTiled(g: Gemm): TiledPlan {
   const forced = matmulTuning.force;
-  if (forced !== null) return forced === "matvec" && !canMatvec ? 32 : forced;
-  if (canMatvec) return "matvec";
-  const tiles = (t: number) => Math.ceil(g.M / t) * Math.ceil(g.N / t);
-  // ~one workgroup per SM of a large GPU is where the bigger tile starts to pay
-  if (tiles(128) >= 128) return 128;
-  if (tiles(64) >= 128) return 64;
-  return 32;
+  const tile: MatmulTile = forced !== null && forced !== "matvec" ? forced : forced === "matvec" ? "32x32" : pickTile(g);
+  const { bm, bn } = tileDims(tile);
+  const tiles = Math.ceil(g.M / bm) * Math.ceil(g.N / bn);
+  let splits = 1;
+  if (matmulTuning.splitK !== null) splits = matmulTuning.splitK;
+  else if (forced === null && tiles < SMS && g.K >= 1024) {
+    splits = Math.min(8, Math.floor(g.K / 256), Math.ceil((2 * SMS) / tiles));
+  }
+  // every split must have at least one K step
+  splits = Math.max(1, Math.min(splits, Math.ceil(g.K / BK)));
+  return { tile, splits };
+}
+
+/** Relative speed of each tile on a full GPU (measured, bench/RESULTS.md), for the wave score. */
+const TILE_SPEED: Record<MatmulTile, number> = {
+  "128x128": 1.0,
+  "128x64": 0.85,
+  "64x128": 0.85,
+  "64x64": 0.65,
+  "32x32": 0.25,
+};
+/** Workgroups of each tile resident per multiprocessor (registers bound this; an estimate). */
+const TILE_RESIDENT: Record<MatmulTile, number> = {
+  "128x128": 2,
+  "128x64": 3,
+  "64x128": 3,
+  "64x64": 4,
+  "32x32": 8,
+};
+
+function pickTile(g: Gemm): MatmulTile {
+  let best: MatmulTile = "32x32";
+  let bestScore = -1;
+  for (const tile of Object.keys(TILES) as MatmulTile[]) {
+    const { bm, bn } = tileDims(tile);
+    const tiles = Math.ceil(g.M / bm) * Math.ceil(g.N / bn);
+    const slots = SMS * TILE_RESIDENT[tile];
+    const waves = Math.ceil(tiles / slots);
+    // work done over the time paid for (whole waves), with padding of partial tiles counted as waste
+    const fill = (g.M * g.N) / (waves * slots * bm * bn);
+    const score = Math.min(1, fill) * TILE_SPEED[tile];
+    if (score > bestScore) {
+      bestScore = score;
+      best = tile;
+    }
+  }
+  return best;
+}
+
+/** Per-device split-K workspace, grown on demand (never shrunk: bind groups of earlier steps use it). */
+const workspaces = new WeakMap<GPUDevice, Tensor>();
+
+function workspace(rec: Recorder, elements: number): Tensor {
+  const have = workspaces.get(rec.gpu.device);
+  if (have && have.size >= elements) return have;
+  const t = createTensor(rec.gpu, [Math.max(elements, have ? 2 * have.size : 0)], "f32", "matmul split-K workspace");
+  workspaces.set(rec.gpu.device, t);
+  return t;
+}
+
+/** Threads per output of the "nk" matrix-vector kernel: enough that each does about 8 loads. */
+function matvecThreads(loadsPerRow: number): 32 | 64 | 128 | 256 {
+  if (matmulTuning.matvecThreads !== null) return matmulTuning.matvecThreads;
+  for (const t of [32, 64, 128] as const) if (loadsPerRow <= 8 * t) return t;
+  return 256;
 }
 
 function recordGemm(rec: Recorder, g: Gemm): void {
@@ -458,22 +657,9 @@ function recordGemm(rec: Recorder, g: Gemm): void {
     accumulate: g.accumulate,
   };
   const canMatvec = g.M <= MV_MAX_M && vecA && vecB;
-  const choice = chooseKernel(g, canMatvec);
-  let kernel: Kernel;
-  let tilesN: number;
-  let tiles: number;
-  if (choice === "matvec") {
-    kernel = matvecKernel(o);
-    tilesN = 1;
-    tiles = g.bLayout === "nk" ? Math.ceil(g.N / MV_ROWS) : Math.ceil(g.N / 4 / MV_COLS4);
-  } else {
-    kernel = tiledKernel(choice, o);
-    tilesN = Math.ceil(g.N / choice);
-    tiles = tilesN * Math.ceil(g.M / choice);
-  }
-  const { groups, stride: groupsX } = grid1d(tiles, 1);
+  const forced = matmulTuning.force;
   const buffers = g.bias ? [g.out, g.a, g.b, g.bias] : [g.out, g.a, g.b];
-  const params = [
+  const params = (tilesN: number, groupsX: number, tiles: number, kChunk: number, tilesMN: number) => [
     g.M,
     g.N,
     g.K,
@@ -485,9 +671,59 @@ function recordGemm(rec: Recorder, g: Gemm): void {
     tilesN,
     groupsX,
     tiles,
+    kChunk,
+    tilesMN,
+    0,
+    0,
     0,
   ];
-  rec.dispatch(kernel, buffers, params, groups);
+  if (canMatvec && (forced === null || forced === "matvec")) {
+    if (g.bLayout === "nk") {
+      const h8 = f16 && g.K % 8 === 0;
+      const threads = matvecThreads(g.K / (h8 ? 8 : 4));
+      const kernel = matvecNkKernel({ ...o, rows: g.M, threads, h8 });
+      const tiles = Math.ceil(g.N / (MV_WG / threads));
+      const { groups, stride } = grid1d(tiles, 1);
+      rec.dispatch(kernel, buffers, params(1, stride, tiles, g.K, tiles), groups);
+    } else {
+      const kernel = matvecKnKernel({ ...o, rows: g.M });
+      const tiles = Math.ceil(g.N / 4 / MV_KN_COLS4);
+      const { groups, stride } = grid1d(tiles, 1);
+      rec.dispatch(kernel, buffers, params(1, stride, tiles, g.K, tiles), groups);
+    }
+    return;
+  }
+  const { tile, splits } = planTiled(g);
+  const { bm, bn } = tileDims(tile);
+  const tilesN = Math.ceil(g.N / bn);
+  const tilesMN = tilesN * Math.ceil(g.M / bm);
+  const kChunk = splits === 1 ? g.K : Math.ceil(g.K / splits / BK) * BK;
+  const nSplits = Math.ceil(g.K / kChunk);
+  const split = nSplits > 1;
+  const exact = vecA && vecB && g.M % bm === 0 && g.N % bn === 0 && g.K % BK === 0;
+  const db = matmulTuning.doubleBuffer ?? true;
+  const kernel = tiledKernel({ ...o, tile, exact, db, split });
+  const tiles = tilesMN * nSplits;
+  const { groups, stride } = grid1d(tiles, 1);
+  if (!split) {
+    rec.dispatch(kernel, buffers, params(tilesN, stride, tiles, kChunk, tilesMN), groups);
+    return;
+  }
+  // split-K: partial sums into planes of a workspace (M, N) each, then one reduction adds them up
+  const ws = workspace(rec, nSplits * g.M * g.N);
+  const wsParams = params(tilesN, stride, tiles, kChunk, tilesMN);
+  wsParams[6] = g.N; // ldc of a workspace plane
+  wsParams[7] = 0; // cOff
+  rec.dispatch(kernel, [ws, g.a, g.b], wsParams, groups);
+  const outputs = g.M * g.N;
+  const red = grid1d(outputs, REDUCE_WG);
+  const redParams = params(tilesN, red.stride, outputs, nSplits, tilesMN);
+  rec.dispatch(
+    splitReduceKernel({ bias: g.bias !== null, accumulate: g.accumulate }),
+    g.bias ? [g.out, ws, g.bias] : [g.out, ws],
+    redParams,
+    red.groups,
+  );
 }
 
 function dims2(w: Tensor, what: string): [number, number] {

@@ -17,7 +17,8 @@
 
 import { join, resolve } from "node:path";
 import denoJson from "../../deno.json" with { type: "json" };
-import { loadModel, readModelConfig } from "../models/load.ts";
+import { loadModel } from "../models/load.ts";
+import { loadModelConfig } from "../io/hf_config.ts";
 import type { Model } from "../models/model.ts";
 import { forward } from "../models/run.ts";
 import { generate } from "../models/generate.ts";
@@ -425,7 +426,7 @@ export async function train(config: TrainConfig, hooks: TrainHooks = {}): Promis
     config.revision !== undefined ? { revision: config.revision } : {},
   );
   const tokenizer = hooks.tokenizer ?? await loadTokenizer(folder);
-  const modelConfig = await readModelConfig(folder);
+  const modelConfig = await loadModelConfig(folder);
   const maxPos = modelConfig.maxPositions;
   if (config.seqLen > maxPos) {
     throw new UnsupportedConfigError(

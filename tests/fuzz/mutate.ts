@@ -39,7 +39,7 @@ const HOSTILE_VALUES: unknown[] = [
  * @returns Mutated bytes.
  */
 export function mutateBytes(rng: Random, data: Uint8Array): Uint8Array {
-  let out = data.slice();
+  let out: Uint8Array<ArrayBuffer> = data.slice();
   const rounds = 1 + rng.int(4);
   for (let r = 0; r < rounds; r++) {
     const pos = out.length ? rng.int(out.length) : 0;
@@ -78,7 +78,7 @@ export function mutateBytes(rng: Random, data: Uint8Array): Uint8Array {
   return out;
 }
 
-function concat(...parts: Uint8Array[]): Uint8Array {
+function concat(...parts: Uint8Array[]): Uint8Array<ArrayBuffer> {
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
   let at = 0;
   for (const p of parts) {

@@ -73,7 +73,11 @@ async function run(req: FuzzRequest): Promise<void> {
   }
 }
 
-self.onmessage = async (e: MessageEvent<FuzzRequest>) => {
+const scope = self as unknown as {
+  onmessage: ((e: MessageEvent<FuzzRequest>) => void) | null;
+  postMessage(message: FuzzResponse): void;
+};
+scope.onmessage = async (e: MessageEvent<FuzzRequest>) => {
   let response: FuzzResponse;
   try {
     await run(e.data);
@@ -82,5 +86,5 @@ self.onmessage = async (e: MessageEvent<FuzzRequest>) => {
     const detail = `${(err as Error)?.name ?? typeof err}: ${String((err as Error)?.message ?? err).slice(0, 300)}`;
     response = { outcome: err instanceof PromptgateError ? "typed" : "failure", detail };
   }
-  (self as unknown as Worker).postMessage(response);
+  scope.postMessage(response);
 };
