@@ -10,8 +10,8 @@
  * | `fwd_ms`, `fwd_base_ms` | forward with and without the adapter, logits written (not read), wall time of repeated submissions ending in `onSubmittedWorkDone` |
  * | `adapter_overhead` | `fwd_ms / fwd_base_ms` |
  * | `peak_gib` | weights plus every tensor the training phase created (the `createTensor` byte counter) |
- * | `decode_tok_s` | `generate` at batch 1, greedy, prompt P, N new tokens, one readback (chunk N): N / wall time, prefill included |
- * | `ttft_ms` | `generate` with one new token: prefill, sampling and the readback |
+ * | `decode_tok_s` | `generate` at batch 1, greedy, prompt P, N new tokens, one readback (chunk N): N / wall time, prefill included; best of 2 |
+ * | `ttft_ms` | `generate` with one new token: prefill, sampling and the readback; median of 3 |
  *
  * It also profiles one training step per kernel (timestamp queries around every dispatch) and writes
  * the profiles, GPU times and losses to a details file. Each model × dtype runs in its own process (a
@@ -30,6 +30,7 @@
  * @module
  */
 
+import { dirname } from "node:path";
 import { parseArgs } from "node:util";
 import { adapterReport, getGpu, type Gpu } from "../src/gpu/device.ts";
 import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
@@ -428,13 +429,13 @@ async function runChild(
     stderr: "inherit",
   });
   const child = cmd.spawn();
-  // the case stops itself between phases; a phase that overruns by more than 60 s is killed
+  // the case stops itself between phases; a phase that overruns by more than 30 s is killed
   const timer = setTimeout(() => {
     console.error(`[${name} ${dtype}] over its budget: killed`);
     try {
       child.kill("SIGKILL");
     } catch { /* already gone */ }
-  }, budgetMs + 60_000);
+  }, budgetMs + 30_000);
   const status = await child.status;
   clearTimeout(timer);
   if (!status.success) console.error(`[${name} ${dtype}] exited with code ${status.code}`);
@@ -514,6 +515,7 @@ async function driver(args: string[]): Promise<void> {
   const dtypes = values.dtypes.split(",").filter(Boolean);
   const detailsOut = values["details-out"] ?? values.out.replace(/\.json$/, "") + "-details.json";
   const end = Date.now() + Number(values["budget-s"]) * 1000;
+  for (const f of [values.out, detailsOut]) await Deno.mkdir(dirname(f), { recursive: true });
   const cases = models.flatMap((m) => dtypes.map((d) => ({ m, d })));
   const weight = (m: string) => WEIGHT[m] ?? 1;
   const rows: OurRow[] = [];
@@ -650,7 +652,17 @@ export function mergeRows(ours: OurRow[], peft: PeftRow[]): MergedRow[] {
     const p = theirs.get(k) ?? null;
     used.add(k);
     const card = p && p.card !== r.card ? `${r.card} / torch: ${p.card}` : r.card;
-    out.push({ ...r, peft: p?.peft ?? null, ratio: ratio(r.metric, r.ours, p?.peft ?? null), card });
+    const peftValue = p?.peft ?? null;
+    out.push({
+      model: r.model,
+      dtype: r.dtype,
+      metric: r.metric,
+      ours: r.ours,
+      peft: peftValue,
+      ratio: ratio(r.metric, r.ours, peftValue),
+      unit: r.unit,
+      card,
+    });
   }
   for (const p of peft) {
     const k = key(p.model, p.dtype, p.metric);

@@ -5,6 +5,12 @@
  * matrix-vector products (M = 1), reported as GB/s of weight streamed. Big shapes run only with
  * `PROMPTGATE_BENCH_FULL=1` (the default on a real GPU); on a fallback adapter small shapes stand in.
  *
+ * Each figure is the median of 3 timed submissions of ≥ 20 ms of GPU work each, after ≥ 100 ms of
+ * warm-up on the same product: short timed windows after an idle gap measured the GPU still at its idle
+ * clock (on the H200, 4096³ read 29 TFLOP/s in one case and 7.9 in the next, while wall time disagreed).
+ * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / matrix-vector variant at the model shapes
+ * (the data behind the heuristic in kernels/matmul.ts).
+ *
  * Run: `deno bench --allow-read --allow-write --allow-env bench/matmul_bench.ts`
  *
  * @module
@@ -14,7 +20,15 @@ import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { Recorder, runOps } from "../src/gpu/recorder.ts";
 import { createTensor, type DType, splitRows, type Tensor, writeTensor } from "../src/gpu/tensor.ts";
 import { timeOps } from "../src/gpu/timing.ts";
-import { conv1dBackwardInput, conv1dForward, linearBackwardInput, linearForward } from "../kernels/matmul.ts";
+import type * as Matmul from "../kernels/matmul.ts";
+
+// PROMPTGATE_MATMUL_MODULE benches another copy of the module (e.g. the previous version, for a
+// before/after table from one run on one card).
+const modulePath = Deno.env.get("PROMPTGATE_MATMUL_MODULE");
+const mm: typeof Matmul = modulePath
+  ? await import(new URL(modulePath, `file://${Deno.cwd()}/`).href)
+  : await import("../kernels/matmul.ts");
+const { conv1dBackwardInput, conv1dForward, linearBackwardInput, linearForward } = mm;
 
 const gpu = await getGpu();
 const envFull = Deno.env.get("PROMPTGATE_BENCH_FULL");
@@ -125,17 +139,102 @@ function record(rec: Recorder, c: Case, dtype: DType): Tensor[] {
   return bias ? [w, input, out, bias] : [w, input, out];
 }
 
-const rows: Record<string, string | number>[] = [];
 const dtypes: DType[] = gpu.hasF16 ? ["f32", "f16"] : ["f32"];
+
+/** Median ms of `ops` after a warm-up, from timed windows of at least `windowMs` of GPU work. */
+async function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; timestamps: boolean }> {
+  const first = await timeOps(gpu, ops, 1); // compiles the pipelines
+  const est = Math.max(first.ms, 1e-3);
+  const warm = await timeOps(gpu, ops, Math.min(2000, Math.max(2, Math.ceil((full ? 60 : 5) / est))));
+  const repeats = Math.min(2000, Math.max(3, Math.ceil((full ? 15 : 2) / Math.max(warm.ms, 1e-3))));
+  const samples: number[] = [];
+  let timestamps = true;
+  for (let i = 0; i < 3; i++) {
+    const r = await timeOps(gpu, ops, repeats);
+    samples.push(r.ms);
+    timestamps = r.timestamps;
+  }
+  samples.sort((a, b) => a - b);
+  return { ms: samples[1]!, timestamps };
+}
+
+const tune = Deno.env.get("PROMPTGATE_BENCH_TUNE") === "1" && "matmulTuning" in mm && "splitK" in mm.matmulTuning;
+if (tune) {
+  // every variant at the model shapes: tiles (double-buffered), one single-buffered, split-K; matvec threads
+  type Variant = { label: string; force: Matmul.MatmulKernelChoice; splitK?: number; db?: boolean; threads?: 32 | 64 | 128 | 256 };
+  const tiles: Matmul.MatmulTile[] = ["128x128", "128x64", "64x128", "64x64", "32x32"];
+  const big: Variant[] = [
+    ...tiles.map((t) => ({ label: t, force: t })),
+    { label: "128x128 1buf", force: "128x128", db: false },
+    { label: "64x64 1buf", force: "64x64", db: false },
+  ];
+  const skinny: Variant[] = [...big, ...[2, 4, 8].flatMap((s) =>
+    (["128x128", "64x64"] as const).map((t) => ({ label: `${t} splitK${s}`, force: t, splitK: s }))
+  )];
+  const mv: Variant[] = ([32, 64, 128, 256] as const).map((t) => ({ label: `matvec t${t}`, force: "matvec", threads: t }));
+  const tuneCases: [Case, Variant[], DType[]][] = full
+    ? [
+      [{ name: "square 4096", op: "linear", M: 4096, N: 4096, K: 4096 }, big, ["f32", "f16"]],
+      [{ name: "tinyllama q_proj", op: "linear", M: 2048, N: 2048, K: 2048 }, big, ["f32"]],
+      [{ name: "tinyllama q_proj", op: "linear_dx", M: 2048, N: 2048, K: 2048 }, big, ["f32"]],
+      [{ name: "tinyllama gate_proj", op: "linear", M: 2048, N: 5632, K: 2048 }, big, ["f32", "f16"]],
+      [{ name: "tinyllama gate_proj", op: "linear_dx", M: 2048, N: 5632, K: 2048 }, big, ["f32"]],
+      [{ name: "tinyllama down_proj", op: "linear", M: 2048, N: 2048, K: 5632 }, skinny, ["f32"]],
+      [{ name: "tinyllama k_proj", op: "linear", M: 2048, N: 256, K: 2048 }, skinny, ["f32"]],
+      [{ name: "smollm2 gate_proj", op: "linear", M: 2048, N: 1536, K: 576 }, big, ["f32"]],
+      [{ name: "smollm2 gate_proj", op: "linear_dx", M: 2048, N: 1536, K: 576 }, big, ["f32"]],
+      [{ name: "smollm2 q_proj", op: "linear", M: 2048, N: 576, K: 576 }, big, ["f32"]],
+      [{ name: "gpt2 c_attn", op: "conv1d", M: 2048, N: 2304, K: 768 }, big, ["f32"]],
+      [{ name: "gpt2 mlp c_proj", op: "conv1d", M: 2048, N: 768, K: 3072 }, skinny, ["f32"]],
+      [{ name: "tinyllama gate_proj decode", op: "linear", M: 1, N: 5632, K: 2048 }, mv, ["f32", "f16"]],
+      [{ name: "tinyllama down_proj decode", op: "linear", M: 1, N: 2048, K: 5632 }, mv, ["f32", "f16"]],
+      [{ name: "tinyllama lm_head decode", op: "linear", M: 1, N: 32000, K: 2048 }, mv, ["f32", "f16"]],
+      [{ name: "tinyllama q_proj decode", op: "linear", M: 1, N: 2048, K: 2048 }, mv, ["f32", "f16"]],
+    ]
+    : [
+      [{ name: "odd 130x96x72", op: "linear", M: 130, N: 96, K: 72 }, skinny, ["f32"]],
+      [{ name: "decode 512x256", op: "linear", M: 1, N: 512, K: 256 }, mv, ["f32"]],
+    ];
+  const tuneRows: Record<string, string | number>[] = [];
+  for (const [c, variants, dts] of tuneCases) {
+    for (const dtype of dts.filter((d) => dtypes.includes(d))) {
+      const row: Record<string, string | number> = { case: c.name, op: c.op, "M x N x K": `${c.M}x${c.N}x${c.K}`, w: dtype };
+      for (const v of variants) {
+        mm.matmulTuning.force = v.force;
+        mm.matmulTuning.splitK = v.splitK ?? null;
+        mm.matmulTuning.doubleBuffer = v.db ?? null;
+        mm.matmulTuning.matvecThreads = v.threads ?? null;
+        try {
+          const rec = new Recorder(gpu);
+          const tensors = record(rec, c, dtype);
+          const { ms } = await measure(rec.take());
+          row[v.label] = c.M <= 4
+            ? Number((c.N * c.K * (dtype === "f16" ? 2 : 4) / ms / 1e6).toPrecision(4)) // GB/s of weight
+            : Math.round(2 * c.M * c.N * c.K / ms / 1e6); // GFLOP/s
+          for (const t of tensors) t.buffer.destroy();
+        } finally {
+          mm.matmulTuning.force = null;
+          mm.matmulTuning.splitK = null;
+          mm.matmulTuning.doubleBuffer = null;
+          mm.matmulTuning.matvecThreads = null;
+        }
+      }
+      tuneRows.push(row);
+      console.log(JSON.stringify(row));
+    }
+  }
+  console.log("variants (GFLOP/s, or GB/s of weight for M = 1):");
+  console.table(tuneRows);
+}
+
+const rows: Record<string, string | number>[] = [];
 for (const c of cases) {
   for (const dtype of dtypes) {
     const rec = new Recorder(gpu);
     const tensors = record(rec, c, dtype);
     const ops = rec.take();
-    await timeOps(gpu, ops, 2); // warm-up: compiles the pipeline
     const flops = 2 * c.M * c.N * c.K;
-    const repeats = Math.max(3, Math.min(200, Math.round(2e11 / flops / (full ? 1 : 1000))));
-    const { ms, timestamps } = await timeOps(gpu, ops, repeats);
+    const { ms, timestamps } = await measure(ops);
     const weightBytes = c.N * c.K * (dtype === "f16" ? 2 : 4);
     rows.push({
       case: c.name,
@@ -150,8 +249,10 @@ for (const c of cases) {
     for (const t of tensors) t.buffer.destroy();
   }
 }
-console.log(`matmul on ${adapterReport(gpu).description} (${full ? "full" : "small"} shapes)`);
+console.log(`matmul (${modulePath ?? "kernels/matmul.ts"}) on ${adapterReport(gpu).description} (${full ? "full" : "small"} shapes)`);
 console.table(rows);
+const jsonOut = Deno.env.get("PROMPTGATE_BENCH_JSON");
+if (jsonOut) Deno.writeTextFileSync(jsonOut, JSON.stringify(rows));
 
 // Deno.bench entries: wall time of submitting a few recorded products and waiting for them.
 const benchCases = full

@@ -57,7 +57,9 @@ interface Batch {
   labels: number[][];
 }
 
-async function goldenBatch(name: string): Promise<{ batch: Batch; meta: { adapter_len: number; adapter_layers: number } }> {
+async function goldenBatch(
+  name: string,
+): Promise<{ batch: Batch; meta: { adapter_len: number; adapter_layers: number } }> {
   const meta = JSON.parse(await Deno.readTextFile(join(GOLDEN, name, "meta.json")));
   const file = await openSafetensors(join(GOLDEN, name, "golden.safetensors"));
   try {
@@ -88,7 +90,12 @@ async function goldenBatch(name: string): Promise<{ batch: Batch; meta: { adapte
  * @param V Vocabulary size.
  * @returns `max|ours − theirs| / max|theirs|`.
  */
-function maskedRelError(ours: ArrayLike<number>, theirs: ArrayLike<number>, mask: number[][], V: number): number {
+function maskedRelError(
+  ours: ArrayLike<number>,
+  theirs: ArrayLike<number>,
+  mask: number[][],
+  V: number,
+): number {
   let num = 0, den = 0;
   mask.flat().forEach((m, row) => {
     if (!m) return;
@@ -115,7 +122,10 @@ async function prepare(dir: string): Promise<void> {
     for (let i = 0; i < TRAIN_STEPS; i++) losses.push(await opt.step(batch));
     const adapterDir = resolve(join(caseDir, "ours_adapter"));
     await saveAdapter(model, adapterDir);
-    const { logits, shape } = await forward(model, { inputIds: batch.inputIds, attentionMask: batch.attentionMask });
+    const { logits, shape } = await forward(model, {
+      inputIds: batch.inputIds,
+      attentionMask: batch.attentionMask,
+    });
     const out: OursJson = {
       case: name,
       model: modelDir,
@@ -129,7 +139,11 @@ async function prepare(dir: string): Promise<void> {
       tolerance: TOLERANCE,
     };
     await Deno.writeTextFile(join(caseDir, "ours.json"), JSON.stringify(out));
-    console.log(`prepare ${name}: trained ${TRAIN_STEPS} steps (loss ${losses[0]!.toFixed(5)} → ${losses.at(-1)!.toFixed(5)}), saved ${adapterDir}`);
+    console.log(
+      `prepare ${name}: trained ${TRAIN_STEPS} steps (loss ${losses[0]!.toFixed(5)} → ${
+        losses.at(-1)!.toFixed(5)
+      }), saved ${adapterDir}`,
+    );
   }
 }
 
@@ -156,8 +170,13 @@ async function check(dir: string, summaryPath: string | undefined): Promise<bool
       const ours: OursJson = JSON.parse(await Deno.readTextFile(join(caseDir, "ours.json")));
       const model = await loadModel(ours.model);
       await loadAdapter(model, join(caseDir, "peft_adapter"));
-      const { logits, shape } = await forward(model, { inputIds: ours.inputIds, attentionMask: ours.attentionMask });
-      if (shape.join() !== (peft.shape as number[]).join()) throw new Error(`shape ${shape} vs PEFT's ${peft.shape}`);
+      const { logits, shape } = await forward(model, {
+        inputIds: ours.inputIds,
+        attentionMask: ours.attentionMask,
+      });
+      if (shape.join() !== (peft.shape as number[]).join()) {
+        throw new Error(`shape ${shape} vs PEFT's ${peft.shape}`);
+      }
       row.peftInOurs = maskedRelError(logits, peft.logits, ours.attentionMask, shape[2]);
       row.pass = row.oursInPeft !== null && row.oursInPeft <= TOLERANCE && row.peftInOurs <= TOLERANCE;
     } catch (e) {
@@ -176,7 +195,10 @@ async function check(dir: string, summaryPath: string | undefined): Promise<bool
   }
   const ok = summary.every((r) => r.pass);
   if (summaryPath) {
-    await Deno.writeTextFile(summaryPath, JSON.stringify({ tolerance: TOLERANCE, pass: ok, cases: summary }, null, 1));
+    await Deno.writeTextFile(
+      summaryPath,
+      JSON.stringify({ tolerance: TOLERANCE, pass: ok, cases: summary }, null, 1),
+    );
   }
   return ok;
 }
@@ -190,7 +212,11 @@ if (import.meta.main) {
   if (mode === "prepare" || mode === "all") await prepare(dir);
   if (mode === "all") {
     const script = new URL("./peft_interop.py", import.meta.url).pathname;
-    const py = await new Deno.Command("python3", { args: [script, "--dir", dir], stdout: "inherit", stderr: "inherit" })
+    const py = await new Deno.Command("python3", {
+      args: [script, "--dir", dir],
+      stdout: "inherit",
+      stderr: "inherit",
+    })
       .output();
     if (!py.success) console.error(`python3 ${script} exited with code ${py.code}`);
   }

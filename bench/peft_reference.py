@@ -13,7 +13,8 @@ prefill included) and time to first token (generate with one new token).
 
 Rows `{model, dtype, metric, peft, unit, card}` go to --out (a JSON array), timings and versions to
 --details-out. Every case and every phase is guarded: an out-of-memory error loses that phase only. A
-time budget (--budget-s) skips what would not fit; the models are built on the GPU (seconds).
+time budget (--budget-s) skips phases that would not fit, top-8 placements last; the models are built on
+the GPU (seconds).
 
 Usage: python3 bench/peft_reference.py --models gpt2-124M,smollm2-135M,tinyllama-1.1B --dtypes f32,bf16 \
            --out peft.json --details-out peft-details.json --budget-s 210
@@ -55,8 +56,6 @@ CONFIGS = {
         vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, hidden_act="silu",
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
 }
-# Share of the time budget by model (roughly its cost).
-WEIGHT = {"gpt2-124M": 1.0, "smollm2-135M": 1.3, "tinyllama-1.1B": 1.6}
 UNITS = {"train_tok_s": "tok/s", "fwd_ms": "ms", "fwd_base_ms": "ms", "adapter_overhead": "x", "peak_gib": "GiB",
          "decode_tok_s": "tok/s", "ttft_ms": "ms"}
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
@@ -254,19 +253,20 @@ def main():
             if dt not in DTYPES:
                 log(f"unknown dtype {dt}; use f32 or bf16")
                 continue
-            cases.append((m, dt, m, layers))
+            cases.append((0, m, dt, m, layers))
             if args.top < layers:
-                cases.append((m, dt, f"{m}-top{args.top}", args.top))
-    for i, (m, dt, placement, layers) in enumerate(cases):
-        rest = sum(WEIGHT.get(c[0], 1.0) for c in cases[i:])
-        share = (end - time.time()) * WEIGHT.get(m, 1.0) / rest
-        if share < 8:
-            log(f"{placement} {dt}: skipped, {share:.0f} s of budget left")
+                cases.append((1, m, dt, f"{m}-top{args.top}", args.top))
+    # all-layer placements first: if the budget runs out, the top-8 rows are the ones lost
+    cases.sort(key=lambda c: c[0])
+    for i, (_, m, dt, placement, layers) in enumerate(cases):
+        left = end - time.time()
+        if left < 10:
+            log(f"{placement} {dt}: skipped, {left:.0f} s of budget left")
             details["cases"].setdefault(f"{placement}|{dt}", {})["errors"] = ["skipped: out of time"]
             continue
-        log(f"{placement} {dt}: budget {share:.0f} s")
+        log(f"{placement} {dt}: {left:.0f} s of budget left for {len(cases) - i} cases")
         try:
-            run_case(m, dt, placement, layers, args, time.time() + share, add, details["cases"])
+            run_case(m, dt, placement, layers, args, end, add, details["cases"])
         except Exception as e:  # noqa: BLE001 - a failed build (e.g. OOM) loses this case only
             details["cases"].setdefault(f"{placement}|{dt}", {}).setdefault("errors", []).append(
                 f"{type(e).__name__}: {e}"[:500])
