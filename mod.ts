@@ -20,6 +20,19 @@
 
 export { loadModel, type LoadModelOptions } from "./src/models/load.ts";
 export type { Model } from "./src/models/model.ts";
+export type {
+  Activation,
+  ModelConfig,
+  ModelFamily,
+  NormKind,
+  RopeScaling,
+  RopeType,
+} from "./src/io/hf_config.ts";
+export type { Layout } from "./src/models/layout.ts";
+export type { LayerWeights, Linear, Norm, Weights } from "./src/models/weights.ts";
+export type { AdapterLayerSlot, AdapterState } from "./src/adapters/state.ts";
+export type { Activations, LayerActivations } from "./src/models/activations.ts";
+export type { BindingKind, Kernel } from "./src/gpu/kernel.ts";
 export type { Batch } from "./src/models/transformer.ts";
 export { forward, type ForwardResult, lossAndGradients } from "./src/models/run.ts";
 export { generate, type GenerateOptions, generateStream } from "./src/models/generate.ts";
@@ -43,7 +56,14 @@ export {
 } from "./src/adapters/functional.ts";
 export { createOptimizer, type Optimizer, type OptimizerOptions } from "./src/train/optimizer.ts";
 export { type AdapterReport, adapterReport, getGpu, type Gpu } from "./src/gpu/device.ts";
-export { Recorder } from "./src/gpu/recorder.ts";
-export { createTensor, readF32, Tensor, tensorFrom } from "./src/gpu/tensor.ts";
-export { loadTokenizer } from "./src/io/tokenizer.ts";
+export { type Op, type Param, Recorder } from "./src/gpu/recorder.ts";
+export { createTensor, type DType, type HostArray, readF32, Tensor, tensorFrom } from "./src/gpu/tensor.ts";
+export {
+  type DecodeOptions,
+  type EncodeOptions,
+  loadTokenizer,
+  type StreamDecoder,
+  Tokenizer,
+  type TokenizerFiles,
+} from "./src/io/tokenizer.ts";
 export * from "./src/errors.ts";

@@ -158,20 +158,34 @@ async function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number
   return { ms: samples[1]!, timestamps };
 }
 
-const tune = Deno.env.get("PROMPTGATE_BENCH_TUNE") === "1" && "matmulTuning" in mm && "splitK" in mm.matmulTuning;
+const tune = Deno.env.get("PROMPTGATE_BENCH_TUNE") === "1" && "matmulTuning" in mm &&
+  "splitK" in mm.matmulTuning;
 if (tune) {
   // every variant at the model shapes: tiles (double-buffered), one single-buffered, split-K; matvec threads
-  type Variant = { label: string; force: Matmul.MatmulKernelChoice; splitK?: number; db?: boolean; threads?: 32 | 64 | 128 | 256 };
+  type Variant = {
+    label: string;
+    force: Matmul.MatmulKernelChoice;
+    splitK?: number;
+    db?: boolean;
+    threads?: 32 | 64 | 128 | 256;
+  };
   const tiles: Matmul.MatmulTile[] = ["128x128", "128x64", "64x128", "64x64", "32x32"];
   const big: Variant[] = [
     ...tiles.map((t) => ({ label: t, force: t })),
     { label: "128x128 1buf", force: "128x128", db: false },
     { label: "64x64 1buf", force: "64x64", db: false },
   ];
-  const skinny: Variant[] = [...big, ...[2, 4, 8].flatMap((s) =>
-    (["128x128", "64x64"] as const).map((t) => ({ label: `${t} splitK${s}`, force: t, splitK: s }))
-  )];
-  const mv: Variant[] = ([32, 64, 128, 256] as const).map((t) => ({ label: `matvec t${t}`, force: "matvec", threads: t }));
+  const skinny: Variant[] = [
+    ...big,
+    ...[2, 4, 8].flatMap((s) =>
+      (["128x128", "64x64"] as const).map((t) => ({ label: `${t} splitK${s}`, force: t, splitK: s }))
+    ),
+  ];
+  const mv: Variant[] = ([32, 64, 128, 256] as const).map((t) => ({
+    label: `matvec t${t}`,
+    force: "matvec",
+    threads: t,
+  }));
   const tuneCases: [Case, Variant[], DType[]][] = full
     ? [
       [{ name: "square 4096", op: "linear", M: 4096, N: 4096, K: 4096 }, big, ["f32", "f16"]],
@@ -198,7 +212,12 @@ if (tune) {
   const tuneRows: Record<string, string | number>[] = [];
   for (const [c, variants, dts] of tuneCases) {
     for (const dtype of dts.filter((d) => dtypes.includes(d))) {
-      const row: Record<string, string | number> = { case: c.name, op: c.op, "M x N x K": `${c.M}x${c.N}x${c.K}`, w: dtype };
+      const row: Record<string, string | number> = {
+        case: c.name,
+        op: c.op,
+        "M x N x K": `${c.M}x${c.N}x${c.K}`,
+        w: dtype,
+      };
       for (const v of variants) {
         mm.matmulTuning.force = v.force;
         mm.matmulTuning.splitK = v.splitK ?? null;
@@ -249,7 +268,11 @@ for (const c of cases) {
     for (const t of tensors) t.buffer.destroy();
   }
 }
-console.log(`matmul (${modulePath ?? "kernels/matmul.ts"}) on ${adapterReport(gpu).description} (${full ? "full" : "small"} shapes)`);
+console.log(
+  `matmul (${modulePath ?? "kernels/matmul.ts"}) on ${adapterReport(gpu).description} (${
+    full ? "full" : "small"
+  } shapes)`,
+);
 console.table(rows);
 const jsonOut = Deno.env.get("PROMPTGATE_BENCH_JSON");
 if (jsonOut) Deno.writeTextFileSync(jsonOut, JSON.stringify(rows));

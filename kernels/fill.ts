@@ -7,8 +7,8 @@
  */
 
 import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
-import { type Recorder } from "../src/gpu/recorder.ts";
-import { type Tensor } from "../src/gpu/tensor.ts";
+import type { Recorder } from "../src/gpu/recorder.ts";
+import type { Tensor } from "../src/gpu/tensor.ts";
 
 const WG = 256;
 

@@ -133,7 +133,7 @@ function load4(
   vec: boolean,
   exact: boolean,
 ): string {
-  if (exact && vec) return `vec4<f32>(${arr}[${row} * ${ld} + ${off} + (${col} >> 2u)])`;
+  if (exact && vec) return `vec4<f32>(${arr}[(${row}) * ${ld} + ${off} + ((${col}) >> 2u)])`;
   const r = `min(${row}, ${rows} - 1u)`;
   if (vec) {
     // cols is a multiple of 4, so a vec4 is wholly inside or wholly outside
@@ -197,9 +197,9 @@ function tiledKernel(o: TiledOptions): Kernel {
     // rows along k (A, or B "nk"): stored transposed into T[k][row]
     const kMajorStore = (tileRows: number, arr: string) => (l: string, v: string) =>
       [0, 1, 2, 3].map((c) =>
-        `${arr}[${stage((BK * tileRows) / 4)}((${l} % ${kv}u) * 4u + ${c}u) * ${tileRows / 4}u + (${l} / ${kv}u) / 4u][(${l} / ${kv}u) % 4u] = ${v}.${
-          "xyzw"[c]
-        };`
+        `${arr}[${stage((BK * tileRows) / 4)}((${l} % ${kv}u) * 4u + ${c}u) * ${
+          tileRows / 4
+        }u + (${l} / ${kv}u) / 4u][(${l} / ${kv}u) % 4u] = ${v}.${"xyzw"[c]};`
       );
     const A = slotLoads(
       aSlots,
@@ -224,7 +224,18 @@ function tiledKernel(o: TiledOptions): Kernel {
         bSlots,
         "lb",
         (l) =>
-          load4("b", `n0 + ${l} / ${kv}u`, `k0 + (${l} % ${kv}u) * 4u`, "p.N", "kEnd", "p.ldb", "0u", "col", o.vecB, ex),
+          load4(
+            "b",
+            `n0 + ${l} / ${kv}u`,
+            `k0 + (${l} % ${kv}u) * 4u`,
+            "p.N",
+            "kEnd",
+            "p.ldb",
+            "0u",
+            "col",
+            o.vecB,
+            ex,
+          ),
         kMajorStore(bn, "Bs"),
       )
       : slotLoads(
@@ -320,7 +331,11 @@ function tiledKernel(o: TiledOptions): Kernel {
         for (let c = 0; c < 4; c++) {
           const idx = `row + col${j} + ${c}u`;
           const rhs = acc ? `out[${idx}] + v.${"xyzw"[c]}` : `v.${"xyzw"[c]}`;
-          emit(ex ? `        out[${idx}] = ${rhs};` : `        if (col${j} + ${c}u < p.N) { out[${idx}] = ${rhs}; }`);
+          emit(
+            ex
+              ? `        out[${idx}] = ${rhs};`
+              : `        if (col${j} + ${c}u < p.N) { out[${idx}] = ${rhs}; }`,
+          );
         }
         emit(`      }`);
       }
@@ -497,13 +512,17 @@ function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
     emit(`  workgroupBarrier();`);
     for (let stride = S / 2; stride >= 1; stride /= 2) {
       emit(`  if (slice < ${stride}u) {`);
-      for (const m of ms) emit(`    red[${m * MV_WG}u + lid.x] += red[${m * MV_WG}u + lid.x + ${stride * C}u];`);
+      for (const m of ms) {
+        emit(`    red[${m * MV_WG}u + lid.x] += red[${m * MV_WG}u + lid.x + ${stride * C}u];`);
+      }
       emit(`  }`);
       emit(`  workgroupBarrier();`);
     }
     emit(`  if (slice == 0u && n4 < p.N / 4u) {`);
     if (o.bias) {
-      emit(`    let bv = vec4<f32>(bias[n4 * 4u], bias[n4 * 4u + 1u], bias[n4 * 4u + 2u], bias[n4 * 4u + 3u]);`);
+      emit(
+        `    let bv = vec4<f32>(bias[n4 * 4u], bias[n4 * 4u + 1u], bias[n4 * 4u + 2u], bias[n4 * 4u + 3u]);`,
+      );
     }
     for (const m of ms) {
       emit(`    {`);
@@ -558,7 +577,11 @@ interface TiledPlan {
  */
 function planTiled(g: Gemm): TiledPlan {
   const forced = matmulTuning.force;
-  const tile: MatmulTile = forced !== null && forced !== "matvec" ? forced : forced === "matvec" ? "32x32" : pickTile(g);
+  const tile: MatmulTile = forced !== null && forced !== "matvec"
+    ? forced
+    : forced === "matvec"
+    ? "32x32"
+    : pickTile(g);
   const { bm, bn } = tileDims(tile);
   const tiles = Math.ceil(g.M / bm) * Math.ceil(g.N / bn);
   let splits = 1;
@@ -613,7 +636,12 @@ const workspaces = new WeakMap<GPUDevice, Tensor>();
 function workspace(rec: Recorder, elements: number): Tensor {
   const have = workspaces.get(rec.gpu.device);
   if (have && have.size >= elements) return have;
-  const t = createTensor(rec.gpu, [Math.max(elements, have ? 2 * have.size : 0)], "f32", "matmul split-K workspace");
+  const t = createTensor(
+    rec.gpu,
+    [Math.max(elements, have ? 2 * have.size : 0)],
+    "f32",
+    "matmul split-K workspace",
+  );
   workspaces.set(rec.gpu.device, t);
   return t;
 }

@@ -8,6 +8,8 @@
 /** Base class of every error promptgate throws on purpose. */
 export class PromptgateError extends Error {
   /**
+   * Creates the error.
+   *
    * @param message What went wrong and what to do about it.
    * @param options Standard error options (`cause`).
    */

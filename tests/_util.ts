@@ -6,7 +6,7 @@
  * @module
  */
 
-import { type Gpu, getGpu } from "../src/gpu/device.ts";
+import { getGpu, type Gpu } from "../src/gpu/device.ts";
 import { createTensor, type DType, readTensor, type Tensor, tensorFrom } from "../src/gpu/tensor.ts";
 import { Recorder } from "../src/gpu/recorder.ts";
 import { fill } from "../kernels/fill.ts";
@@ -125,7 +125,12 @@ export function relError(actual: ArrayLike<number>, expected: ArrayLike<number>)
  * @param tol Tolerance on {@link relError}.
  * @param what Name for the message.
  */
-export function assertClose(actual: ArrayLike<number>, expected: ArrayLike<number>, tol: number, what = "values"): void {
+export function assertClose(
+  actual: ArrayLike<number>,
+  expected: ArrayLike<number>,
+  tol: number,
+  what = "values",
+): void {
   const err = relError(actual, expected);
   if (!(err <= tol)) {
     let worst = 0;
@@ -138,7 +143,9 @@ export function assertClose(actual: ArrayLike<number>, expected: ArrayLike<numbe
       }
     }
     throw new Error(
-      `${what}: relative error ${err.toExponential(3)} > ${tol} (worst at ${wi}: got ${actual[wi]}, want ${expected[wi]})`,
+      `${what}: relative error ${err.toExponential(3)} > ${tol} (worst at ${wi}: got ${actual[wi]}, want ${
+        expected[wi]
+      })`,
     );
   }
 }

@@ -10,7 +10,7 @@
 
 import { describeGpuError, type Gpu } from "./device.ts";
 import { getPipeline, type Kernel } from "./kernel.ts";
-import { Tensor } from "./tensor.ts";
+import type { Tensor } from "./tensor.ts";
 import { GpuError } from "../errors.ts";
 
 /** A value in a kernel's uniform: integers are written as u32 (i32 two's complement), `{ f32 }` as f32. */
@@ -75,7 +75,11 @@ export class Recorder {
   /** Operations recorded since the last submit. */
   ops: Op[] = [];
 
-  /** @param gpu The GPU. */
+  /**
+   * Creates an empty recorder.
+   *
+   * @param gpu The GPU.
+   */
   constructor(gpu: Gpu) {
     this.gpu = gpu;
   }

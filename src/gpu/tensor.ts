@@ -33,6 +33,8 @@ export class Tensor {
   readonly label: string;
 
   /**
+   * Wraps a buffer range as a tensor.
+   *
    * @param buffer The buffer.
    * @param shape The shape.
    * @param dtype The element type.

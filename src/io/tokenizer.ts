@@ -171,7 +171,9 @@ export class Tokenizer {
       hf.decode(hf.encode("Hello, world! 123 \u00e9\ud83d\udc0b", { add_special_tokens: true }).ids, {});
     } catch (error) {
       throw new InvalidFileError(
-        `${source} loaded but cannot encode or decode text (${(error as Error).message}); the file is damaged ` +
+        `${source} loaded but cannot encode or decode text (${
+          (error as Error).message
+        }); the file is damaged ` +
           "or uses a component @huggingface/tokenizers does not implement. Download the tokenizer again.",
         { cause: error },
       );

@@ -154,8 +154,12 @@ export async function findCheckpoint(outDir: string): Promise<string | null> {
   return null;
 }
 
+/** Temporary files of `writeFileAtomic` (`.<name>.<8 hex>.tmp`). */
+const ATOMIC_TMP = /^\..+\.[0-9a-f]{8}\.tmp$/;
+
 /**
- * Removes temporary folders a killed save left behind.
+ * Removes what a killed save left behind: half-built checkpoint folders and temporary files of atomic
+ * writes in the run folder.
  *
  * @param outDir The run folder.
  */
@@ -164,6 +168,8 @@ export async function cleanStaleCheckpoints(outDir: string): Promise<void> {
     for await (const e of Deno.readDir(outDir)) {
       if (e.isDirectory && e.name.startsWith(TMP_PREFIX)) {
         await Deno.remove(join(outDir, e.name), { recursive: true });
+      } else if (e.isFile && ATOMIC_TMP.test(e.name)) {
+        await Deno.remove(join(outDir, e.name));
       }
     }
   } catch {

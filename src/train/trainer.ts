@@ -158,7 +158,15 @@ export interface TrainHooks {
   handleSignals?: boolean;
   /** Called after each step with its loss (tests). */
   onStep?: (step: number, loss: number) => void;
+  /**
+   * Called before each optimizer step, after the `--skip-nonfinite` snapshot (tests: poison the adapter to
+   * force a non-finite loss through the real kernels).
+   */
+  beforeStep?: (step: number, model: Model) => void | Promise<void>;
 }
+
+/** `--skip-nonfinite` gives up after this many non-finite batches in a row: the weights themselves are broken. */
+export const MAX_CONSECUTIVE_SKIPS = 10;
 
 /** What a run ends with. */
 export interface TrainSummary {
@@ -676,12 +684,17 @@ export async function train(config: TrainConfig, hooks: TrainHooks = {}): Promis
   const checkpoint = async (): Promise<void> => {
     state.cursor = iter.cursor;
     state.elapsedS = elapsedBefore + (performance.now() - sessionStart) / 1000;
-    await saveCheckpoint(out, model, await opt.saveState(), state);
-    if (!hasEval) await writeAdapterFiles(model, name, out);
+    try {
+      await saveCheckpoint(out, model, await opt.saveState(), state);
+      if (!hasEval) await writeAdapterFiles(model, name, out);
+    } catch (e) {
+      // A lost device fails the readback of the state: the previous checkpoint is still complete.
+      gpuHint(e);
+    }
     lastSaved = state.step;
     rep.event({ event: "checkpoint", step: state.step });
   };
-  const gpuHint = (e: unknown): never => {
+  function gpuHint(e: unknown): never {
     if (e instanceof GpuError) {
       throw new GpuError(
         `${e.message}\nThe last good checkpoint (step ${lastSaved}) is in ${
@@ -692,10 +705,11 @@ export async function train(config: TrainConfig, hooks: TrainHooks = {}): Promis
       );
     }
     throw e;
-  };
+  }
 
   rep.start(totalSteps, state.step);
   let interrupted = false;
+  let skipped = 0;
   try {
     while (state.step < totalSteps) {
       if (stopRequested || (hooks.interruptAfter !== undefined && sessionSteps >= hooks.interruptAfter)) {
@@ -709,6 +723,7 @@ export async function train(config: TrainConfig, hooks: TrainHooks = {}): Promis
       if (config.skipNonfinite) {
         snapshot = { params: await adapterState(model, name), opt: await opt.saveState() };
       }
+      await hooks.beforeStep?.(step, model);
       let loss: number;
       try {
         loss = await opt.step({
@@ -721,13 +736,20 @@ export async function train(config: TrainConfig, hooks: TrainHooks = {}): Promis
         throw e;
       }
       if (!Number.isFinite(loss)) {
-        if (snapshot) {
+        if (snapshot && ++skipped < MAX_CONSECUTIVE_SKIPS) {
           writeAdapterTensors(model, getAdapter(model, name), snapshot.params);
           opt.loadState(snapshot.opt);
           rep.warn(
             `loss is ${loss} at step ${step}: skipped this batch and rolled the step back (--skip-nonfinite)`,
           );
           continue;
+        }
+        if (snapshot) {
+          throw new TrainingError(
+            `the loss was ${loss} on ${skipped} batches in a row at step ${step} (--skip-nonfinite skipped ` +
+              `them): the adapter's weights are no longer usable. The last checkpoint (step ${lastSaved}) is in ` +
+              `${join(out, "checkpoint")}; lower --lr or set --max-grad-norm and start again`,
+          );
         }
         throw new TrainingError(
           `the loss became ${loss} at step ${step}; training stopped. The last good checkpoint (step ${lastSaved}) is in ` +
@@ -737,6 +759,7 @@ export async function train(config: TrainConfig, hooks: TrainHooks = {}): Promis
             "--dtype f32, or pass --skip-nonfinite to skip such batches",
         );
       }
+      skipped = 0;
       sessionSteps++;
       state.step = step;
       state.lastLoss = loss;

@@ -135,6 +135,8 @@ const bad = counts.failure + counts.timeout;
 if (bad === 0) await Deno.remove(dir, { recursive: true });
 console.log(
   `fuzz: ${iterations} inputs in ${secs} s (seed ${seed}): ${counts.ok} accepted, ${counts.typed} refused with ` +
-    `a promptgate error, ${counts.failure} failures, ${counts.timeout} timeouts${bad ? ` (inputs kept in ${dir})` : ""}`,
+    `a promptgate error, ${counts.failure} failures, ${counts.timeout} timeouts${
+      bad ? ` (inputs kept in ${dir})` : ""
+    }`,
 );
 Deno.exit(bad ? 1 : 0);

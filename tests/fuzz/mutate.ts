@@ -7,7 +7,7 @@
  * @module
  */
 
-import { Random } from "../../src/train/rng.ts";
+import type { Random } from "../../src/train/rng.ts";
 
 const INTERESTING_BYTES = [0, 1, 0x7f, 0x80, 0xff, 0x22, 0x5c, 0x7b, 0x7d, 0x5b, 0x5d, 0x2c, 0x3a, 0x0a];
 const HOSTILE_VALUES: unknown[] = [
@@ -71,7 +71,11 @@ export function mutateBytes(rng: Random, data: Uint8Array): Uint8Array {
       }
       default: // overwrite 4 bytes with a 32-bit boundary value
         if (out.length >= pos + 4) {
-          new DataView(out.buffer, out.byteOffset).setUint32(pos, [0, 0xffffffff, 0x7fffffff, 0x80000000][rng.int(4)]!, true);
+          new DataView(out.buffer, out.byteOffset).setUint32(
+            pos,
+            [0, 0xffffffff, 0x7fffffff, 0x80000000][rng.int(4)]!,
+            true,
+          );
         }
     }
   }
@@ -106,7 +110,9 @@ export function mutateJson(rng: Random, text: string): string {
   const rounds = 1 + rng.int(3);
   for (let r = 0; r < rounds; r++) value = mutateValue(rng, value, 0);
   let out = JSON.stringify(value);
-  if (rng.int(8) === 0) out = `{"__proto__": {"polluted": true}, "constructor": {"prototype": {"x": 1}}, "a": ${out}}`;
+  if (rng.int(8) === 0) {
+    out = `{"__proto__": {"polluted": true}, "constructor": {"prototype": {"x": 1}}, "a": ${out}}`;
+  }
   if (rng.int(16) === 0) out = "[".repeat(5000) + "]".repeat(5000);
   return out;
 }

@@ -83,7 +83,9 @@ scope.onmessage = async (e: MessageEvent<FuzzRequest>) => {
     await run(e.data);
     response = { outcome: "ok" };
   } catch (err) {
-    const detail = `${(err as Error)?.name ?? typeof err}: ${String((err as Error)?.message ?? err).slice(0, 300)}`;
+    const detail = `${(err as Error)?.name ?? typeof err}: ${
+      String((err as Error)?.message ?? err).slice(0, 300)
+    }`;
     response = { outcome: err instanceof PromptgateError ? "typed" : "failure", detail };
   }
   scope.postMessage(response);

@@ -24,7 +24,15 @@ const TOL = 1e-5;
 // f32 tolerance applies; the 2e-3 bound below is against the unrounded f32 weights (f16 has 11 bits).
 const TOL_F16_VS_F32 = 2e-3;
 
-const CHOICES: (MatmulKernelChoice | null)[] = [null, "128x128", "128x64", "64x128", "64x64", "32x32", "matvec"];
+const CHOICES: (MatmulKernelChoice | null)[] = [
+  null,
+  "128x128",
+  "128x64",
+  "64x128",
+  "64x64",
+  "32x32",
+  "matvec",
+];
 // (M, N, K): odd sizes, sizes that are and are not multiples of 4 (vec4 and scalar loads), one row;
 // (2, 36, 20) and (2, 12, 520) take the matrix-vector kernel in both layouts (520 runs its unrolled loop).
 const SHAPES: [number, number, number][] = [

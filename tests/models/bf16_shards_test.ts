@@ -29,14 +29,18 @@ Deno.test("bf16 shards load and match the f32 model within bf16 rounding", async
   }
   src.close();
   for (let s = 0; s < 2; s++) {
-    await writeSafetensors(join(sharded, `model-0000${s + 1}-of-00002.safetensors`), shards[s]!, { format: "pt" });
+    await writeSafetensors(join(sharded, `model-0000${s + 1}-of-00002.safetensors`), shards[s]!, {
+      format: "pt",
+    });
   }
   await Deno.writeTextFile(
     join(sharded, "model.safetensors.index.json"),
     JSON.stringify({ metadata: { total_size: 0 }, weight_map: weightMap }),
   );
   await writeSafetensors(join(rounded, "model.safetensors"), asF32, { format: "pt" });
-  for (const dir of [sharded, rounded]) await Deno.copyFile(join(GOLDEN, "config.json"), join(dir, "config.json"));
+  for (const dir of [sharded, rounded]) {
+    await Deno.copyFile(join(GOLDEN, "config.json"), join(dir, "config.json"));
+  }
 
   const f32 = (await forward(await loadModel(GOLDEN), BATCH)).logits;
   const bf16 = (await forward(await loadModel(sharded), BATCH)).logits;
