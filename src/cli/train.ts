@@ -105,7 +105,7 @@ const FLAGS: Record<string, Flag> = {
     key: "adapterLayers",
     kind: "int",
     help: "adapted top layers (0 = min(layers, 8))",
-    def: "0",
+    def: "0 (2 with the default data)",
   },
   "gate": {
     key: "gate",
@@ -265,6 +265,8 @@ export const DEFAULT_DATA_PROFILE: Partial<TrainConfig> = {
   seqLen: 64,
   batchSize: 4,
   lr: 0.05,
+  // the top 2 of the default model's 4 layers: as good an eval loss in 60 steps, backward through half
+  adapterLayers: 2,
   maxSteps: 60,
   evalEvery: 20,
   evalMaxRows: 16,
