@@ -9,6 +9,7 @@
  * warm-up on the same product: short timed windows after an idle gap measured the GPU still at its idle
  * clock (on the H200, 4096³ read 29 TFLOP/s in one case and 7.9 in the next, while wall time disagreed).
  * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / matrix-vector variant at the model shapes
+ * (`=matvec`: the matrix-vector variants only)
  * (the data behind the heuristic in kernels/matmul.ts).
  *
  * Run: `deno bench --allow-read --allow-write --allow-env bench/matmul_bench.ts`
@@ -158,7 +159,8 @@ async function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number
   return { ms: samples[1]!, timestamps };
 }
 
-const tune = Deno.env.get("PROMPTGATE_BENCH_TUNE") === "1" && "matmulTuning" in mm &&
+const tuneMode = Deno.env.get("PROMPTGATE_BENCH_TUNE");
+const tune = (tuneMode === "1" || tuneMode === "matvec") && "matmulTuning" in mm &&
   "splitK" in mm.matmulTuning;
 if (tune) {
   // every variant at the model shapes: tiles (double-buffered), one single-buffered, split-K; matvec threads
@@ -168,6 +170,7 @@ if (tune) {
     splitK?: number;
     db?: boolean;
     threads?: 32 | 64 | 128 | 256;
+    packed?: boolean;
   };
   const tiles: Matmul.MatmulTile[] = ["128x128", "128x64", "64x128", "64x64", "32x32"];
   const big: Variant[] = [
@@ -181,11 +184,10 @@ if (tune) {
       (["128x128", "64x64"] as const).map((t) => ({ label: `${t} splitK${s}`, force: t, splitK: s }))
     ),
   ];
-  const mv: Variant[] = ([32, 64, 128, 256] as const).map((t) => ({
-    label: `matvec t${t}`,
-    force: "matvec",
-    threads: t,
-  }));
+  const mv: Variant[] = ([32, 64, 128] as const).flatMap((t) => [
+    { label: `matvec t${t}`, force: "matvec" as const, threads: t },
+    { label: `matvec t${t} vec4<f16>`, force: "matvec" as const, threads: t, packed: false },
+  ]);
   const tuneCases: [Case, Variant[], DType[]][] = full
     ? [
       [{ name: "square 4096", op: "linear", M: 4096, N: 4096, K: 4096 }, big, ["f32", "f16"]],
@@ -210,7 +212,7 @@ if (tune) {
       [{ name: "decode 512x256", op: "linear", M: 1, N: 512, K: 256 }, mv, ["f32"]],
     ];
   const tuneRows: Record<string, string | number>[] = [];
-  for (const [c, variants, dts] of tuneCases) {
+  for (const [c, variants, dts] of tuneCases.filter(([c]) => tuneMode === "1" || c.M <= 4)) {
     for (const dtype of dts.filter((d) => dtypes.includes(d))) {
       const row: Record<string, string | number> = {
         case: c.name,
@@ -223,6 +225,7 @@ if (tune) {
         mm.matmulTuning.splitK = v.splitK ?? null;
         mm.matmulTuning.doubleBuffer = v.db ?? null;
         mm.matmulTuning.matvecThreads = v.threads ?? null;
+        mm.matmulTuning.matvecPacked = v.packed ?? null;
         try {
           const rec = new Recorder(gpu);
           const tensors = record(rec, c, dtype);
@@ -236,6 +239,7 @@ if (tune) {
           mm.matmulTuning.splitK = null;
           mm.matmulTuning.doubleBuffer = null;
           mm.matmulTuning.matvecThreads = null;
+          mm.matmulTuning.matvecPacked = null;
         }
       }
       tuneRows.push(row);
