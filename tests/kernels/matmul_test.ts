@@ -48,10 +48,17 @@ const SHAPES: [number, number, number][] = [
 ];
 
 /** Kernel variants beyond the tile choice: split-K (partial sums plus a reduction) and single-buffered tiles. */
-const VARIANTS: { label: string; force: MatmulKernelChoice; splitK?: number; doubleBuffer?: boolean }[] = [
+const VARIANTS: {
+  label: string;
+  force: MatmulKernelChoice;
+  splitK?: number;
+  doubleBuffer?: boolean;
+  matvecPacked?: boolean;
+}[] = [
   { label: "32x32 split-K 3", force: "32x32", splitK: 3 },
   { label: "128x128 split-K 2", force: "128x128", splitK: 2 },
   { label: "64x64 single-buffered", force: "64x64", doubleBuffer: false },
+  { label: "matvec with 8 packed halves per weight load", force: "matvec", matvecPacked: true },
 ];
 
 /**
@@ -68,12 +75,14 @@ async function forEachKernel(body: (choice: string) => Promise<void>): Promise<v
       matmulTuning.force = v.force;
       matmulTuning.splitK = v.splitK ?? null;
       matmulTuning.doubleBuffer = v.doubleBuffer ?? null;
+      matmulTuning.matvecPacked = v.matvecPacked ?? null;
       await body(v.label);
     }
   } finally {
     matmulTuning.force = null;
     matmulTuning.splitK = null;
     matmulTuning.doubleBuffer = null;
+    matmulTuning.matvecPacked = null;
   }
 }
 
