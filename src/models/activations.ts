@@ -10,6 +10,7 @@
 import type { Gpu } from "../gpu/device.ts";
 import { createTensor, type Tensor } from "../gpu/tensor.ts";
 import type { ModelConfig } from "../io/hf_config.ts";
+import { checkActivationsFit } from "./memory.ts";
 
 /** What one layer keeps for its backward (B, T, H, D legend; N = B*T). */
 export interface LayerActivations {
@@ -112,6 +113,8 @@ export function createActivations(
   training: boolean,
   saveFrom: number,
 ): Activations {
+  // say what fits before allocating anything
+  checkActivationsFit(gpu, config, B, T, training, saveFrom);
   const N = B * T;
   const C = config.hiddenSize, H = config.numHeads, Hkv = config.numKvHeads, D = config.headDim;
   const I = config.intermediateSize;
