@@ -30,8 +30,8 @@
  * @module
  */
 
-import { dirname } from "node:path";
-import { parseArgs } from "node:util";
+import { dirname } from "../src/_std.ts";
+import { parseArgs } from "../src/_std.ts";
 import { adapterReport, getGpu, type Gpu } from "../src/gpu/device.ts";
 import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
 import {

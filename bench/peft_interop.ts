@@ -22,7 +22,7 @@
  * @module
  */
 
-import { join, resolve } from "node:path";
+import { join, resolve } from "../src/_std.ts";
 import { openSafetensors } from "../src/io/safetensors.ts";
 import { loadModel } from "../src/models/load.ts";
 import { forward } from "../src/models/run.ts";

@@ -6,7 +6,7 @@
  */
 
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../src/_std.ts";
 import { InvalidFileError, UnsupportedConfigError } from "../src/errors.ts";
 import {
   computeRopeInvFreq,

@@ -6,7 +6,7 @@
  */
 
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../src/_std.ts";
 import { PromptgateError } from "../src/errors.ts";
 import { loadModelConfig } from "../src/io/hf_config.ts";
 import { checkHubId, type DownloadProgress, hubCacheDir, resolveModelSource } from "../src/io/hub.ts";

@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../src/_std.ts";
 import { InvalidFileError, PromptgateError } from "../src/errors.ts";
 import { writeFileAtomic } from "../src/io/atomic_write.ts";
 import { bf16ArrayToF32, f16ArrayToF32, f32ArrayToBf16, f32ArrayToF16 } from "../src/io/dtype.ts";

@@ -9,7 +9,7 @@
  */
 
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../src/_std.ts";
 import { InvalidFileError, PromptgateError } from "../src/errors.ts";
 import { loadTokenizer, type Tokenizer } from "../src/io/tokenizer.ts";
 

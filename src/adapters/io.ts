@@ -9,7 +9,7 @@
  * @module
  */
 
-import { join } from "node:path";
+import { join } from "../_std.ts";
 import { readF32 } from "../gpu/tensor.ts";
 import { openSafetensors, type TensorToWrite, writeSafetensors } from "../io/safetensors.ts";
 import { writeFileAtomic } from "../io/atomic_write.ts";

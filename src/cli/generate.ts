@@ -7,8 +7,8 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { basename, join, resolve } from "node:path";
+import { parseArgs } from "../_std.ts";
+import { basename, join, resolve } from "../_std.ts";
 import { loadModel } from "../models/load.ts";
 import { generateStream } from "../models/generate.ts";
 import { disableAdapters, setAdapter } from "../adapters/manage.ts";

@@ -6,8 +6,8 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
-import { join } from "node:path";
+import { parseArgs } from "../_std.ts";
+import { join } from "../_std.ts";
 import { PromptgateError, UnsupportedConfigError } from "../errors.ts";
 import { DEFAULT_MODEL, train, type TrainConfig } from "../train/trainer.ts";
 import { Reporter } from "../train/metrics.ts";

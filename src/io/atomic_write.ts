@@ -8,7 +8,7 @@
  * @module
  */
 
-import { basename, dirname, join, resolve } from "node:path";
+import { basename, dirname, join, resolve } from "../_std.ts";
 import { PromptgateError } from "../errors.ts";
 
 /** What {@link writeFileAtomic} accepts: bytes, text (written as UTF-8), or a (possibly async) sequence of chunks. */

@@ -12,7 +12,7 @@
  * @module
  */
 
-import { join } from "node:path";
+import { join } from "../_std.ts";
 import { InvalidFileError, UnsupportedConfigError } from "../errors.ts";
 
 /** The model families promptgate implements. */

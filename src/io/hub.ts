@@ -13,8 +13,8 @@
  * @module
  */
 
-import { dirname, isAbsolute, join, relative, resolve } from "node:path";
-import { homedir } from "node:os";
+import { dirname, isAbsolute, join, relative, resolve } from "../_std.ts";
+import { homedir } from "../_std.ts";
 import type { HubApiError as HubApiErrorType } from "@huggingface/hub";
 import { InvalidFileError, PromptgateError } from "../errors.ts";
 import { writeFileAtomic } from "./atomic_write.ts";

@@ -16,7 +16,7 @@
  * @module
  */
 
-import { isAbsolute, join } from "node:path";
+import { isAbsolute, join } from "../_std.ts";
 import { InvalidFileError, PromptgateError, UnsupportedConfigError } from "../errors.ts";
 import { writeFileAtomic } from "./atomic_write.ts";
 import { bf16ArrayToF32, f16ArrayToF32, f32ArrayToF16, f8E4M3ArrayToF32, f8E5M2ArrayToF32 } from "./dtype.ts";

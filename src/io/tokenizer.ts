@@ -9,7 +9,7 @@
  * @module
  */
 
-import { join } from "node:path";
+import { join } from "../_std.ts";
 import { Tokenizer as HfTokenizer } from "@huggingface/tokenizers";
 import { InvalidFileError, PromptgateError, UnsupportedConfigError } from "../errors.ts";
 

@@ -13,7 +13,7 @@
  * @module
  */
 
-import { join } from "node:path";
+import { join } from "../_std.ts";
 import { writeFileAtomic } from "../io/atomic_write.ts";
 import { openSafetensors, type TensorToWrite, writeSafetensors } from "../io/safetensors.ts";
 import { adapterConfigJson } from "../adapters/config.ts";

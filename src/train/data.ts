@@ -15,7 +15,7 @@
  * @module
  */
 
-import { extname, join } from "node:path";
+import { extname, join } from "../_std.ts";
 import { InvalidFileError, UnsupportedConfigError } from "../errors.ts";
 import { Random } from "./rng.ts";
 

@@ -15,7 +15,7 @@
  * @module
  */
 
-import { join, resolve } from "node:path";
+import { join, resolve } from "../_std.ts";
 import denoJson from "../../deno.json" with { type: "json" };
 import { loadModel } from "../models/load.ts";
 import { loadModelConfig } from "../io/hf_config.ts";

@@ -5,7 +5,7 @@
  * and clear errors for adapters that do not fit.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import {
   AdapterError,
   adapterState,

@@ -8,7 +8,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { parseArgs } from "../../src/_std.ts";
 import { Random } from "../../src/train/rng.ts";
 import { mutateBytes, mutateJson, mutateSafetensors } from "./mutate.ts";
 import type { FuzzRequest, FuzzResponse } from "./worker.ts";

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { openSafetensors } from "../../src/io/safetensors.ts";
 import { loadModelConfig } from "../../src/io/hf_config.ts";
 import { loadTokenizer } from "../../src/io/tokenizer.ts";

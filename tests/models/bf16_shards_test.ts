@@ -3,7 +3,7 @@
  * test from a golden f32 model, loads and gives the f32 model's logits within bf16 rounding — and
  * exactly (≤ 1e-5) the logits of an f32 checkpoint holding the same bf16-rounded values.
  */
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { openSafetensors, type TensorToWrite, writeSafetensors } from "../../src/io/safetensors.ts";
 import { bf16ArrayToF32, f32ArrayToBf16 } from "../../src/io/dtype.ts";
 import { forward, loadModel } from "../../mod.ts";

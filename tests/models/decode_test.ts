@@ -4,7 +4,7 @@
  * on llama (GQA), mistral and gpt2; and greedy `generate` equals a loop of full forwards (no cache).
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { addAdaptionPrompt, forward, generate, loadModel, type Model } from "../../mod.ts";
 import { createDecoder } from "../../src/models/generate.ts";
 import { assertClose, Rng } from "../_util.ts";

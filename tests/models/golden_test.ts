@@ -4,7 +4,7 @@
  * adapter, every gradient, disabled adapters, greedy generation, and a 5-step AdamW trajectory.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { openSafetensors } from "../../src/io/safetensors.ts";
 import {
   adapterState,

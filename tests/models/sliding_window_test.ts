@@ -4,7 +4,7 @@
  * so the window is really applied. Reference made by scripts/gen_extra_golden.py.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { openSafetensors } from "../../src/io/safetensors.ts";
 import { forward, loadModel } from "../../mod.ts";
 import { assertClose, relError } from "../_util.ts";

@@ -8,7 +8,7 @@
  * @module
  */
 
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import denoJson from "../../deno.json" with { type: "json" };
 import { byteTokenizerJson } from "../train/_byte_tokenizer.ts";
 

@@ -6,7 +6,7 @@
  * that checkpoint (step 2: step 3's save is the one that meets the dead device) loads and resumes.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { loadAdapter, loadModel } from "../../mod.ts";
 import { findCheckpoint, readCheckpoint } from "../../src/train/checkpoint.ts";
 import { ROOT, runTrain, smallRunArgs, workspace } from "./_train_process.ts";

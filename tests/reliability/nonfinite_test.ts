@@ -5,7 +5,7 @@
  * on, and gives up after {@link MAX_CONSECUTIVE_SKIPS} non-finite batches in a row instead of looping.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { adapterState, loadAdapter, loadModel } from "../../mod.ts";
 import { getAdapter, writeAdapterTensors } from "../../src/adapters/manage.ts";
 import { findCheckpoint, readCheckpoint } from "../../src/train/checkpoint.ts";

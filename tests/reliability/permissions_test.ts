@@ -7,7 +7,7 @@
  * that a local run needs nothing but read and write of its `--out` folder.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { ROOT, runTrain, smallRunArgs, taskCommand, workspace } from "./_train_process.ts";
 
 /** Every environment variable name src/ reads (`env("X")` of hub.ts or `Deno.env.get("X")`). */

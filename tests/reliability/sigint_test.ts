@@ -6,7 +6,7 @@
  * still loads and resumes.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { deleteAdapter, loadAdapter, loadModel } from "../../mod.ts";
 import { findCheckpoint, readCheckpoint } from "../../src/train/checkpoint.ts";
 import { runTrain, smallRunArgs, TrainProcess, workspace } from "./_train_process.ts";

@@ -13,7 +13,7 @@
  * `PROMPTGATE_KILL_SEED` replays a choice of kill moments (process timing still varies).
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { deleteAdapter, loadAdapter, loadModel } from "../../mod.ts";
 import { findCheckpoint, readCheckpoint } from "../../src/train/checkpoint.ts";
 import { copyDir, metricLosses, runTrain, smallRunArgs, TrainProcess, workspace } from "./_train_process.ts";

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { cleanStaleCheckpoints, findCheckpoint, readCheckpoint } from "../../src/train/checkpoint.ts";
 import { MetricsLog } from "../../src/train/metrics.ts";
 

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { parseTrainArgs, resolveTrainConfig, trainHelp } from "../../src/cli/train.ts";
 import { parseGenerateArgs } from "../../src/cli/generate.ts";
 import { prepareOutDir } from "../../src/train/trainer.ts";

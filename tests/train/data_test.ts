@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { InvalidFileError } from "../../src/errors.ts";
 import {
   BatchIterator,

@@ -4,7 +4,7 @@
  * bit-identical losses and weights, and `generate` streams with the trained adapter.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
+import { join } from "../../src/_std.ts";
 import { loadAdapter, loadModel } from "../../mod.ts";
 import { train, type TrainConfig } from "../../src/train/trainer.ts";
 import { TRAIN_DEFAULTS } from "../../src/cli/train.ts";
