@@ -4,17 +4,28 @@
  * step after step without waiting, and token ids are read back in chunks (the only readback). The
  * adapter's keys/values are computed once per adapter version, not per step (PEFT recomputes them).
  *
+ * The decode step is replayable: nothing in its dispatches changes from step to step. The position
+ * lives in a GPU decode state (`kernels/kv_cache.ts`) that the step's last kernel advances; keys and
+ * values are appended at that position by a kernel that also sets the cache mask there; RoPE /
+ * position-embedding positions are written by that kernel too; attention runs over the whole cache of
+ * the call's length `L` (prompt + new tokens, rounded up to 64) with the mask hiding what is not
+ * written yet (bit-identical to attending the written prefix: hidden keys add exact zeros). So a step is
+ * recorded once per (model, L, sampler, adapter) and `generateStream` replays it K times into one
+ * command buffer per chunk, reading the token history back once per chunk while the next chunk runs.
+ *
  * @module
  */
 
-import { Recorder } from "../gpu/recorder.ts";
-import { createTensor, readTensor, type Tensor, writeTensor } from "../gpu/tensor.ts";
+import { type Op, Recorder, runOps } from "../gpu/recorder.ts";
+import { createTensor, readBytes, readTensor, type Tensor, writeTensor } from "../gpu/tensor.ts";
 import { copyElements } from "../../kernels/fill.ts";
+import { decodeAdvance } from "../../kernels/kv_cache.ts";
 import { sampleTokens } from "../../kernels/sampling.ts";
 import { logitsForward } from "../../kernels/cross_entropy.ts";
 import { InvalidFileError, UnsupportedConfigError } from "../errors.ts";
 import type { Activations } from "./activations.ts";
 import { type Model, runningAdapter } from "./model.ts";
+import type { AdapterState } from "../adapters/state.ts";
 import type { KvCache } from "./self_attention.ts";
 import { activationsFor, prepareBatch, recordForward, uploadBatch } from "./transformer.ts";
 
@@ -32,6 +43,11 @@ export interface GenerateOptions {
   stop?: number[];
   /** Tokens decoded between readbacks (default 8). Larger is faster, smaller streams sooner. */
   chunk?: number;
+  /**
+   * Replay one recorded decode step (default true). `false` records every step anew (the earlier path,
+   * kept for comparison; same tokens).
+   */
+  replay?: boolean;
 }
 
 /** A KV cache for batch 1 with its decode buffers, kept on the model and reused. */
@@ -41,6 +57,17 @@ interface DecodeState {
   readonly logits: Tensor; // (1, V)
   readonly tokens: Tensor; // (maxLen) i32 history of sampled tokens
   readonly rng: Tensor; // u32 (4)
+  readonly state: Tensor; // u32 (4) decode state [pos, n, 0, 0] (kernels/kv_cache.ts)
+  /** Recorded replayable steps by cache length and sampler. */
+  readonly steps: Map<string, RecordedStep>;
+}
+
+/** One recorded decode step and what its bind groups captured (checked before a replay). */
+interface RecordedStep {
+  readonly ops: Op[];
+  readonly adapter: AdapterState | null;
+  readonly params: GPUBuffer | null;
+  readonly acts: Activations;
 }
 
 const decodeStates = new WeakMap<Model, DecodeState>();
@@ -140,6 +167,8 @@ function decodeState(model: Model): DecodeState {
       logits: createTensor(gpu, [1, model.config.vocabSize], "f32", "decode logits"),
       tokens: createTensor(gpu, [model.maxSeqLen + 1], "i32", "sampled tokens"),
       rng: createTensor(gpu, [4], "u32", "sampler state"),
+      state: createTensor(gpu, [4], "u32", "decode state"),
+      steps: new Map(),
     };
     decodeStates.set(model, s);
   }
@@ -157,19 +186,83 @@ function recordStep(
   s: DecodeState,
   past: number,
   refreshAdapter: boolean,
+  kv: KvCache = s.kv,
+  masked = false,
 ): void {
   const adapter = runningAdapter(model);
   recordForward(rec, model, acts, {
     adapter,
-    masked: false,
+    masked,
     head: {},
-    cache: { kv: s.kv, past },
+    cache: { kv, past },
     adapterKeyValues: refreshAdapter,
   });
   const C = model.config.hiddenSize;
   copyElements(rec, acts.hFinal, s.lastHidden, C, (acts.T - 1) * C, 0);
   // logits of the last position only: (1, C) x (V, C)^T
   logitsForward(rec, s.logits, s.lastHidden, model.weights.lmHead.ranges);
+}
+
+interface Sampler {
+  temperature: number;
+  topP: number;
+}
+
+function recordSample(rec: Recorder, s: DecodeState, out: Tensor, index: number, sampler: Sampler): void {
+  sampleTokens(rec, {
+    out,
+    outIndex: index,
+    outStride: 0,
+    logits: s.logits,
+    state: s.rng,
+    temperature: sampler.temperature,
+    topP: sampler.topP,
+  });
+}
+
+/**
+ * The replayable decode step over a cache of `L` positions: embedding of `acts.ids[0]` at
+ * `acts.positions[0]`, every layer (appending at the decode state's position, attending over all `L`
+ * cache positions through the mask), logits, sampling into `acts.ids[0]`, and the state's advance.
+ * Recorded once and cached by `L`, sampler and what the bind groups captured.
+ */
+function replayableStep(model: Model, s: DecodeState, acts: Activations, L: number, sampler: Sampler): Op[] {
+  const adapter = runningAdapter(model);
+  const params = adapter ? adapter.params.buffer : null;
+  const key = `${L}|${sampler.temperature > 0 ? `${sampler.temperature}|${sampler.topP}` : "greedy"}`;
+  const hit = s.steps.get(key);
+  if (hit && hit.adapter === adapter && hit.params === params && hit.acts === acts) return hit.ops;
+  const rec = new Recorder(model.gpu);
+  // past = L - 1 and one query: keyLen = L, queryOffset = L - 1, so the causal mask hides nothing and
+  // the cache mask alone decides which positions are visible
+  recordStep(rec, model, acts, s, L - 1, false, { ...s.kv, position: s.state }, true);
+  recordSample(rec, s, acts.ids, 0, sampler);
+  decodeAdvance(rec, s.state, acts.ids, s.tokens, acts.positions);
+  const ops = rec.take();
+  if (s.steps.size >= 16) s.steps.clear();
+  s.steps.set(key, { ops, adapter, params, acts });
+  return ops;
+}
+
+/**
+ * The replayed decode step of a greedy call with this prompt length and token budget (benchmarks:
+ * GPU time and host encoding time of one step). Running it moves the decode state on; the next
+ * generate call resets it.
+ *
+ * @param model The model.
+ * @param promptLen Prompt tokens.
+ * @param maxNewTokens New tokens.
+ * @returns The step's ops.
+ */
+export function decodeStepOps(model: Model, promptLen: number, maxNewTokens: number): Op[] {
+  const L = cacheLength(model, Math.min(promptLen + maxNewTokens, model.maxSeqLen));
+  const s = decodeState(model);
+  return replayableStep(model, s, activationsFor(model, 1, 1, false), L, { temperature: 0, topP: 1 });
+}
+
+/** The cache length of one generate call: prompt + new tokens rounded up to 64, at most maxSeqLen. */
+function cacheLength(model: Model, total: number): number {
+  return Math.min(model.maxSeqLen, Math.ceil(total / 64) * 64);
 }
 
 /**
@@ -207,29 +300,105 @@ export async function* generateStream(
   }
   const stop = new Set(options.stop ?? []);
   const chunk = Math.max(1, options.chunk ?? 8);
-  const gpu = model.gpu;
-  const s = decodeState(model);
-  writeTensor(gpu, s.rng, new Uint32Array([(options.seed ?? 0) >>> 0, 0, 0, 0]));
+  const sampler: Sampler = { temperature, topP };
+  const sw = model.config.slidingWindow;
+  const L = cacheLength(model, total);
+  // a sliding window needs the true query position, which the replayed step does not know
+  const replay = (options.replay ?? true) && !(sw && L > sw);
+  if (replay) yield* replayLoop(model, inputIds, total, chunk, stop, sampler, options.seed ?? 0, L);
+  else yield* recordingLoop(model, inputIds, total, chunk, stop, sampler, options.seed ?? 0);
+}
+
+/** Prefill of the prompt (and the adapter keys/values when stale), its logits in `s.logits`. */
+function recordPrefill(rec: Recorder, model: Model, s: DecodeState, inputIds: number[]): void {
   const adapter = runningAdapter(model);
   const refresh = adapter !== null && adapter.kvVersion !== adapter.version;
-  // prefill
   const pre = prepareBatch(model, { inputIds: [inputIds] });
   const preActs = activationsFor(model, 1, inputIds.length, false);
   uploadBatch(model, preActs, pre);
-  let rec = new Recorder(gpu);
   recordStep(rec, model, preActs, s, 0, refresh);
   if (adapter) adapter.kvVersion = adapter.version;
-  const sample = (r: Recorder, index: number) =>
-    sampleTokens(r, {
-      out: s.tokens,
-      outIndex: index,
-      outStride: 0,
-      logits: s.logits,
-      state: s.rng,
-      temperature,
-      topP,
-    });
-  sample(rec, 0);
+}
+
+/** The replaying decode loop (see the module doc). */
+async function* replayLoop(
+  model: Model,
+  inputIds: number[],
+  total: number,
+  chunk: number,
+  stop: Set<number>,
+  sampler: Sampler,
+  seed: number,
+  L: number,
+): AsyncGenerator<number, void, undefined> {
+  const gpu = model.gpu;
+  const s = decodeState(model);
+  const P = inputIds.length;
+  const stepActs = activationsFor(model, 1, 1, false);
+  const ops = replayableStep(model, s, stepActs, L, sampler);
+  writeTensor(gpu, s.rng, new Uint32Array([seed >>> 0, 0, 0, 0]));
+  // pos = P - 1: the prefill's advance moves it to P, the first generated token's position
+  writeTensor(gpu, s.state, new Uint32Array([P - 1, 0, 0, 0]));
+  const mask = new Int32Array(L);
+  mask.fill(1, 0, P);
+  gpu.device.queue.writeBuffer(s.kv.mask.buffer, s.kv.mask.offset, mask);
+  const rec = new Recorder(gpu);
+  recordPrefill(rec, model, s, inputIds);
+  recordSample(rec, s, stepActs.ids, 0, sampler);
+  decodeAdvance(rec, s.state, stepActs.ids, s.tokens, stepActs.positions);
+  rec.submit();
+  const budget = total - P;
+  if (budget <= 0) return;
+  // readbacks in flight: each resolves to the history's first `upto` tokens
+  const pending: { upto: number; ids: Promise<Uint8Array> }[] = [];
+  const read = (upto: number) => {
+    const ids = readBytes(gpu, s.tokens.buffer, s.tokens.offset, upto * 4, s.tokens.label);
+    ids.catch(() => {}); // abandoned after a stop token: never an unhandled rejection
+    pending.push({ upto, ids });
+  };
+  read(1); // the first token as soon as the prefill is done
+  let produced = 1; // tokens whose sampling is submitted
+  const encode = () => {
+    const k = Math.min(chunk, budget - produced);
+    if (k <= 0) return;
+    const all: Op[] = new Array(ops.length * k);
+    for (let i = 0; i < k; i++) for (let j = 0; j < ops.length; j++) all[i * ops.length + j] = ops[j]!;
+    runOps(gpu, all);
+    produced += k;
+    read(produced);
+  };
+  encode(); // one chunk queued behind the first readback
+  let delivered = 0;
+  while (delivered < budget) {
+    const next = pending.shift()!;
+    const bytes = await next.ids;
+    encode(); // keep the GPU busy while the host delivers
+    const ids = new Int32Array(bytes.buffer, bytes.byteOffset, next.upto);
+    for (let i = delivered; i < next.upto; i++) {
+      const id = ids[i]!;
+      yield id;
+      delivered++;
+      if (stop.has(id)) return;
+    }
+  }
+}
+
+/** The earlier loop: every step recorded anew with its position in uniforms (`replay: false`). */
+async function* recordingLoop(
+  model: Model,
+  inputIds: number[],
+  total: number,
+  chunk: number,
+  stop: Set<number>,
+  sampler: Sampler,
+  seed: number,
+): AsyncGenerator<number, void, undefined> {
+  const gpu = model.gpu;
+  const s = decodeState(model);
+  writeTensor(gpu, s.rng, new Uint32Array([seed >>> 0, 0, 0, 0]));
+  let rec = new Recorder(gpu);
+  recordPrefill(rec, model, s, inputIds);
+  recordSample(rec, s, s.tokens, 0, sampler);
   rec.submit();
   const stepActs = activationsFor(model, 1, 1, false);
   let produced = 0; // tokens recorded on the GPU
@@ -243,7 +412,7 @@ export async function* generateStream(
       rec = new Recorder(gpu);
       copyElements(rec, s.tokens, stepActs.ids, 1, produced, 0);
       recordStep(rec, model, stepActs, s, past, false);
-      sample(rec, produced + 1);
+      recordSample(rec, s, s.tokens, produced + 1, sampler);
       rec.submit();
       produced++;
     }

@@ -8,12 +8,11 @@
  */
 
 import { checkBufferFits, fmtBytes, getGpu } from "../gpu/device.ts";
-import { tensorFrom } from "../gpu/tensor.ts";
-import { computeRopeInvFreq, loadModelConfig } from "../io/hf_config.ts";
+import { loadModelConfig } from "../io/hf_config.ts";
 import { openCheckpoint } from "../io/safetensors.ts";
-import { GpuError, UnsupportedConfigError } from "../errors.ts";
+import { GpuError } from "../errors.ts";
 import { LAYOUTS } from "./layout.ts";
-import type { Model } from "./model.ts";
+import { assembleModel, type Model, resolveModelOptions } from "./model.ts";
 import { loadWeights, weightBytes } from "./weights.ts";
 
 /** Options of {@link loadModel}. */
@@ -60,24 +59,7 @@ export async function loadModel(source: string, options: LoadModelOptions = {}):
   const folder = await resolveFolder(source, options);
   const config = await loadModelConfig(folder);
   const gpu = await getGpu();
-  const dtype = options.dtype ?? "f32";
-  if (dtype === "f16" && !gpu.hasF16) {
-    throw new UnsupportedConfigError(
-      `dtype f16 needs the WebGPU feature shader-f16, which ${gpu.info.description} does not offer; use dtype f32`,
-    );
-  }
-  if (dtype !== "f32" && dtype !== "f16") {
-    throw new UnsupportedConfigError(`dtype must be f32 or f16, got ${dtype}`);
-  }
-  const maxSeqLen = options.maxSeqLen ?? Math.min(config.maxPositions, 4096);
-  if (!Number.isInteger(maxSeqLen) || maxSeqLen < 1) {
-    throw new UnsupportedConfigError(`maxSeqLen must be a positive integer, got ${maxSeqLen}`);
-  }
-  if (config.family === "gpt2" && maxSeqLen > config.maxPositions) {
-    throw new UnsupportedConfigError(
-      `maxSeqLen ${maxSeqLen} exceeds gpt2's ${config.maxPositions} learned positions (n_positions)`,
-    );
-  }
+  const { dtype, maxSeqLen } = resolveModelOptions(gpu, config, options);
   // fit check before uploading anything
   const need = weightBytes(config, dtype);
   const largest =
@@ -98,24 +80,7 @@ export async function loadModel(source: string, options: LoadModelOptions = {}):
       shape: (n) => checkpoint.tensors.get(n)!.shape,
       readF32: (n) => checkpoint.readTensor(n, "f32"),
     }, dtype);
-    const invFreq = LAYOUTS[config.family].rope
-      ? tensorFrom(gpu, Float32Array.from(computeRopeInvFreq(config)), undefined, "rope inv_freq")
-      : null;
-    return {
-      gpu,
-      config,
-      layout: LAYOUTS[config.family],
-      dtype,
-      weights,
-      invFreq,
-      maxSeqLen,
-      source,
-      folder,
-      adapters: new Map(),
-      active: null,
-      disabled: false,
-      activations: new Map(),
-    };
+    return assembleModel({ gpu, config, dtype, weights, maxSeqLen, source, folder });
   } finally {
     checkpoint.close();
   }

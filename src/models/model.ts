@@ -7,10 +7,11 @@
  */
 
 import type { Gpu } from "../gpu/device.ts";
-import type { Tensor } from "../gpu/tensor.ts";
-import type { ModelConfig } from "../io/hf_config.ts";
+import { type Tensor, tensorFrom } from "../gpu/tensor.ts";
+import { computeRopeInvFreq, type ModelConfig } from "../io/hf_config.ts";
+import { UnsupportedConfigError } from "../errors.ts";
 import type { AdapterState } from "../adapters/state.ts";
-import type { Layout } from "./layout.ts";
+import { type Layout, LAYOUTS } from "./layout.ts";
 import type { Weights } from "./weights.ts";
 import type { Activations } from "./activations.ts";
 
@@ -53,4 +54,68 @@ export interface Model {
 export function runningAdapter(model: Model): AdapterState | null {
   if (model.disabled || model.active === null) return null;
   return model.adapters.get(model.active) ?? null;
+}
+
+/**
+ * Checks the dtype and maximum sequence length asked for a model against the GPU and the config.
+ *
+ * @param gpu The GPU.
+ * @param config The model config.
+ * @param options `dtype` (default f32) and `maxSeqLen` (default: the config's maximum, at most 4096).
+ * @returns The settled dtype and maximum sequence length.
+ */
+export function resolveModelOptions(
+  gpu: Gpu,
+  config: ModelConfig,
+  options: { dtype?: "f32" | "f16"; maxSeqLen?: number },
+): { dtype: "f32" | "f16"; maxSeqLen: number } {
+  const dtype = options.dtype ?? "f32";
+  if (dtype !== "f32" && dtype !== "f16") {
+    throw new UnsupportedConfigError(`dtype must be f32 or f16, got ${dtype}`);
+  }
+  if (dtype === "f16" && !gpu.hasF16) {
+    throw new UnsupportedConfigError(
+      `dtype f16 needs the WebGPU feature shader-f16, which ${gpu.info.description} does not offer; use dtype f32`,
+    );
+  }
+  const maxSeqLen = options.maxSeqLen ?? Math.min(config.maxPositions, 4096);
+  if (!Number.isInteger(maxSeqLen) || maxSeqLen < 1) {
+    throw new UnsupportedConfigError(`maxSeqLen must be a positive integer, got ${maxSeqLen}`);
+  }
+  if (config.family === "gpt2" && maxSeqLen > config.maxPositions) {
+    throw new UnsupportedConfigError(
+      `maxSeqLen ${maxSeqLen} exceeds gpt2's ${config.maxPositions} learned positions (n_positions)`,
+    );
+  }
+  return { dtype, maxSeqLen };
+}
+
+/**
+ * Assembles a model with no adapter from its weights (loaded or random).
+ *
+ * @param parts GPU, config, dtype, weights, maximum sequence length, source and folder.
+ * @returns The model.
+ */
+export function assembleModel(parts: {
+  gpu: Gpu;
+  config: ModelConfig;
+  dtype: "f32" | "f16";
+  weights: Weights;
+  maxSeqLen: number;
+  source: string;
+  folder: string;
+}): Model {
+  const layout = LAYOUTS[parts.config.family];
+  const invFreq = layout.rope
+    ? tensorFrom(parts.gpu, Float32Array.from(computeRopeInvFreq(parts.config)), undefined, "rope inv_freq")
+    : null;
+  return {
+    ...parts,
+    layout,
+    invFreq,
+    adapters: new Map(),
+    active: null,
+    disabled: false,
+    activations: new Map(),
+  };
 }

@@ -14,11 +14,11 @@
 import { checkBufferFits, getGpu, type Gpu } from "../gpu/device.ts";
 import { splitRows, type Tensor, tensorFrom } from "../gpu/tensor.ts";
 import { f32ArrayToF16 } from "../io/dtype.ts";
-import { computeRopeInvFreq, type ModelConfig, normalizeConfig } from "../io/hf_config.ts";
+import { type ModelConfig, normalizeConfig } from "../io/hf_config.ts";
 import { UnsupportedConfigError } from "../errors.ts";
 import { Random } from "../train/rng.ts";
 import { type Layout, LAYOUTS } from "./layout.ts";
-import type { Model } from "./model.ts";
+import { assembleModel, type Model, resolveModelOptions } from "./model.ts";
 // loadWeights: named in docs only
 import type {
   LayerWeights,
@@ -348,43 +348,17 @@ export async function createRandomModel(
   options: RandomModelOptions = {},
 ): Promise<Model> {
   const gpu = await getGpu();
-  const dtype = options.dtype ?? "f32";
-  if (dtype !== "f32" && dtype !== "f16") {
-    throw new UnsupportedConfigError(`dtype must be f32 or f16, got ${dtype}`);
-  }
-  if (dtype === "f16" && !gpu.hasF16) {
-    throw new UnsupportedConfigError(
-      `dtype f16 needs the WebGPU feature shader-f16, which ${gpu.info.description} does not offer; use dtype f32`,
-    );
-  }
-  const maxSeqLen = options.maxSeqLen ?? Math.min(config.maxPositions, 4096);
-  if (!Number.isInteger(maxSeqLen) || maxSeqLen < 1) {
-    throw new UnsupportedConfigError(`maxSeqLen must be a positive integer, got ${maxSeqLen}`);
-  }
-  if (config.family === "gpt2" && maxSeqLen > config.maxPositions) {
-    throw new UnsupportedConfigError(
-      `maxSeqLen ${maxSeqLen} exceeds gpt2's ${config.maxPositions} learned positions (n_positions)`,
-    );
-  }
+  const { dtype, maxSeqLen } = resolveModelOptions(gpu, config, options);
   const seed = options.seed ?? 0;
   const layout = LAYOUTS[config.family];
   const weights = randomWeights(gpu, config, layout, dtype, seed);
-  const invFreq = layout.rope
-    ? tensorFrom(gpu, Float32Array.from(computeRopeInvFreq(config)), undefined, "rope inv_freq")
-    : null;
-  return {
+  return assembleModel({
     gpu,
     config,
-    layout,
     dtype,
     weights,
-    invFreq,
     maxSeqLen,
     source: `random:${config.modelType}:${seed}`,
     folder: "",
-    adapters: new Map(),
-    active: null,
-    disabled: false,
-    activations: new Map(),
-  };
+  });
 }

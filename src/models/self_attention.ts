@@ -22,6 +22,7 @@ import { adapterAttentionBackward, adapterAttentionForward } from "../../kernels
 import { ropeBackwardInPlace, ropeInPlace } from "../../kernels/rope.ts";
 import { addBiasRows, addInto } from "../../kernels/activation.ts";
 import { copyElements } from "../../kernels/fill.ts";
+import { kvCacheAppend } from "../../kernels/kv_cache.ts";
 import { gateView, promptView } from "../adapters/state.ts";
 import type { AdapterState } from "../adapters/state.ts";
 import type { Activations, LayerActivations } from "./activations.ts";
@@ -41,6 +42,12 @@ export interface KvCache {
   readonly batch: number;
   /** HF attention mask of the cached positions (B, Smax) i32; the decoder writes it as tokens arrive. */
   readonly mask: Tensor;
+  /**
+   * Replayable decode: the decode state u32 (4) whose element 0 is the cache position of this step's
+   * first token. When set, keys/values are appended there by a kernel that reads it (and sets the mask
+   * to 1 there) instead of at `past` through a uniform, so the step's dispatches are the same every step.
+   */
+  readonly position?: Tensor;
 }
 
 /** Everything one layer's forward or backward needs. */
@@ -139,10 +146,19 @@ export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
     const width = c.numKvHeads * c.headDim;
     keys = kv.k[ctx.layer]!;
     values = kv.v[ctx.layer]!;
-    for (let b = 0; b < acts.B; b++) {
-      const dst = (b * kv.maxLen + past) * width;
-      copyElements(rec, la.k, keys, acts.T * width, b * acts.T * width, dst);
-      copyElements(rec, la.v, values, acts.T * width, b * acts.T * width, dst);
+    if (kv.position) {
+      kvCacheAppend(rec, keys, values, kv.mask, la.k, la.v, kv.position, {
+        batch: acts.B,
+        tokens: acts.T,
+        width,
+        maxLen: kv.maxLen,
+      });
+    } else {
+      for (let b = 0; b < acts.B; b++) {
+        const dst = (b * kv.maxLen + past) * width;
+        copyElements(rec, la.k, keys, acts.T * width, b * acts.T * width, dst);
+        copyElements(rec, la.v, values, acts.T * width, b * acts.T * width, dst);
+      }
     }
   }
   const mask = ctx.masked ? (ctx.cache ? ctx.cache.kv.mask : acts.mask) : null;
