@@ -9,7 +9,12 @@
  * @module
  */
 
-import { attentionBackward, attentionForward, type AttentionOptions } from "../kernels/attention.ts";
+import {
+  attentionBackward,
+  attentionForward,
+  type AttentionOptions,
+  attentionTuning,
+} from "../kernels/attention.ts";
 import { adapterAttentionBackward, adapterAttentionForward } from "../kernels/adapter_attention.ts";
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
@@ -40,7 +45,9 @@ const B = full ? 4 : 1;
 const T = full ? 512 : 64;
 const DECODE_S = full ? [128, 384, 640] : [32];
 const L = 10;
-const REPEATS = full ? 20 : 2;
+// PROMPTGATE_BENCH_COMPARE=1 (default) also times the first kernels (attentionTuning.tiled = false) in
+// the same run, per whole call and per dispatch
+const compare = (Deno.env.get("PROMPTGATE_BENCH_COMPARE") ?? "1") === "1";
 
 function rand(n: number, seed: number): Float32Array {
   const a = new Float32Array(n);
@@ -55,19 +62,64 @@ function rand(n: number, seed: number): Float32Array {
 const rows: Record<string, string | number>[] = [];
 const replay: { name: string; ops: Op[] }[] = [];
 
+/**
+ * Median ms of `ops` (repeated in one pass) after ≥ 60 ms of warm-up on them, from 3 timed windows of
+ * ≥ 15 ms of GPU work (the H200 idles at 345 MHz and reaches 1980 MHz only under load; the helper of
+ * bench/matmul_bench.ts).
+ */
+async function warmMedian(ops: Op[]): Promise<number> {
+  const first = await timeOps(gpu, ops, 1);
+  const est = Math.max(first.ms, 1e-3);
+  const warm = await timeOps(gpu, ops, Math.min(4000, Math.max(2, Math.ceil((full ? 60 : 5) / est))));
+  const repeats = Math.min(4000, Math.max(3, Math.ceil((full ? 15 : 2) / Math.max(warm.ms, 1e-3))));
+  const samples: number[] = [];
+  for (let i = 0; i < 3; i++) samples.push((await timeOps(gpu, ops, repeats)).ms);
+  samples.sort((a, b) => a - b);
+  return samples[1]!;
+}
+
+/** Records with the first kernels (`before`) or the current ones, runs once, returns the ops. */
+function recordWith(before: boolean, record: (rec: Recorder) => void): Op[] {
+  attentionTuning.tiled = !before;
+  try {
+    const rec = new Recorder(gpu);
+    record(rec);
+    return rec.take();
+  } finally {
+    attentionTuning.tiled = true;
+  }
+}
+
+const kernelRows: Record<string, string | number>[] = [];
+
+/** Times the whole op list and each dispatch alone, before (first kernels) and after. */
 async function measure(name: string, record: (rec: Recorder) => void, flops: number): Promise<number> {
-  const rec = new Recorder(gpu);
-  record(rec);
-  const ops = rec.take();
-  runOps(gpu, ops); // warm up (compiles pipelines, creates bind groups)
-  await gpu.device.queue.onSubmittedWorkDone();
-  const { ms } = await timeOps(gpu, ops, REPEATS);
+  const result: Record<string, number> = {};
+  for (const before of compare ? [true, false] : [false]) {
+    const ops = recordWith(before, record);
+    runOps(gpu, ops); // warm up (compiles pipelines, creates bind groups); also fills lse/stats
+    await gpu.device.queue.onSubmittedWorkDone();
+    const ms = await warmMedian(ops);
+    result[before ? "before" : "after"] = ms;
+    if (!before) replay.push({ name, ops });
+    if (ops.length > 1 || compare) {
+      for (const op of ops) {
+        const label = op.label.split("|")[0]!;
+        const kms = await warmMedian([op]);
+        const row = kernelRows.find((r) => r.case === name && r.kernel === label) ??
+          (kernelRows.push({ case: name, kernel: label }), kernelRows[kernelRows.length - 1]!);
+        row[before ? "before ms" : "after ms"] = +kms.toFixed(4);
+      }
+    }
+  }
+  const ms = result.after!;
   rows.push({
     kernel: name,
+    ...(compare ? { "before ms": +result.before!.toFixed(4) } : {}),
     ms: +ms.toFixed(4),
+    ...(compare ? { speedup: +(result.before! / ms).toFixed(2) } : {}),
     "GFLOP/s": flops > 0 ? +(flops / ms / 1e6).toFixed(1) : "-",
   });
-  replay.push({ name, ops });
   return ms;
 }
 
@@ -160,7 +212,15 @@ for (const m of MODELS) {
   }
 }
 
+console.log(`attention on ${adapterReport(gpu).description} (${full ? "full" : "small"} shapes)`);
 console.table(rows);
+console.log("per dispatch (each timed alone, warmed):");
+for (const r of kernelRows) {
+  if (typeof r["before ms"] === "number" && typeof r["after ms"] === "number") {
+    r.speedup = +(r["before ms"] / r["after ms"]).toFixed(2);
+  }
+}
+console.table(kernelRows);
 
 for (const { name, ops } of replay) {
   Deno.bench(name, async () => {

@@ -11,6 +11,10 @@
  * query rows and over the query heads that share the key/value head), and one pass parallel over query
  * blocks computes dq. Both recompute `p = exp(s - lse)` from q, k and the saved lse.
  *
+ * For D ≤ 64 and T ≥ 48 the forward and the dk/dv pass use tiled kernels (see "Tiled kernels" below): the
+ * dk/dv pass then runs one workgroup per (key block, query head, batch) and, under GQA, writes per-head
+ * partials that a second small kernel sums in a fixed order (still deterministic, no atomics).
+ *
  * Semantics follow HF eager/sdpa attention: `s = q·k * scale`; keys hidden by the causal mask, the
  * padding mask (HF `attention_mask`, 0 = padded key) or the sliding window (`i - j < window`, i.e. HF's
  * `kv_idx > q_idx - sliding_window`) get `-inf`; softmax in f32; `out = p·v`. A query row whose keys are
@@ -126,6 +130,7 @@ const PARAMS = `struct P {
   B: u32, T: u32, S: u32, H: u32,
   Hkv: u32, kvStride: u32, qOff: u32, window: u32,
   causal: u32, useMask: u32, flag: u32, scale: f32,
+  outPerHead: u32, gridStride: u32, _b: u32, _c: u32,
 }`;
 
 // Key j is visible to query position i (both absolute positions) in batch row b.
@@ -138,7 +143,14 @@ fn visible(b: u32, i: u32, j: u32) -> bool {
   return true;
 }`;
 
-function params(r: Resolved, useMask: boolean, flag: number, scale: number): (number | { f32: number })[] {
+function params(
+  r: Resolved,
+  useMask: boolean,
+  flag: number,
+  scale: number,
+  outPerHead = 0,
+  gridStride = 0,
+): (number | { f32: number })[] {
   return [
     r.B,
     r.T,
@@ -152,6 +164,10 @@ function params(r: Resolved, useMask: boolean, flag: number, scale: number): (nu
     useMask ? 1 : 0,
     flag,
     f32(scale),
+    outPerHead,
+    gridStride,
+    0,
+    0,
   ];
 }
 
@@ -297,6 +313,430 @@ ${each(DVn, (c) => `    ${vecStore(D, c, "out", "ob", `(o${c} * inv)`, "")}`)}
 }`);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Tiled kernels (D ≤ 64, the model shapes): every tile (rows of q / dout / k / v) sits in workgroup memory
+// as rows of vec4 padded to an odd stride (no bank conflicts), and 128 threads work as a 16 × 8 grid: in
+// the score phase thread (ra, ca) computes an RT × KT block of scores (rows RT*ra + i, columns ca + 8j)
+// from vec4 dot products, in the accumulation phase it owns the same RT rows and the vec4 columns
+// ca + 8*cc of the output. Probabilities / score gradients travel between the phases through workgroup
+// memory. No per-key barriers: three or four per tile of 16-32 keys or queries.
+
+const TILE_MAX_D = 64;
+const NT = 128; // threads per tiled workgroup: 16 row groups × 8 column groups
+
+function oddStride(DVn: number): number {
+  return DVn % 2 === 0 ? DVn + 1 : DVn;
+}
+
+/** WGSL statements filling the vec4 `dst` from `arr[base ..]`, only the components below D. */
+function gather(D: number, dst: string, arr: string, base: string, c: string): string {
+  if (D % 4 === 0) {
+    return `${dst} = vec4<f32>(${arr}[${base}], ${arr}[${base} + 1u], ${arr}[${base} + 2u], ${arr}[${base} + 3u]);`;
+  }
+  return `${dst}.x = ${arr}[${base}]; ` +
+    [1, 2, 3].map((e) => `if (4u * ${c} + ${e}u < D) { ${dst}.${"xyzw"[e]} = ${arr}[${base} + ${e}u]; }`)
+      .join(" ");
+}
+
+/** WGSL statements storing the vec4 `value` at `arr[base ..]` (runtime column c), adding when `addIf`. */
+function scatter(D: number, arr: string, base: string, c: string, value: string, addIf: string): string {
+  const out: string[] = [];
+  for (let e = 0; e < 4; e++) {
+    const idx = `${arr}[${base} + ${e}u]`;
+    const val = `${value}.${"xyzw"[e]}`;
+    let st = addIf
+      ? `if (${addIf}) { ${idx} = ${idx} + ${val}; } else { ${idx} = ${val}; }`
+      : `${idx} = ${val};`;
+    if (D % 4 !== 0 && e > 0) st = `if (4u * ${c} + ${e}u < D) { ${st} }`;
+    out.push(st);
+  }
+  return out.join(" ");
+}
+
+function range(n: number): number[] {
+  return Array.from({ length: n }, (_, i) => i);
+}
+
+/** Loop loading `rows` rows (local index r, global row expression of r) of one or two tensors. */
+function loadTile(
+  D: number,
+  rows: number,
+  dsts: [string, string][],
+  validExpr: string,
+  baseExpr: string,
+): string {
+  return `for (var x = tid; x < ${rows}u * DV; x += ${NT}u) {
+    let r = x / DV;
+    let c = x % DV;
+${dsts.map(([d]) => `    var v_${d} = vec4<f32>(0.0);`).join("\n")}
+    if (${validExpr}) {
+      let base = ${baseExpr} + 4u * c;
+${dsts.map(([d, src]) => `      ${gather(D, `v_${d}`, src, "base", "c")}`).join("\n")}
+    }
+${dsts.map(([d]) => `    ${d}[r * SV + c] = v_${d};`).join("\n")}
+  }`;
+}
+
+function tiledHeader(D: number): string {
+  const DVn = dv(D);
+  return `const D: u32 = ${D}u;
+const DV: u32 = ${DVn}u;
+const SV: u32 = ${oddStride(DVn)}u;
+const NEG: f32 = ${NEG};`;
+}
+
+/** Column guard of the accumulation phase: vec4 column ca + 8*cc exists. */
+function colGuard(DVn: number, cc: number): string {
+  return (cc + 1) * 8 <= DVn ? "true" : `ca + ${8 * cc}u < DV`;
+}
+
+function forwardTiledKernel(D: number): Kernel {
+  const DVn = dv(D);
+  const RT = 4;
+  const KT = 2;
+  const BQ = 16 * RT;
+  const BK = 8 * KT;
+  const PS = BQ + 1;
+  const NCB = Math.ceil(DVn / 8);
+  const SVn = oddStride(DVn);
+  const I = range(RT);
+  const J = range(KT);
+  const CC = range(NCB);
+  return defineKernel("attention_fwd", { D, tiled: 1 }, [
+    "read",
+    "read",
+    "read",
+    "read",
+    "write",
+    "write",
+    "uniform",
+  ], () => `
+${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> mask: array<i32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(6) var<uniform> p: P;
+${tiledHeader(D)}
+var<workgroup> Qs: array<vec4<f32>, ${BQ * SVn}>;
+var<workgroup> Ks: array<vec4<f32>, ${BK * SVn}>;
+var<workgroup> Vs: array<vec4<f32>, ${BK * SVn}>;
+var<workgroup> Pt: array<f32, ${BK * PS}>;
+var<workgroup> Cs: array<f32, ${BQ}>;
+${VISIBLE}
+@compute @workgroup_size(${NT}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  let t0 = wid.x * ${BQ}u;
+  let h = wid.y;
+  let b = wid.z;
+  let kvh = h / (p.H / p.Hkv);
+  let ra = tid / 8u;
+  let ca = tid % 8u;
+  let rb = ${RT}u * ra;
+  ${loadTile(D, BQ, [["Qs", "q"]], "t0 + r < p.T", "((b * p.T + t0 + r) * p.H + h) * D")}
+  var m = NEG;
+  var l = 0.0;
+${I.flatMap((i) => CC.map((cc) => `  var o${i}_${cc} = vec4<f32>(0.0);`)).join("\n")}
+  let tLast = min(t0 + ${BQ}u, p.T) - 1u;
+  let kEnd = select(p.S, min(p.S, p.qOff + tLast + 1u), p.causal != 0u);
+  let iFirst = p.qOff + t0;
+  let kStart = select(0u, iFirst + 1u - p.window, p.window != 0u && iFirst + 1u > p.window);
+  for (var k0 = kStart; k0 < kEnd; k0 += ${BK}u) {
+    workgroupBarrier();
+    ${
+    loadTile(
+      D,
+      BK,
+      [["Ks", "k"], ["Vs", "v"]],
+      "k0 + r < kEnd",
+      "((b * p.kvStride + k0 + r) * p.Hkv + kvh) * D",
+    )
+  }
+    workgroupBarrier();
+${I.flatMap((i) => J.map((j) => `    var s${i}_${j} = 0.0;`)).join("\n")}
+    for (var c = 0u; c < DV; c++) {
+${I.map((i) => `      let q${i} = Qs[(rb + ${i}u) * SV + c];`).join("\n")}
+${J.map((j) => `      let k${j} = Ks[(ca + ${8 * j}u) * SV + c];`).join("\n")}
+${I.flatMap((i) => J.map((j) => `      s${i}_${j} = s${i}_${j} + dot(q${i}, k${j});`)).join("\n")}
+    }
+${
+    I.flatMap((i) =>
+      J.map((j) =>
+        `    {
+      let t = t0 + rb + ${i}u;
+      let j = k0 + ca + ${8 * j}u;
+      var s = NEG;
+      if (t < p.T && j < kEnd && visible(b, p.qOff + t, j)) { s = s${i}_${j} * p.scale; }
+      Pt[(ca + ${8 * j}u) * ${PS}u + rb + ${i}u] = s;
+    }`
+      )
+    ).join("\n")
+  }
+    workgroupBarrier();
+    if (tid < ${BQ}u) {
+      var mb = NEG;
+      for (var jj = 0u; jj < ${BK}u; jj++) { mb = max(mb, Pt[jj * ${PS}u + tid]); }
+      let mNew = max(m, mb);
+      let corr = exp(m - mNew);
+      var ls = 0.0;
+      for (var jj = 0u; jj < ${BK}u; jj++) {
+        let s = Pt[jj * ${PS}u + tid];
+        let pj = select(0.0, exp(s - mNew), s > NEG * 0.5);
+        ls = ls + pj;
+        Pt[jj * ${PS}u + tid] = pj;
+      }
+      l = l * corr + ls;
+      m = mNew;
+      Cs[tid] = corr;
+    }
+    workgroupBarrier();
+${
+    I.map((i) =>
+      `    let cr${i} = Cs[rb + ${i}u];\n${
+        CC.map((cc) => `    o${i}_${cc} = o${i}_${cc} * cr${i};`).join("\n")
+      }`
+    ).join("\n")
+  }
+    for (var jj = 0u; jj < ${BK}u; jj++) {
+${I.map((i) => `      let p${i} = Pt[jj * ${PS}u + rb + ${i}u];`).join("\n")}
+${
+    CC.map((cc) =>
+      `      if (${colGuard(DVn, cc)}) {
+        let vv = Vs[jj * SV + ca + ${8 * cc}u];
+${I.map((i) => `        o${i}_${cc} = o${i}_${cc} + p${i} * vv;`).join("\n")}
+      }`
+    ).join("\n")
+  }
+    }
+  }
+  workgroupBarrier();
+  if (tid < ${BQ}u) {
+    Cs[tid] = select(0.0, 1.0 / l, l > 0.0);
+    let t = t0 + tid;
+    if (p.flag != 0u && t < p.T) { lse[(b * p.H + h) * p.T + t] = select(0.0, m + log(l), l > 0.0); }
+  }
+  workgroupBarrier();
+${
+    I.map((i) =>
+      `  {
+    let t = t0 + rb + ${i}u;
+    if (t < p.T) {
+      let inv = Cs[rb + ${i}u];
+      let ob = ((b * p.T + t) * p.H + h) * D;
+${
+        CC.map((cc) =>
+          `      if (${colGuard(DVn, cc)}) {
+        let c = ca + ${8 * cc}u;
+        ${scatter(D, "out", "ob + 4u * c", "c", `(o${i}_${cc} * inv)`, "")}
+      }`
+        ).join("\n")
+      }
+    }
+  }`
+    ).join("\n")
+  }
+}`);
+}
+
+function dkdvTiledKernel(D: number): Kernel {
+  const DVn = dv(D);
+  const RT = 2; // keys per thread
+  const KT = 2; // queries per thread
+  const BK = 16 * RT;
+  const BQ = 8 * KT;
+  const PS = BK + 1;
+  const NCB = Math.ceil(DVn / 8);
+  const SVn = oddStride(DVn);
+  const I = range(RT);
+  const J = range(KT);
+  const CC = range(NCB);
+  return defineKernel(
+    "attention_bwd_dkdv",
+    { D, tiled: 1 },
+    ["read", "read", "read", "read", "read", "read", "write", "write", "uniform"],
+    () => `
+${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> mask: array<i32>;
+@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(5) var<storage, read> stats: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dv: array<f32>;
+@group(0) @binding(8) var<uniform> p: P;
+${tiledHeader(D)}
+var<workgroup> Ks: array<vec4<f32>, ${BK * SVn}>;
+var<workgroup> Vs: array<vec4<f32>, ${BK * SVn}>;
+var<workgroup> Qs: array<vec4<f32>, ${BQ * SVn}>;
+var<workgroup> Os: array<vec4<f32>, ${BQ * SVn}>;
+var<workgroup> Pt: array<f32, ${BQ * PS}>;
+var<workgroup> St: array<f32, ${BQ * PS}>;
+var<workgroup> Ls: array<f32, ${BQ}>;
+var<workgroup> Ds: array<f32, ${BQ}>;
+${VISIBLE}
+@compute @workgroup_size(${NT}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  let k0 = wid.x * ${BK}u;
+  let h = wid.y;
+  let b = wid.z;
+  let kvh = h / (p.H / p.Hkv);
+  let ra = tid / 8u;
+  let ca = tid % 8u;
+  let rb = ${RT}u * ra;
+  ${
+      loadTile(
+        D,
+        BK,
+        [["Ks", "k"], ["Vs", "v"]],
+        "k0 + r < p.S",
+        "((b * p.kvStride + k0 + r) * p.Hkv + kvh) * D",
+      )
+    }
+${
+      I.flatMap((i) =>
+        CC.map((cc) => `  var gk${i}_${cc} = vec4<f32>(0.0);\n  var gv${i}_${cc} = vec4<f32>(0.0);`)
+      ).join("\n")
+    }
+  let BHT = p.B * p.H * p.T;
+  let kLast = min(k0 + ${BK}u, p.S) - 1u;
+  // query rows that can see some key of this block: causal needs i >= k0, the window i < kLast + window
+  let tStart = select(0u, select(0u, k0 - p.qOff, k0 > p.qOff), p.causal != 0u);
+  let tEnd = select(p.T, min(p.T, select(0u, kLast + p.window - p.qOff, kLast + p.window > p.qOff)), p.window != 0u);
+  for (var t0 = tStart; t0 < tEnd; t0 += ${BQ}u) {
+    workgroupBarrier();
+    ${loadTile(D, BQ, [["Qs", "q"], ["Os", "dout"]], "t0 + r < p.T", "((b * p.T + t0 + r) * p.H + h) * D")}
+    if (tid < ${BQ}u) {
+      let t = min(t0 + tid, p.T - 1u);
+      Ls[tid] = stats[(b * p.H + h) * p.T + t];
+      Ds[tid] = stats[BHT + (b * p.H + h) * p.T + t];
+    }
+    workgroupBarrier();
+${I.flatMap((i) => J.map((j) => `    var s${i}_${j} = 0.0;\n    var e${i}_${j} = 0.0;`)).join("\n")}
+    for (var c = 0u; c < DV; c++) {
+${
+      I.map((i) =>
+        `      let k${i} = Ks[(rb + ${i}u) * SV + c];\n      let v${i} = Vs[(rb + ${i}u) * SV + c];`
+      ).join("\n")
+    }
+${
+      J.map((j) =>
+        `      let q${j} = Qs[(ca + ${8 * j}u) * SV + c];\n      let o${j} = Os[(ca + ${8 * j}u) * SV + c];`
+      ).join("\n")
+    }
+${
+      I.flatMap((i) =>
+        J.map((j) =>
+          `      s${i}_${j} = s${i}_${j} + dot(k${i}, q${j});\n      e${i}_${j} = e${i}_${j} + dot(v${i}, o${j});`
+        )
+      ).join("\n")
+    }
+    }
+${
+      I.flatMap((i) =>
+        J.map((j) =>
+          `    {
+      let key = k0 + rb + ${i}u;
+      let t = t0 + ca + ${8 * j}u;
+      var pr = 0.0;
+      var ds = 0.0;
+      if (key < p.S && t < p.T && visible(b, p.qOff + t, key)) {
+        pr = exp(s${i}_${j} * p.scale - Ls[ca + ${8 * j}u]);
+        ds = pr * (e${i}_${j} - Ds[ca + ${8 * j}u]);
+      }
+      Pt[(ca + ${8 * j}u) * ${PS}u + rb + ${i}u] = pr;
+      St[(ca + ${8 * j}u) * ${PS}u + rb + ${i}u] = ds;
+    }`
+        )
+      ).join("\n")
+    }
+    workgroupBarrier();
+    for (var jj = 0u; jj < ${BQ}u; jj++) {
+${
+      I.map((i) =>
+        `      let p${i} = Pt[jj * ${PS}u + rb + ${i}u];\n      let d${i} = St[jj * ${PS}u + rb + ${i}u];`
+      ).join("\n")
+    }
+${
+      CC.map((cc) =>
+        `      if (${colGuard(DVn, cc)}) {
+        let ov = Os[jj * SV + ca + ${8 * cc}u];
+        let qv = Qs[jj * SV + ca + ${8 * cc}u];
+${
+          I.map((i) =>
+            `        gv${i}_${cc} = gv${i}_${cc} + p${i} * ov;\n        gk${i}_${cc} = gk${i}_${cc} + d${i} * qv;`
+          ).join("\n")
+        }
+      }`
+      ).join("\n")
+    }
+    }
+  }
+  // per-head partials (GQA: summed by attention_bwd_dkdv_reduce) or, with one head per group, dk/dv
+  let per = p.outPerHead != 0u;
+  let oh = select(kvh, h, per);
+  let nh = select(p.Hkv, p.H, per);
+  let ost = select(p.kvStride, p.S, per);
+${
+      I.map((i) =>
+        `  {
+    let key = k0 + rb + ${i}u;
+    if (key < p.S) {
+      let ob = ((b * ost + key) * nh + oh) * D;
+${
+          CC.map((cc) =>
+            `      if (${colGuard(DVn, cc)}) {
+        let c = ca + ${8 * cc}u;
+        ${scatter(D, "dk", "ob + 4u * c", "c", `(gk${i}_${cc} * p.scale)`, "p.flag != 0u")}
+        ${scatter(D, "dv", "ob + 4u * c", "c", `gv${i}_${cc}`, "p.flag != 0u")}
+      }`
+          ).join("\n")
+        }
+    }
+  }`
+      ).join("\n")
+    }
+}`,
+  );
+}
+
+/** Sums the per-query-head dk/dv partials `(B, S, H, D)` of a GQA group in a fixed order. */
+function dkdvReduceKernel(D: number): Kernel {
+  return defineKernel(
+    "attention_bwd_dkdv_reduce",
+    { D },
+    ["read", "read", "write", "write", "uniform"],
+    () => `
+${PARAMS}
+@group(0) @binding(0) var<storage, read> pk: array<f32>;
+@group(0) @binding(1) var<storage, read> pv: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dk: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dv: array<f32>;
+@group(0) @binding(4) var<uniform> p: P;
+const D: u32 = ${D}u;
+@compute @workgroup_size(256) fn main(@builtin(global_invocation_id) g: vec3u) {
+  let idx = g.x + g.y * p.gridStride;
+  if (idx >= p.B * p.S * p.Hkv * D) { return; }
+  let d = idx % D;
+  let rest = idx / D;
+  let kvh = rest % p.Hkv;
+  let bj = rest / p.Hkv;
+  let j = bj % p.S;
+  let b = bj / p.S;
+  let group = p.H / p.Hkv;
+  var sk = 0.0;
+  var sv = 0.0;
+  let base = ((b * p.S + j) * p.H + kvh * group) * D + d;
+  for (var hh = 0u; hh < group; hh++) {
+    sk = sk + pk[base + hh * D];
+    sv = sv + pv[base + hh * D];
+  }
+  let o = ((b * p.kvStride + j) * p.Hkv + kvh) * D + d;
+  if (p.flag != 0u) { dk[o] = dk[o] + sk; dv[o] = dv[o] + sv; } else { dk[o] = sk; dv[o] = sv; }
+}`,
+  );
+}
+
 const dummies = new WeakMap<GPUDevice, Tensor>();
 
 function dummy(rec: Recorder): Tensor {
@@ -344,6 +784,15 @@ export function attentionForward(
   const r = resolve(opts);
   checkShapes(r, q, k, v, mask);
   const R = r.T >= 48 ? 64 : Math.min(32, 2 ** Math.ceil(Math.log2(Math.max(1, r.T))));
+  if (R === 64 && r.D <= TILE_MAX_D && attentionTuning.tiled) {
+    rec.dispatch(
+      forwardTiledKernel(r.D),
+      [q, k, v, mask ?? q, out, lse ?? dummy(rec)],
+      params(r, mask !== null, lse ? 1 : 0, opts.scale),
+      [Math.ceil(r.T / 64), r.H, r.B],
+    );
+    return;
+  }
   rec.dispatch(
     forwardKernel(r.D, R),
     [q, k, v, mask ?? q, out, lse ?? dummy(rec)],
@@ -544,6 +993,25 @@ ${each(DVn, (c) => `    ${vecStore(D, c, "dq", "qb", `(g${c} * p.scale)`, "p.fla
 }
 
 const statsCache = new WeakMap<GPUBuffer, Tensor>();
+const partialsCache = new WeakMap<GPUBuffer, [Tensor, Tensor]>();
+
+/** Scratch for the per-query-head dk and dv partials `(B, S, H, D)`, cached per dk buffer. */
+function partialsScratch(rec: Recorder, dk: Tensor, n: number): [Tensor, Tensor] {
+  const hit = partialsCache.get(dk.buffer);
+  if (hit && hit[0].size >= n) return hit;
+  const t: [Tensor, Tensor] = [
+    createTensor(rec.gpu, [n], "f32", "attention dk partials"),
+    createTensor(rec.gpu, [n], "f32", "attention dv partials"),
+  ];
+  partialsCache.set(dk.buffer, t);
+  return t;
+}
+
+/**
+ * Kernel choice, for benchmarks and tests: `tiled: false` forces the first (per-row / per-key thread)
+ * kernels everywhere; by default the tiled kernels run for D ≤ 64 (the forward from 48 query rows).
+ */
+export const attentionTuning: { tiled: boolean } = { tiled: true };
 
 /** Scratch `[lse | Di]`, each `(B, H, T)`, cached per dq buffer (no allocation on replays). */
 function statsScratch(rec: Recorder, dq: Tensor, n: number): Tensor {
@@ -597,6 +1065,35 @@ export function attentionBackward(
   const flag = opts.accumulate ? 1 : 0;
   const m = mask ?? q;
   const prm = params(r, mask !== null, flag, opts.scale);
-  rec.dispatch(dkdvKernel(r.D), [q, k, v, m, dout, stats, dk, dv], prm, [Math.ceil(r.S / BKB), r.Hkv, r.B]);
+  const group = r.H / r.Hkv;
+  const partN = r.B * r.S * r.H * r.D;
+  const partsFit = group === 1 || partN * 4 <= rec.gpu.limits.maxStorageBufferBindingSize;
+  if (r.D > TILE_MAX_D || !attentionTuning.tiled || !partsFit) {
+    rec.dispatch(dkdvKernel(r.D), [q, k, v, m, dout, stats, dk, dv], prm, [Math.ceil(r.S / BKB), r.Hkv, r.B]);
+    rec.dispatch(dqKernel(r.D), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
+    return;
+  }
+  const kvGrid: [number, number, number] = [Math.ceil(r.S / 32), r.H, r.B];
+  if (group === 1) {
+    rec.dispatch(dkdvTiledKernel(r.D), [q, k, v, m, dout, stats, dk, dv], prm, kvGrid);
+  } else {
+    // one workgroup per (key block, query head): partials per query head, summed in a fixed order
+    const [pk, pv] = partialsScratch(rec, dk, partN);
+    rec.dispatch(
+      dkdvTiledKernel(r.D),
+      [q, k, v, m, dout, stats, pk, pv],
+      params(r, mask !== null, 0, opts.scale, 1),
+      kvGrid,
+    );
+    const rg = grid1d(r.B * r.S * r.Hkv * r.D, 256);
+    rec.dispatch(
+      dkdvReduceKernel(r.D),
+      [pk, pv, dk, dv],
+      params(r, false, flag, opts.scale, 0, rg.stride),
+      rg.groups,
+    );
+  }
+  // dq: the per-row kernel (q, dout and dq in registers, k/v tiles broadcast) measured faster than a
+  // tiled one here (H200, 2026-11-27: TinyLlama 0.72 vs 1.04 ms)
   rec.dispatch(dqKernel(r.D), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
 }
