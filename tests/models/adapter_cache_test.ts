@@ -1,0 +1,48 @@
+/**
+ * The adapter keys/values that decoding caches per adapter are invalidated when the prompt changes:
+ * after optimizer steps (and after switching adapters) greedy `generate` still equals greedy decoding
+ * by full forwards, which recompute everything.
+ */
+import assert from "node:assert/strict";
+import { join } from "../../src/_std.ts";
+import {
+  addAdaptionPrompt,
+  createOptimizer,
+  forward,
+  generate,
+  loadModel,
+  type Model,
+  setAdapter,
+} from "../../mod.ts";
+
+const MODEL = join(new URL("../fixtures/golden/", import.meta.url).pathname, "llama_gqa_pad", "model");
+
+async function greedyByForward(model: Model, prompt: number[], n: number): Promise<number[]> {
+  const V = model.config.vocabSize;
+  const seq = [...prompt];
+  for (let i = 0; i < n; i++) {
+    const { logits } = await forward(model, { inputIds: [seq] });
+    const last = logits.subarray((seq.length - 1) * V, seq.length * V);
+    let best = 0;
+    for (let v = 1; v < V; v++) if (last[v]! > last[best]!) best = v;
+    seq.push(best);
+  }
+  return seq.slice(prompt.length);
+}
+
+Deno.test("cached adapter keys/values follow training steps and adapter switches", async () => {
+  const model = await loadModel(MODEL, { maxSeqLen: 32 });
+  const prompt = [7, 3, 99, 140, 12];
+  addAdaptionPrompt(model, { adapterLen: 4, adapterLayers: 3, name: "a", seed: 1 });
+  const before = await generate(model, prompt, { maxNewTokens: 6 }); // caches a's keys/values (gate 0)
+  const ids = [[5, 9, 200, 17, 64, 33, 8, 120, 77, 2]];
+  const opt = createOptimizer(model, { lr: 0.2, weightDecay: 0 });
+  for (let i = 0; i < 4; i++) await opt.step({ inputIds: ids, labels: ids });
+  const after = await generate(model, prompt, { maxNewTokens: 6 });
+  assert.deepEqual(after, await greedyByForward(model, prompt, 6));
+  assert.notDeepEqual(after, before, "training with lr 0.2 should change the greedy continuation");
+  addAdaptionPrompt(model, { adapterLen: 2, adapterLayers: 1, name: "b", seed: 2 });
+  assert.deepEqual(await generate(model, prompt, { maxNewTokens: 6 }), before); // b is fresh: the base model
+  setAdapter(model, "a");
+  assert.deepEqual(await generate(model, prompt, { maxNewTokens: 6 }), after);
+});
