@@ -7,11 +7,12 @@
  * The decode step is replayable: nothing in its dispatches changes from step to step. The position
  * lives in a GPU decode state (`kernels/kv_cache.ts`) that the step's last kernel advances; keys and
  * values are appended at that position by a kernel that also sets the cache mask there; RoPE /
- * position-embedding positions are written by that kernel too; attention runs over the whole cache of
- * the call's length `L` (prompt + new tokens, rounded up to 64) with the mask hiding what is not
- * written yet (bit-identical to attending the written prefix: hidden keys add exact zeros). So a step is
- * recorded once per (model, L, sampler, adapter) and `generateStream` replays it K times into one
- * command buffer per chunk, reading the token history back once per chunk while the next chunk runs.
+ * position-embedding positions are written by that kernel too; attention runs over the first `keyLen`
+ * cache positions, `keyLen` the step's position + 1 rounded up to 32 (at most the call's length `L`,
+ * prompt + new tokens rounded up to 64), with the cache mask hiding what is not written yet
+ * (bit-identical to attending the written prefix: hidden keys add exact zeros). So a step is recorded
+ * once per (model, keyLen, sampler, adapter) and `generateStream` replays the recorded steps into a few
+ * submits per chunk, reading the token history back once per chunk while the next chunk runs.
  *
  * @module
  */
@@ -221,12 +222,18 @@ function recordSample(rec: Recorder, s: DecodeState, out: Tensor, index: number,
 }
 
 /**
- * The replayable decode step over a cache of `L` positions: embedding of `acts.ids[0]` at
- * `acts.positions[0]`, every layer (appending at the decode state's position, attending over all `L`
- * cache positions through the mask), logits, sampling into `acts.ids[0]`, and the state's advance.
+ * The replayable decode step attending over `L` cache positions: embedding of `acts.ids[0]` at
+ * `acts.positions[0]`, every layer (appending at the decode state's position, attending over the first
+ * `L` cache positions through the mask), logits, sampling into `acts.ids[0]`, and the state's advance.
  * Recorded once and cached by `L`, sampler and what the bind groups captured.
  */
-function replayableStep(model: Model, s: DecodeState, acts: Activations, L: number, sampler: Sampler): Op[] {
+function replayableStep(
+  model: Model,
+  s: DecodeState,
+  acts: Activations,
+  L: number,
+  sampler: Sampler,
+): Op[] {
   const adapter = runningAdapter(model);
   const params = adapter ? adapter.params.buffer : null;
   const key = `${L}|${sampler.temperature > 0 ? `${sampler.temperature}|${sampler.topP}` : "greedy"}`;
@@ -239,7 +246,7 @@ function replayableStep(model: Model, s: DecodeState, acts: Activations, L: numb
   recordSample(rec, s, acts.ids, 0, sampler);
   decodeAdvance(rec, s.state, acts.ids, s.tokens, acts.positions);
   const ops = rec.take();
-  if (s.steps.size >= 16) s.steps.clear();
+  if (s.steps.size >= 512) s.steps.clear();
   s.steps.set(key, { ops, adapter, params, acts });
   return ops;
 }
@@ -320,6 +327,11 @@ function recordPrefill(rec: Recorder, model: Model, s: DecodeState, inputIds: nu
   if (adapter) adapter.kvVersion = adapter.version;
 }
 
+/** Replayed steps per submit inside a chunk. */
+const SUBMIT_STEPS = 4;
+/** Granularity of the attention's key length in replayed steps (a key block of the decode kernel). */
+const KEY_BUCKET = 32;
+
 /** The replaying decode loop (see the module doc). */
 async function* replayLoop(
   model: Model,
@@ -335,7 +347,6 @@ async function* replayLoop(
   const s = decodeState(model);
   const P = inputIds.length;
   const stepActs = activationsFor(model, 1, 1, false);
-  const ops = replayableStep(model, s, stepActs, L, sampler);
   writeTensor(gpu, s.rng, new Uint32Array([seed >>> 0, 0, 0, 0]));
   // pos = P - 1: the prefill's advance moves it to P, the first generated token's position
   writeTensor(gpu, s.state, new Uint32Array([P - 1, 0, 0, 0]));
@@ -358,12 +369,25 @@ async function* replayLoop(
   };
   read(1); // the first token as soon as the prefill is done
   let produced = 1; // tokens whose sampling is submitted
+  // the step that samples token `i` appends position P + i - 1 and attends over the first keyLen
+  // cache positions, keyLen rounded up to KEY_BUCKET (one recorded step per bucket), so attention
+  // reads about as many keys as the written prefix rather than all L
+  const opsFor = (i: number) => {
+    const keyLen = Math.min(L, Math.ceil((P + i) / KEY_BUCKET) * KEY_BUCKET);
+    return replayableStep(model, s, stepActs, keyLen, sampler);
+  };
+  // a chunk is submitted a few steps at a time, so the GPU starts on it while the host encodes the rest
   const encode = () => {
     const k = Math.min(chunk, budget - produced);
     if (k <= 0) return;
-    const all: Op[] = new Array(ops.length * k);
-    for (let i = 0; i < k; i++) for (let j = 0; j < ops.length; j++) all[i * ops.length + j] = ops[j]!;
-    runOps(gpu, all);
+    for (let done = 0; done < k; done += SUBMIT_STEPS) {
+      const n = Math.min(SUBMIT_STEPS, k - done);
+      const batch: Op[] = [];
+      for (let i = 0; i < n; i++) {
+        for (const op of opsFor(produced + done + i)) batch.push(op);
+      }
+      runOps(gpu, batch);
+    }
     produced += k;
     read(produced);
   };

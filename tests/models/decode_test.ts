@@ -1,12 +1,13 @@
 /**
  * KV-cache decoding equals the full forward: a prefill plus one-token steps give the same logits as
  * a forward over the whole sequence (≤ 1e-5 relative), for batch 1 and for batch 3 with right padding,
- * on llama (GQA), mistral and gpt2; and greedy `generate` equals a loop of full forwards (no cache).
+ * on llama (GQA), mistral and gpt2; greedy `generate` equals a loop of full forwards (no cache); and the
+ * replayed decode step gives the same tokens as recording every step (greedy, sampled, chunks, stops).
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
 import { addAdaptionPrompt, forward, generate, loadModel, type Model } from "../../mod.ts";
-import { createDecoder } from "../../src/models/generate.ts";
+import { createDecoder, generateStream } from "../../src/models/generate.ts";
 import { assertClose, Rng } from "../_util.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
@@ -78,4 +79,37 @@ Deno.test("greedy generate with the KV cache equals greedy decoding by full forw
     seq.push(best);
   }
   assert.deepEqual(cached, seq.slice(prompt.length));
+});
+
+Deno.test("replayed decode steps give the tokens of per-step recording: greedy, sampled, chunks, stops", async () => {
+  for (const name of ["llama_gqa_pad", "mistral_gqa", "gpt2_basic"]) {
+    const model = await modelWithAdapter(name);
+    const V = model.config.vocabSize;
+    const rng = new Rng(11);
+    const long = Array.from(rng.ints(9, V)), short = Array.from(rng.ints(3, V));
+    for (const prompt of [long, short, long]) {
+      const want = await generate(model, prompt, { maxNewTokens: 70, replay: false });
+      assert.equal(want.length, 64 - prompt.length, `${name}: capped at maxSeqLen`);
+      for (const chunk of [1, 3, 32]) {
+        const got = await generate(model, prompt, { maxNewTokens: 70, chunk });
+        assert.deepEqual(got, want, `${name} greedy, prompt ${prompt.length}, chunk ${chunk}`);
+      }
+      const few = await generate(model, prompt, { maxNewTokens: 5 });
+      assert.deepEqual(few, want.slice(0, 5), `${name}: 5 new tokens`);
+      const sampling = { maxNewTokens: 20, temperature: 0.9, topP: 0.8, seed: 7 };
+      const sampled = await generate(model, prompt, { ...sampling, replay: false });
+      assert.deepEqual(await generate(model, prompt, { ...sampling, chunk: 4 }), sampled, `${name} sampled`);
+      const stopAt = want[6]!;
+      const stopped = await generate(model, prompt, { maxNewTokens: 30, stop: [stopAt], chunk: 4 });
+      assert.deepEqual(stopped, want.slice(0, want.indexOf(stopAt) + 1), `${name}: stop token`);
+    }
+    // a stream abandoned mid-way leaves nothing behind for the next call
+    for await (const _ of generateStream(model, long, { maxNewTokens: 40, chunk: 2 })) break;
+    const again = await generate(model, short, { maxNewTokens: 12 });
+    assert.deepEqual(
+      again,
+      await generate(model, short, { maxNewTokens: 12, replay: false }),
+      `${name}: after break`,
+    );
+  }
 });

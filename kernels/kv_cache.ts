@@ -1,0 +1,137 @@
+/**
+ * KV-cache append and the decode state, for decode steps whose dispatches are identical every step (so
+ * they are recorded once and replayed): the position of the new token is not a uniform but lives in a
+ * small GPU buffer, the decode state, u32 `[pos, n, 0, 0]` — `pos` the cache position of the token the
+ * next step appends (its RoPE / learned position), `n` how many tokens were sampled so far.
+ *
+ * - {@link kvCacheAppend} copies this step's keys and values `(B, T, Hkv*D)` into rows
+ *   `[pos, pos + T)` of each batch row of the caches `(B, Smax, Hkv*D)` and sets the cache mask
+ *   `(B, Smax)` i32 to 1 there (the attention over the whole preallocated cache hides the positions not
+ *   written yet through that mask). Rows at or past `Smax` are dropped, never written out of range.
+ * - {@link decodeAdvance} ends a step: appends the sampled id (`ids[0]`) to the token history at `n`
+ *   (dropped past the history's end), advances `pos` and `n`, and writes `positions[0] = pos` for the
+ *   next step's RoPE / position embedding (the next step's embedding reads the id the sampler wrote
+ *   into `ids[0]`).
+ *
+ * @module
+ */
+
+import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import type { Recorder } from "../src/gpu/recorder.ts";
+import type { Tensor } from "../src/gpu/tensor.ts";
+import { GpuError } from "../src/errors.ts";
+import { grid1d } from "./fill.ts";
+
+const WG = 256;
+
+function appendKernel(): Kernel {
+  return defineKernel(
+    "kv_cache_append",
+    {},
+    ["read", "read", "read", "write", "write", "write", "uniform"],
+    () => `
+struct P { n: u32, width: u32, T: u32, maxLen: u32, stride: u32, _a: u32, _b: u32, _c: u32 }
+@group(0) @binding(0) var<storage, read> k: array<f32>;
+@group(0) @binding(1) var<storage, read> v: array<f32>;
+@group(0) @binding(2) var<storage, read> state: array<u32, 4>;
+@group(0) @binding(3) var<storage, read_write> kc: array<f32>;
+@group(0) @binding(4) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(5) var<storage, read_write> mask: array<i32>;
+@group(0) @binding(6) var<uniform> p: P;
+@compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) g: vec3u) {
+  let i = g.x + g.y * p.stride;
+  if (i >= p.n) { return; }
+  let r = i / p.width; // (b, t) row of this step's keys
+  let e = i % p.width;
+  let b = r / p.T;
+  let t = r % p.T;
+  let j = state[0] + t; // cache position
+  if (j >= p.maxLen) { return; }
+  let dst = (b * p.maxLen + j) * p.width + e;
+  kc[dst] = k[i];
+  vc[dst] = v[i];
+  if (e == 0u) { mask[b * p.maxLen + j] = 1; }
+}`,
+  );
+}
+
+function advanceKernel(): Kernel {
+  return defineKernel("decode_advance", {}, ["read", "write", "write", "write"], () => `
+@group(0) @binding(0) var<storage, read> ids: array<i32>;
+@group(0) @binding(1) var<storage, read_write> state: array<u32, 4>;
+@group(0) @binding(2) var<storage, read_write> history: array<i32>;
+@group(0) @binding(3) var<storage, read_write> positions: array<i32>;
+@compute @workgroup_size(1) fn main() {
+  let n = state[1];
+  if (n < arrayLength(&history)) { history[n] = ids[0]; }
+  state[1] = n + 1u;
+  let pos = state[0] + 1u;
+  state[0] = pos;
+  positions[0] = i32(pos);
+}`);
+}
+
+/**
+ * Records the append of this step's keys and values into the cache at the position held by the decode
+ * state (`state[0]`), and sets the cache mask to 1 at the appended positions.
+ *
+ * @param rec The recorder.
+ * @param kCache Key cache `(B, maxLen, width)` f32.
+ * @param vCache Value cache `(B, maxLen, width)` f32.
+ * @param mask Cache mask `(B, maxLen)` i32.
+ * @param k This step's keys `(B, T, width)` f32.
+ * @param v This step's values `(B, T, width)` f32.
+ * @param state Decode state u32 (4) `[pos, n, 0, 0]`.
+ * @param opts `batch` B, `tokens` T, `width` Hkv*D, `maxLen` positions per batch row of the cache.
+ */
+export function kvCacheAppend(
+  rec: Recorder,
+  kCache: Tensor,
+  vCache: Tensor,
+  mask: Tensor,
+  k: Tensor,
+  v: Tensor,
+  state: Tensor,
+  opts: { batch: number; tokens: number; width: number; maxLen: number },
+): void {
+  const { batch: B, tokens: T, width, maxLen } = opts;
+  const n = B * T * width;
+  if (k.size < n || v.size < n) throw new GpuError(`kvCacheAppend: k/v smaller than (B, T, width)`);
+  if (kCache.size < B * maxLen * width || vCache.size < B * maxLen * width) {
+    throw new GpuError(`kvCacheAppend: cache smaller than (B, maxLen, width)`);
+  }
+  if (mask.size < B * maxLen || (mask.dtype !== "i32" && mask.dtype !== "u32")) {
+    throw new GpuError(`kvCacheAppend: mask must be i32 (B, maxLen)`);
+  }
+  if (state.size !== 4 || state.dtype !== "u32") throw new GpuError("kvCacheAppend: state must be u32 (4)");
+  const { groups, stride } = grid1d(n, WG);
+  rec.dispatch(
+    appendKernel(),
+    [k, v, state, kCache, vCache, mask],
+    [n, width, T, maxLen, stride, 0, 0, 0],
+    groups,
+  );
+}
+
+/**
+ * Records the end of a decode step: `history[n] = ids[0]; n += 1; pos += 1; positions[0] = pos`.
+ *
+ * @param rec The recorder.
+ * @param state Decode state u32 (4) `[pos, n, 0, 0]`.
+ * @param ids The ids the sampler wrote (element 0 is read) i32.
+ * @param history Token history i32 (writes past its end are dropped).
+ * @param positions The next step's positions i32 (element 0 is written).
+ */
+export function decodeAdvance(
+  rec: Recorder,
+  state: Tensor,
+  ids: Tensor,
+  history: Tensor,
+  positions: Tensor,
+): void {
+  if (state.size !== 4 || state.dtype !== "u32") throw new GpuError("decodeAdvance: state must be u32 (4)");
+  if (ids.dtype !== "i32" || history.dtype !== "i32" || positions.dtype !== "i32") {
+    throw new GpuError("decodeAdvance: ids, history and positions must be i32");
+  }
+  rec.dispatch(advanceKernel(), [ids, state, history, positions], null, [1]);
+}
