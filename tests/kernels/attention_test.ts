@@ -1,5 +1,10 @@
 import assert from "node:assert/strict";
-import { attentionBackward, attentionForward, type AttentionOptions } from "../../kernels/attention.ts";
+import {
+  attentionBackward,
+  attentionForward,
+  type AttentionOptions,
+  attentionTuning,
+} from "../../kernels/attention.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
 import { assertClose, download, gpu, poisoned, Rng, upload } from "../_util.ts";
 import {
@@ -198,34 +203,68 @@ const CASES: Record<string, Case> = {
   },
 };
 
-let seed = 10;
-for (const [name, c] of Object.entries(CASES)) {
-  const s = seed++;
-  Deno.test(`attentionForward matches the float64 reference: ${name}`, () => checkForward(c, s));
-  Deno.test(`attentionBackward matches the float64 reference: ${name}`, () => checkBackward(c, s, false));
+/** Runs `fn` with the tiled kernels on or off (both are tested; the default is in kernels/attention.ts). */
+function withTiled(tiled: boolean, fn: () => Promise<void>): () => Promise<void> {
+  return async () => {
+    const saved = attentionTuning.tiled;
+    attentionTuning.tiled = tiled;
+    try {
+      await fn();
+    } finally {
+      attentionTuning.tiled = saved;
+    }
+  };
 }
 
-Deno.test("attentionBackward with accumulate adds into dq, dk, dv (GQA, padding)", () =>
-  checkBackward({ ...CASES["causal GQA (H=4, Hkv=2), B=2, T=S=7, D=8"]!, leftPad: [2, 0] }, 77, true));
+for (const tiled of [true, false]) {
+  const kind = tiled ? "tiled kernels" : "per-row kernels";
+  let seed = 10;
+  for (const [name, c] of Object.entries(CASES)) {
+    const s = seed++;
+    Deno.test(
+      `attentionForward matches the float64 reference (${kind}): ${name}`,
+      withTiled(tiled, () => checkForward(c, s)),
+    );
+    Deno.test(
+      `attentionBackward matches the float64 reference (${kind}): ${name}`,
+      withTiled(tiled, () => checkBackward(c, s, false)),
+    );
+  }
 
-Deno.test("attentionForward at D=64 (the model head size) matches the reference", () =>
-  checkForward({
-    ...base,
-    numHeads: 3,
-    numKvHeads: 1,
-    headDim: 64,
-    batch: 1,
-    queryLen: 50,
-    keyLen: 50,
-    leftPad: [4],
-  }, 5));
+  Deno.test(
+    `attentionBackward with accumulate adds into dq, dk, dv (GQA, padding) (${kind})`,
+    withTiled(
+      tiled,
+      () =>
+        checkBackward({ ...CASES["causal GQA (H=4, Hkv=2), B=2, T=S=7, D=8"]!, leftPad: [2, 0] }, 77, true),
+    ),
+  );
 
-Deno.test("attentionBackward at D=64 matches the reference", () =>
-  checkBackward(
-    { ...base, numHeads: 3, numKvHeads: 1, headDim: 64, batch: 1, queryLen: 37, keyLen: 37 },
-    6,
-    false,
-  ));
+  Deno.test(
+    `attentionForward at D=64 (the model head size) matches the reference (${kind})`,
+    withTiled(tiled, () =>
+      checkForward({
+        ...base,
+        numHeads: 3,
+        numKvHeads: 1,
+        headDim: 64,
+        batch: 1,
+        queryLen: 50,
+        keyLen: 50,
+        leftPad: [4],
+      }, 5)),
+  );
+
+  Deno.test(
+    `attentionBackward at D=64 matches the reference (${kind})`,
+    withTiled(tiled, () =>
+      checkBackward(
+        { ...base, numHeads: 3, numKvHeads: 1, headDim: 64, batch: 1, queryLen: 37, keyLen: 37 },
+        6,
+        false,
+      )),
+  );
+}
 
 Deno.test("the reference attention gradient matches central finite differences", () => {
   const c: Case = {
