@@ -180,13 +180,13 @@ const FLAGS: Record<string, Flag> = {
     key: "maxSteps",
     kind: "int",
     help: "optimizer steps (0 = from --epochs)",
-    def: "0 (60 with the default data)",
+    def: "0 (100 with the default data)",
   },
   "eval-every": {
     key: "evalEvery",
     kind: "int",
     help: "evaluate every N steps (0 = before and after only)",
-    def: "50 (20 with the default data)",
+    def: "50 (25 with the default data)",
   },
   "save-every": {
     key: "saveEvery",
@@ -267,8 +267,8 @@ export const DEFAULT_DATA_PROFILE: Partial<TrainConfig> = {
   lr: 0.05,
   // the top 2 of the default model's 4 layers: as good an eval loss in 60 steps, backward through half
   adapterLayers: 2,
-  maxSteps: 60,
-  evalEvery: 20,
+  maxSteps: 100,
+  evalEvery: 25,
   evalMaxRows: 16,
   sampleTokens: 24,
   samplePrompts: ["Call me Ishmael.", "The whale", "Captain Ahab said"],

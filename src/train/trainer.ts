@@ -313,7 +313,10 @@ async function sampleAll(
   const stop = tokenizer.eosTokenId !== null ? [tokenizer.eosTokenId] : [];
   for (const p of prompts) {
     const ids = await generate(model, p.ids, { maxNewTokens, temperature: 0, stop });
-    out.push({ prompt: p.text, text: tokenizer.decode(ids, { skipSpecialTokens: true }) });
+    const text = tokenizer.decode(ids, { skipSpecialTokens: true });
+    // say so when the model ends the text at once, rather than printing an empty sample
+    const ended = ids.length > 0 && stop.includes(ids[ids.length - 1]!);
+    out.push({ prompt: p.text, text: text.trim() === "" && ended ? "[end of text]" : text });
   }
   return out;
 }
