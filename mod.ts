@@ -34,7 +34,7 @@ export type { AdapterLayerSlot, AdapterState } from "./src/adapters/state.ts";
 export type { Activations, LayerActivations } from "./src/models/activations.ts";
 export type { BindingKind, Kernel } from "./src/gpu/kernel.ts";
 export type { Batch } from "./src/models/transformer.ts";
-export { forward, type ForwardResult, lossAndGradients } from "./src/models/run.ts";
+export { forward, type ForwardResult, loss, lossAndGradients } from "./src/models/run.ts";
 export { generate, type GenerateOptions, generateStream } from "./src/models/generate.ts";
 export {
   adapterState,

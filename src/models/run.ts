@@ -66,6 +66,29 @@ export async function forward(model: Model, batch: Batch): Promise<ForwardResult
 }
 
 /**
+ * The HF causal-LM loss of a batch, without materialising its `[B, T, V]` logits (the LM head and the
+ * cross-entropy run in vocabulary chunks): what evaluation needs, at a fraction of `forward`'s memory.
+ *
+ * @param model The model (with the active adapter unless disabled).
+ * @param batch Token ids, mask and labels.
+ * @returns The mean loss over the counted (label ≠ -100) tokens.
+ * @example Eval loss of one row
+ * ```ts ignore
+ * const l = await loss(model, { inputIds: [ids], labels: [ids] });
+ * ```
+ */
+export async function loss(model: Model, batch: Batch): Promise<number> {
+  const p = prepareBatch(model, batch);
+  if (!p.labels) throw new AdapterError("loss needs labels (use the input ids, -100 where ignored)");
+  const acts = activationsFor(model, p.B, p.T, false);
+  uploadBatch(model, acts, p);
+  const rec = new Recorder(model.gpu);
+  recordForward(rec, model, acts, { adapter: runningAdapter(model), masked: p.masked, head: { loss: true } });
+  rec.submit();
+  return (await readF32(model.gpu, acts.loss))[0]!;
+}
+
+/**
  * Records forward + loss + backward of the running adapter for a batch (no submit). Shared by
  * {@link lossAndGradients} and the optimizer's step.
  *

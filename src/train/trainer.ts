@@ -20,7 +20,7 @@ import denoJson from "../../deno.json" with { type: "json" };
 import { loadModel } from "../models/load.ts";
 import { loadModelConfig } from "../io/hf_config.ts";
 import type { Model } from "../models/model.ts";
-import { forward } from "../models/run.ts";
+import { loss } from "../models/run.ts";
 import { generate } from "../models/generate.ts";
 import { adapterState, addAdaptionPrompt, getAdapter, writeAdapterTensors } from "../adapters/manage.ts";
 import { loadAdapter } from "../adapters/io.ts";
@@ -285,12 +285,8 @@ export async function evaluate(model: Model, rows: readonly Row[], batchSize: nu
   for (let i = 0; i < rows.length; i += batchSize) {
     const b = batchOf(rows.slice(i, i + batchSize));
     if (b.labelTokens === 0) continue;
-    const r = await forward(model, {
-      inputIds: b.inputIds,
-      attentionMask: b.attentionMask,
-      labels: b.labels,
-    });
-    results.push({ loss: r.loss!, tokens: b.labelTokens });
+    const l = await loss(model, { inputIds: b.inputIds, attentionMask: b.attentionMask, labels: b.labels });
+    results.push({ loss: l, tokens: b.labelTokens });
   }
   return evalLossOf(results);
 }

@@ -17,6 +17,7 @@ import {
   generate,
   loadAdapter,
   loadModel,
+  loss,
   lossAndGradients,
   type Model,
 } from "../../mod.ts";
@@ -100,6 +101,7 @@ for (const name of CASES) {
       const out = await forward(model, batch);
       assertClose(realRows(g, out.logits, V), realRows(g, f("logits"), V), 1e-5, "logits");
       assertClose([out.loss!], f("loss"), 1e-5, "loss");
+      assertClose([await loss(model, batch)], f("loss"), 1e-5, "loss() without logits");
     });
 
     await t.step("gradients of every prompt and gate ≤ 1e-4 relative", async () => {
