@@ -9,6 +9,7 @@
  * @module
  */
 
+import { benchFull, warmTiming } from "./_shared.ts";
 import {
   attentionBackward,
   attentionForward,
@@ -19,11 +20,10 @@ import { adapterAttentionBackward, adapterAttentionForward } from "../kernels/ad
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
 import { tensorFrom } from "../src/gpu/tensor.ts";
-import { timeOps } from "../src/gpu/timing.ts";
+import { timeOpsWarm } from "../src/gpu/timing.ts";
 
 const gpu = await getGpu();
-const envFull = Deno.env.get("PROMPTGATE_BENCH_FULL");
-const full = envFull === undefined ? !adapterReport(gpu).isFallbackAdapter : envFull === "1";
+const full = benchFull(gpu);
 
 interface Model {
   name: string;
@@ -68,14 +68,7 @@ const replay: { name: string; ops: Op[] }[] = [];
  * bench/matmul_bench.ts).
  */
 async function warmMedian(ops: Op[]): Promise<number> {
-  const first = await timeOps(gpu, ops, 1);
-  const est = Math.max(first.ms, 1e-3);
-  const warm = await timeOps(gpu, ops, Math.min(4000, Math.max(2, Math.ceil((full ? 60 : 5) / est))));
-  const repeats = Math.min(4000, Math.max(3, Math.ceil((full ? 15 : 2) / Math.max(warm.ms, 1e-3))));
-  const samples: number[] = [];
-  for (let i = 0; i < 3; i++) samples.push((await timeOps(gpu, ops, repeats)).ms);
-  samples.sort((a, b) => a - b);
-  return samples[1]!;
+  return (await timeOpsWarm(gpu, ops, warmTiming(full))).ms;
 }
 
 /** Records with the first kernels (`before`) or the current ones, runs once, returns the ops. */

@@ -9,6 +9,7 @@
  * @module
  */
 
+import { benchFull } from "./_shared.ts";
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { Recorder, runOps } from "../src/gpu/recorder.ts";
 import { createTensor } from "../src/gpu/tensor.ts";
@@ -16,8 +17,7 @@ import { timeOps } from "../src/gpu/timing.ts";
 import { copyElements, fill } from "../kernels/fill.ts";
 
 const gpu = await getGpu();
-const envFull = Deno.env.get("PROMPTGATE_BENCH_FULL");
-const full = envFull === undefined ? !adapterReport(gpu).isFallbackAdapter : envFull === "1";
+const full = benchFull(gpu);
 
 const MiB = 1024 * 1024;
 const limit = Math.min(gpu.limits.maxStorageBufferBindingSize, gpu.limits.maxBufferSize);

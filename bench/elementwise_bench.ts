@@ -9,10 +9,11 @@
  * @module
  */
 
+import { benchFull, warmTiming } from "./_shared.ts";
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
 import { createTensor, type Tensor, tensorFrom } from "../src/gpu/tensor.ts";
-import { timeOps } from "../src/gpu/timing.ts";
+import { timeOpsWarm } from "../src/gpu/timing.ts";
 import { layernormBackward, layernormForward, rmsnormBackward, rmsnormForward } from "../kernels/norm.ts";
 import { ropeBackwardInPlace, ropeInPlace } from "../kernels/rope.ts";
 import { geluBackward, geluForward, swigluBackward, swigluForward } from "../kernels/activation.ts";
@@ -20,8 +21,7 @@ import { createCrossEntropyScratch, crossEntropyLmHead } from "../kernels/cross_
 import { adamwStep, gradNormSquared, packHyper } from "../kernels/adamw.ts";
 
 const gpu = await getGpu();
-const env = Deno.env.get("PROMPTGATE_BENCH_FULL");
-const full = env === undefined ? !adapterReport(gpu).isFallbackAdapter : env === "1";
+const full = benchFull(gpu);
 
 interface Model {
   name: string;
@@ -39,7 +39,6 @@ const MODELS: Model[] = [
   { name: "TinyLlama-1.1B", C: 2048, I: 5632, H: 32, Hkv: 4, D: 64, V: 32000, gelu: false },
 ];
 const ROWS = full ? [2048, 1] : [16, 1];
-const REPEATS = full ? 50 : 3;
 
 function random(n: number, scale = 1): Float32Array {
   const a = new Float32Array(n);
@@ -123,7 +122,7 @@ for (const m of MODELS) {
 
 const rows: Record<string, string>[] = [];
 for (const c of cases) {
-  const { ms, timestamps } = await timeOps(gpu, c.ops, REPEATS);
+  const { ms, timestamps } = await timeOpsWarm(gpu, c.ops, warmTiming(full));
   const rate = c.work / (ms * 1e-3) / 1e9;
   rows.push({
     kernel: c.name,
@@ -132,7 +131,7 @@ for (const c of cases) {
     clock: timestamps ? "gpu" : "wall",
   });
 }
-console.log(`\n${adapterReport(gpu).description} (${full ? "full" : "small"} shapes, ${REPEATS} repeats)`);
+console.log(`\n${adapterReport(gpu).description} (${full ? "full" : "small"} shapes, warm median timing)`);
 console.table(rows);
 
 for (const c of cases) {

@@ -17,10 +17,11 @@
  * @module
  */
 
+import { benchFull, warmTiming } from "./_shared.ts";
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { Recorder, runOps } from "../src/gpu/recorder.ts";
 import { createTensor, type DType, splitRows, type Tensor, writeTensor } from "../src/gpu/tensor.ts";
-import { timeOps } from "../src/gpu/timing.ts";
+import { type timeOps, timeOpsWarm } from "../src/gpu/timing.ts";
 import type * as Matmul from "../kernels/matmul.ts";
 
 // PROMPTGATE_MATMUL_MODULE benches another copy of the module (e.g. the previous version, for a
@@ -32,8 +33,7 @@ const mm: typeof Matmul = modulePath
 const { conv1dBackwardInput, conv1dForward, linearBackwardInput, linearForward } = mm;
 
 const gpu = await getGpu();
-const envFull = Deno.env.get("PROMPTGATE_BENCH_FULL");
-const full = envFull === undefined ? !adapterReport(gpu).isFallbackAdapter : envFull === "1";
+const full = benchFull(gpu);
 
 /** Which product: HF Linear forward / input gradient, or gpt2 Conv1D forward / input gradient. */
 type Op = "linear" | "linear_dx" | "conv1d" | "conv1d_dx";
@@ -142,21 +142,9 @@ function record(rec: Recorder, c: Case, dtype: DType): Tensor[] {
 
 const dtypes: DType[] = gpu.hasF16 ? ["f32", "f16"] : ["f32"];
 
-/** Median ms of `ops` after a warm-up, from timed windows of at least `windowMs` of GPU work. */
-async function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; timestamps: boolean }> {
-  const first = await timeOps(gpu, ops, 1); // compiles the pipelines
-  const est = Math.max(first.ms, 1e-3);
-  const warm = await timeOps(gpu, ops, Math.min(2000, Math.max(2, Math.ceil((full ? 60 : 5) / est))));
-  const repeats = Math.min(2000, Math.max(3, Math.ceil((full ? 15 : 2) / Math.max(warm.ms, 1e-3))));
-  const samples: number[] = [];
-  let timestamps = true;
-  for (let i = 0; i < 3; i++) {
-    const r = await timeOps(gpu, ops, repeats);
-    samples.push(r.ms);
-    timestamps = r.timestamps;
-  }
-  samples.sort((a, b) => a - b);
-  return { ms: samples[1]!, timestamps };
+/** Median ms of `ops` after a warm-up (see `timeOpsWarm`). */
+function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; timestamps: boolean }> {
+  return timeOpsWarm(gpu, ops, { ...warmTiming(full), maxRepeats: 2000 });
 }
 
 const tuneMode = Deno.env.get("PROMPTGATE_BENCH_TUNE");

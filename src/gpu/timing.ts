@@ -109,3 +109,55 @@ export async function profileOps(gpu: Gpu, ops: readonly Op[]): Promise<ProfileR
     resolve.destroy();
   }
 }
+
+/** Settings of {@link timeOpsWarm}. */
+export interface WarmTimingOptions {
+  /** GPU milliseconds of warm-up before timing (default 60: a GPU at idle clocks needs it). */
+  warmMs?: number;
+  /** GPU milliseconds each timed window covers at least (default 15). */
+  windowMs?: number;
+  /** Timed windows; the median is returned (default 3). */
+  windows?: number;
+  /** Upper bound of repetitions in one window (default 4000). */
+  maxRepeats?: number;
+}
+
+/**
+ * Median GPU time of `ops` after a warm-up: a GPU idles at a low clock (an H200 at 345 MHz, 1980 MHz
+ * under load) and a few repetitions right after an idle gap measure the ramp, not the kernel. Runs `ops`
+ * once (compiling pipelines), then for `warmMs`, then `windows` windows of at least `windowMs` each.
+ *
+ * @param gpu The GPU.
+ * @param ops Operations (dispatches only).
+ * @param options Warm-up and window lengths.
+ * @returns Median milliseconds per repetition and whether timestamps were used.
+ * @example Time one recorded matmul
+ * ```ts ignore
+ * const rec = new Recorder(gpu);
+ * linearForward(rec, out, x, w, null);
+ * const { ms } = await timeOpsWarm(gpu, rec.take());
+ * ```
+ */
+export async function timeOpsWarm(
+  gpu: Gpu,
+  ops: readonly Op[],
+  options: WarmTimingOptions = {},
+): Promise<{ ms: number; timestamps: boolean }> {
+  const { warmMs = 60, windowMs = 15, windows = 3, maxRepeats = 4000 } = options;
+  const first = await timeOps(gpu, ops, 1);
+  const warm = await timeOps(
+    gpu,
+    ops,
+    Math.min(maxRepeats, Math.max(2, Math.ceil(warmMs / Math.max(first.ms, 1e-3)))),
+  );
+  const repeats = Math.min(maxRepeats, Math.max(3, Math.ceil(windowMs / Math.max(warm.ms, 1e-3))));
+  const samples: number[] = [];
+  let timestamps = warm.timestamps;
+  for (let i = 0; i < windows; i++) {
+    const r = await timeOps(gpu, ops, repeats);
+    samples.push(r.ms);
+    timestamps = r.timestamps;
+  }
+  samples.sort((a, b) => a - b);
+  return { ms: samples[Math.floor(samples.length / 2)]!, timestamps };
+}
