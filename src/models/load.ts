@@ -10,7 +10,6 @@
 import { checkBufferFits, fmtBytes, getGpu } from "../gpu/device.ts";
 import { loadModelConfig } from "../io/hf_config.ts";
 import { openCheckpoint } from "../io/safetensors.ts";
-import { GpuError } from "../errors.ts";
 import { LAYOUTS } from "./layout.ts";
 import { assembleModel, type Model, resolveModelOptions } from "./model.ts";
 import { loadWeights, weightBytes } from "./weights.ts";
@@ -60,19 +59,18 @@ export async function loadModel(source: string, options: LoadModelOptions = {}):
   const config = await loadModelConfig(folder);
   const gpu = await getGpu();
   const { dtype, maxSeqLen } = resolveModelOptions(gpu, config, options);
-  // fit check before uploading anything
-  const need = weightBytes(config, dtype);
-  const largest =
-    Math.max(config.intermediateSize * config.hiddenSize, config.hiddenSize * config.hiddenSize * 3) *
-    (dtype === "f16" ? 2 : 4);
-  checkBufferFits(gpu, largest, "the largest projection weight");
-  const heap = gpu.limits.maxBufferSize;
-  if (need > 64 * heap) {
-    throw new GpuError(
-      `the weights need about ${fmtBytes(need)} of GPU memory in ${dtype}, more than this GPU can address ` +
-        `(${gpu.info.description}); use dtype f16 or a smaller model`,
-    );
-  }
+  // fit check before uploading anything: every weight is one buffer (projections and embeddings are
+  // then bound in row ranges), so each must be within maxBufferSize; WebGPU does not tell total memory
+  const e = dtype === "f16" ? 2 : 4;
+  const C = config.hiddenSize;
+  const total = `(the whole model needs about ${fmtBytes(weightBytes(config, dtype))} in ${dtype})`;
+  checkBufferFits(
+    gpu,
+    config.vocabSize * C * e,
+    `the embedding (${config.vocabSize}x${C} ${dtype}) ${total}`,
+  );
+  const widest = Math.max(config.intermediateSize, config.numHeads * config.headDim);
+  checkBufferFits(gpu, widest * C * e, `the largest projection (${widest}x${C} ${dtype}) ${total}`);
   const checkpoint = await openCheckpoint(folder);
   try {
     const weights = await loadWeights(gpu, config, LAYOUTS[config.family], {
