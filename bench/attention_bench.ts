@@ -1,9 +1,10 @@
 /**
  * Benchmarks of the attention kernels (flash forward, FlashAttention-2 backward, decode against a KV
- * cache) and of the adapter attention, at the model shapes (gpt2-124M, SmolLM2-135M, TinyLlama-1.1B;
- * B=4, T=512 and decode B=1). GPU time comes from timestamp queries (`timeOps`); the setup prints a table
- * of milliseconds and GFLOP/s, and the adapter attention's cost relative to the main attention and to an
- * estimate of one layer's forward. Big shapes run only with `PROMPTGATE_BENCH_FULL=1` (the default on a
+ * cache, the fused decode attention + adapter kernel against the three dispatches it replaces) and of the
+ * adapter attention, at the model shapes (gpt2-124M, SmolLM2-135M, TinyLlama-1.1B; B=4, T=512 and decode
+ * B=1). GPU time comes from timestamp queries (`timeOps`); the setup prints a table of milliseconds and
+ * GFLOP/s, and the adapter attention's cost relative to the main attention and to an estimate of one
+ * layer's forward. Big shapes run only with `PROMPTGATE_BENCH_FULL=1` (the default on a
  * real GPU); on a fallback (CPU) adapter small shapes are used.
  *
  * @module
@@ -17,6 +18,8 @@ import {
   attentionTuning,
 } from "../kernels/attention.ts";
 import { adapterAttentionBackward, adapterAttentionForward } from "../kernels/adapter_attention.ts";
+import { addInto } from "../kernels/activation.ts";
+import { decodeAttentionForward } from "../kernels/decode_attention.ts";
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
 import { tensorFrom } from "../src/gpu/tensor.ts";
@@ -195,12 +198,38 @@ for (const m of MODELS) {
   const vc = tensorFrom(gpu, rand(Smax * Hkv * D, 9));
   const q1 = tensorFrom(gpu, rand(H * D, 10));
   const o1 = tensorFrom(gpu, new Float32Array(H * D));
+  const adp1 = tensorFrom(gpu, new Float32Array(H * D));
+  const ao1 = { ...ao, rows: 1, accumulate: false };
+  const adapter1 = {
+    ka,
+    va,
+    gate,
+    adapterLen: L,
+    scale: 1 / Math.sqrt(D),
+    gateKind: ao.gateKind,
+    into: null,
+  };
   for (const S of DECODE_S) {
     const od: AttentionOptions = { ...o, batch: 1, queryLen: 1, keyLen: S, kvStride: Smax };
     await measure(
       `${m.name} decode fwd B=1 T=1 S=${S}`,
       (r) => attentionForward(r, o1, null, q1, kc, vc, null, od),
       4 * H * S * D,
+    );
+    // a decode step's attention with the adapter: the three dispatches, then the fused kernel
+    await measure(
+      `${m.name} decode attn + adapter + add B=1 S=${S}`,
+      (r) => {
+        attentionForward(r, o1, null, q1, kc, vc, null, od);
+        adapterAttentionForward(r, adp1, q1, ka, va, gate, ao1);
+        addInto(r, o1, adp1);
+      },
+      4 * H * (S + L) * D,
+    );
+    await measure(
+      `${m.name} decode fused (decodeAttentionForward) B=1 S=${S}`,
+      (r) => decodeAttentionForward(r, o1, q1, kc, vc, null, od, adapter1),
+      4 * H * (S + L) * D,
     );
   }
 }

@@ -1,16 +1,18 @@
 /**
  * Decode throughput at batch 1 (issue 8): random-weight models with the real shapes (gpt2-124M,
  * SmolLM2-135M, TinyLlama-1.1B), f32 and f16 weights, an adapter (length 10) on all layers with a
- * non-zero gate, prompt 128, 128 new tokens, greedy. For the replayed decode step (the default) and for
- * per-step recording (`replay: false`, the earlier path), measured one after the other on one card:
+ * non-zero gate, prompt 128, 128 new tokens, greedy. "before" is the replayed decode step recorded with
+ * the general layer forward (`decodeTuning.fused = false`: separate norm, RoPE, attention, adapter
+ * attention and add dispatches), "after" the fused decode layers (the default), measured one after the
+ * other on one card:
  *
  * | column | what |
  * | --- | --- |
  * | `tok/s` | `generate` with one readback (chunk = new tokens): new tokens / wall time, prefill included; best of 3 |
  * | `stream tok/s` | `generate` with chunk 16 (streaming granularity); best of 2 |
  * | `ttft ms` | `generate` with one new token: prefill, sampling and the readback; median of 3 |
- * | `step GPU ms` | GPU time of one replayed step attending over all L = 256 cache positions (timestamp queries over 32 steps in one pass) |
- * | `step host ms` | host time to encode and submit one replayed step (128 steps in one command buffer) |
+ * | `step GPU ms` | GPU time of one replayed step attending over all L = 256 cache positions (timestamp queries over 32 steps in one pass), before / after |
+ * | `step host ms` | host time to encode and submit one replayed step (128 steps in one command buffer), after |
  *
  * Full shapes run on a real GPU (`PROMPTGATE_BENCH_FULL=1` forces them, `=0` gives a 2-layer gpt2 with
  * prompt 16 and 16 new tokens, the default on a fallback adapter). Greedy tokens of both paths are
@@ -26,6 +28,7 @@ import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { runOps } from "../src/gpu/recorder.ts";
 import { profileOps, timeOps } from "../src/gpu/timing.ts";
 import { decodeStepOps, generate } from "../src/models/generate.ts";
+import { decodeTuning } from "../src/models/transformer.ts";
 import { createRandomModel, modelConfigFor, type RandomModelName } from "../src/models/random.ts";
 import type { Model } from "../src/models/model.ts";
 
@@ -46,7 +49,9 @@ function median(x: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
-async function measure(model: Model, prompt: number[], replay: boolean) {
+async function measure(model: Model, prompt: number[], fused: boolean) {
+  decodeTuning.fused = fused;
+  const replay = true;
   await generate(model, prompt, { maxNewTokens: 16, replay }); // warm-up: pipelines, bind groups, clocks
   await generate(model, prompt, { maxNewTokens: NEW, chunk: NEW, replay });
   const ttft: number[] = [];
@@ -93,6 +98,8 @@ for (const name of names) {
     });
     console.error(`[${name} ${dtype}] model ready in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
     const old = await measure(model, prompt, false);
+    const oldStep = await timeOps(gpu, decodeStepOps(model, PROMPT, NEW), 32);
+    const oldDispatches = decodeStepOps(model, PROMPT, NEW).filter((o) => o.kind === "dispatch").length;
     const now = await measure(model, prompt, true);
     const same = old.tokens.every((t, i) => t === now.tokens[i]);
     if (!same) {
@@ -110,30 +117,35 @@ for (const name of names) {
     const hostMs = (performance.now() - h0) / 128;
     await gpu.device.queue.onSubmittedWorkDone();
     const dispatches = ops.filter((o) => o.kind === "dispatch").length;
-    if (name === names[0] && dtype === dtypes[0]) {
-      // where one step's GPU time goes (one pass per dispatch: adds per-pass overhead)
-      const prof = await profileOps(gpu, ops);
-      const total = prof.reduce((a, r) => a + r.ms, 0);
-      console.log(
-        `profile of one step, ${name} ${dtype} (one pass per dispatch, sum ${total.toFixed(3)} ms):`,
-      );
-      for (const r of prof.slice(0, 12)) {
-        console.log(`  ${r.label.padEnd(28)} ${String(r.count).padStart(4)}× ${r.ms.toFixed(3)} ms`);
+    if (dtype === dtypes[0]) {
+      // where one step's GPU time goes (one pass per dispatch: adds per-pass overhead), before and after
+      for (const fused of [false, true]) {
+        decodeTuning.fused = fused;
+        const prof = await profileOps(gpu, decodeStepOps(model, PROMPT, NEW));
+        const total = prof.reduce((a, r) => a + r.ms, 0);
+        console.log(
+          `profile of one step, ${name} ${dtype} ${fused ? "fused" : "general"} (one pass per dispatch, sum ${
+            total.toFixed(3)
+          } ms):`,
+        );
+        for (const r of prof.slice(0, 14)) {
+          console.log(`  ${r.label.padEnd(30)} ${String(r.count).padStart(4)}× ${r.ms.toFixed(3)} ms`);
+        }
       }
     }
     const row = `| ${name} | ${dtype} | ${old.tokS.toFixed(0)} | ${now.tokS.toFixed(0)} | ${
       (now.tokS / old.tokS).toFixed(2)
     }× | ${old.streamTokS.toFixed(0)} / ${now.streamTokS.toFixed(0)} | ${old.ttft.toFixed(1)} / ${
       now.ttft.toFixed(1)
-    } | ${gpuStep.ms.toFixed(3)}${gpuStep.timestamps ? "" : " (wall)"} | ${
+    } | ${oldStep.ms.toFixed(3)} / ${gpuStep.ms.toFixed(3)}${gpuStep.timestamps ? "" : " (wall)"} | ${
       hostMs.toFixed(3)
-    } | ${dispatches} | ${same ? "yes" : "NO"} |`;
+    } | ${oldDispatches} / ${dispatches} | ${same ? "yes" : "NO"} |`;
     console.log(row);
     rows.push(row);
   }
 }
 console.log(
-  `\n| model | dtype | tok/s before | tok/s after | speed-up | stream tok/s before / after | ttft ms before / after | step GPU ms | step host ms | dispatches/step | same tokens |
+  `\n| model | dtype | tok/s before | tok/s after | speed-up | stream tok/s before / after | ttft ms before / after | step GPU ms before / after | step host ms | dispatches/step before / after | same tokens |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 ${rows.join("\n")}`,
 );

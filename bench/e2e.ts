@@ -48,6 +48,7 @@ import { type ModelConfig, normalizeConfig } from "../src/io/hf_config.ts";
 import { addAdaptionPrompt, deleteAdapter } from "../src/adapters/manage.ts";
 import { createOptimizer } from "../src/train/optimizer.ts";
 import { adamwStep, packHyper } from "../kernels/adamw.ts";
+import { attentionTuning } from "../kernels/attention.ts";
 import { generate } from "../src/models/generate.ts";
 import type { Model } from "../src/models/model.ts";
 import {
@@ -588,6 +589,12 @@ async function caseMain(args: string[]): Promise<void> {
   if (dtype !== "f32" && dtype !== "f16") throw new Error(`--dtype must be f32 or f16, got ${dtype}`);
   if (!values.model || !values.out) throw new Error("case needs --model and --out");
   const out = values.out;
+  // PROMPTGATE_ATTENTION_TILED=0 / 1 overrides the attention kernel choice (kernels/attention.ts)
+  const tiled = Deno.env.get("PROMPTGATE_ATTENTION_TILED");
+  if (tiled === "0" || tiled === "1") attentionTuning.tiled = tiled === "1";
+  console.error(
+    `[${values.model} ${dtype}] attention kernels: ${attentionTuning.tiled ? "tiled" : "per-row"}`,
+  );
   await runCase(
     values.model,
     dtype,

@@ -1010,11 +1010,12 @@ function partialsScratch(rec: Recorder, dk: Tensor, n: number): [Tensor, Tensor]
 /**
  * Kernel choice: `tiled: true` runs the tiled kernels for D ≤ 64 (the forward from 48 query rows), 1.3×
  * (forward) and 2.2-3.7× (dK/dV) faster on an H200; `false` runs the first (per-row / per-key thread)
- * kernels. Both are tested. The default is `false` for now: the whole-model training benchmark on an H200
- * failed with "out of GPU memory" at its first step once the tiled kernels were in (2026-11-27, cause not
- * found; see bench/RESULTS.md), while the per-row kernels have trained end to end there.
+ * kernels. Both are tested. One whole-model training benchmark on an H200 failed with "out of GPU
+ * memory" at its first step when the tiled kernels first went in (2026-11-27, cause not found, see
+ * bench/RESULTS.md); the same benchmark then trained with them on an H100 (gpt2-124M: 72.4 → 64.3 ms per
+ * step) and across all three benchmark models, so they are the default again.
  */
-export const attentionTuning: { tiled: boolean } = { tiled: false };
+export const attentionTuning: { tiled: boolean } = { tiled: true };
 
 /** Scratch `[lse | Di]`, each `(B, H, T)`, cached per dq buffer (no allocation on replays). */
 function statsScratch(rec: Recorder, dq: Tensor, n: number): Tensor {

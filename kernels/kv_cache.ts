@@ -8,6 +8,9 @@
  *   `[pos, pos + T)` of each batch row of the caches `(B, Smax, Hkv*D)` and sets the cache mask
  *   `(B, Smax)` i32 to 1 there (the attention over the whole preallocated cache hides the positions not
  *   written yet through that mask). Rows at or past `Smax` are dropped, never written out of range.
+ * - {@link kvCacheAppendRope} does the same for RoPE models in one dispatch with the rotations: it rotates
+ *   the queries in place and the keys on their way into the cache (HF `rotate_half`, as
+ *   kernels/rope.ts), so a decode step needs no separate RoPE dispatches.
  * - {@link decodeAdvance} ends a step: appends the sampled id (`ids[0]`) to the token history at `n`
  *   (dropped past the history's end), advances `pos` and `n`, and writes `positions[0] = pos` for the
  *   next step's RoPE / position embedding (the next step's embedding reads the id the sampler wrote
@@ -51,6 +54,69 @@ struct P { n: u32, width: u32, T: u32, maxLen: u32, stride: u32, _a: u32, _b: u3
   kc[dst] = k[i];
   vc[dst] = v[i];
   if (e == 0u) { mask[b * p.maxLen + j] = 1; }
+}`,
+  );
+}
+
+function appendRopeKernel(): Kernel {
+  return defineKernel(
+    "kv_cache_append_rope",
+    {},
+    ["write", "read", "read", "read", "read", "read", "write", "write", "write", "uniform"],
+    () => `
+struct P {
+  qPairs: u32, kPairs: u32, H: u32, Hkv: u32,
+  half: u32, T: u32, maxLen: u32, stride: u32,
+}
+@group(0) @binding(0) var<storage, read_write> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(3) var<storage, read> invFreq: array<f32>;
+@group(0) @binding(4) var<storage, read> positions: array<i32>;
+@group(0) @binding(5) var<storage, read> state: array<u32, 4>;
+@group(0) @binding(6) var<storage, read_write> kc: array<f32>;
+@group(0) @binding(7) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(8) var<storage, read_write> mask: array<i32>;
+@group(0) @binding(9) var<uniform> p: P;
+@compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) g: vec3u) {
+  let t = g.x + g.y * p.stride;
+  if (t < p.qPairs) {
+    // a query pair (i, i + D/2) of head nh % H in row nh / H, rotated in place
+    let i = t % p.half;
+    let nh = t / p.half;
+    let base = nh * 2u * p.half;
+    let angle = f32(positions[nh / p.H]) * invFreq[i];
+    let c = cos(angle);
+    let s = sin(angle);
+    let x1 = q[base + i];
+    let x2 = q[base + i + p.half];
+    q[base + i] = x1 * c - x2 * s;
+    q[base + i + p.half] = x2 * c + x1 * s;
+    return;
+  }
+  let u = t - p.qPairs;
+  if (u >= p.kPairs) { return; }
+  // a key pair, rotated into the cache, and the value elements at the same places
+  let i = u % p.half;
+  let nh = u / p.half;
+  let n = nh / p.Hkv; // (b, t) row of this step
+  let head = nh % p.Hkv;
+  let b = n / p.T;
+  let j = state[0] + n % p.T; // cache position
+  if (j >= p.maxLen) { return; }
+  let src = nh * 2u * p.half;
+  let width = p.Hkv * 2u * p.half;
+  let dst = (b * p.maxLen + j) * width + head * 2u * p.half;
+  let angle = f32(positions[n]) * invFreq[i];
+  let c = cos(angle);
+  let s = sin(angle);
+  let x1 = k[src + i];
+  let x2 = k[src + i + p.half];
+  kc[dst + i] = x1 * c - x2 * s;
+  kc[dst + i + p.half] = x2 * c + x1 * s;
+  vc[dst + i] = v[src + i];
+  vc[dst + i + p.half] = v[src + i + p.half];
+  if (i == 0u && head == 0u) { mask[b * p.maxLen + j] = 1; }
 }`,
   );
 }
@@ -109,6 +175,67 @@ export function kvCacheAppend(
     appendKernel(),
     [k, v, state, kCache, vCache, mask],
     [n, width, T, maxLen, stride, 0, 0, 0],
+    groups,
+  );
+}
+
+/**
+ * Records, for a RoPE model, the rotation of this step's queries (in place) and keys and the append of
+ * the rotated keys and the values into the cache at the decode state's position (`state[0]`), with the
+ * cache mask set to 1 there: {@link kvCacheAppend} and two RoPE dispatches in one. Rotations use
+ * `positions[n]` of each row `n = b*T + t`, exactly as `ropeInPlace` does.
+ *
+ * @param rec The recorder.
+ * @param kCache Key cache `(B, maxLen, Hkv*D)` f32.
+ * @param vCache Value cache `(B, maxLen, Hkv*D)` f32.
+ * @param mask Cache mask `(B, maxLen)` i32.
+ * @param q This step's queries `(B*T, H*D)` f32, rotated in place.
+ * @param k This step's keys `(B*T, Hkv*D)` f32 (left as they are).
+ * @param v This step's values `(B*T, Hkv*D)` f32.
+ * @param invFreq RoPE inverse frequencies `(D/2)` f32.
+ * @param positions Position of every row `(B*T)` i32.
+ * @param state Decode state u32 (4) `[pos, n, 0, 0]`.
+ * @param opts `batch` B, `tokens` T, `numHeads` H, `numKvHeads` Hkv, `maxLen` positions per batch row.
+ */
+export function kvCacheAppendRope(
+  rec: Recorder,
+  kCache: Tensor,
+  vCache: Tensor,
+  mask: Tensor,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  invFreq: Tensor,
+  positions: Tensor,
+  state: Tensor,
+  opts: { batch: number; tokens: number; numHeads: number; numKvHeads: number; maxLen: number },
+): void {
+  const { batch: B, tokens: T, numHeads: H, numKvHeads: Hkv, maxLen } = opts;
+  const half = invFreq.size;
+  const N = B * T;
+  const width = Hkv * 2 * half;
+  if (q.size < N * H * 2 * half) throw new GpuError(`kvCacheAppendRope: q smaller than (B*T, H*D)`);
+  if (k.size < N * width || v.size < N * width) {
+    throw new GpuError(`kvCacheAppendRope: k/v smaller than (B*T, Hkv*D)`);
+  }
+  if (kCache.size < B * maxLen * width || vCache.size < B * maxLen * width) {
+    throw new GpuError(`kvCacheAppendRope: cache smaller than (B, maxLen, Hkv*D)`);
+  }
+  if (mask.size < B * maxLen || (mask.dtype !== "i32" && mask.dtype !== "u32")) {
+    throw new GpuError(`kvCacheAppendRope: mask must be i32 (B, maxLen)`);
+  }
+  if (positions.size < N || positions.dtype !== "i32") {
+    throw new GpuError(`kvCacheAppendRope: positions must be i32 (B*T)`);
+  }
+  if (state.size !== 4 || state.dtype !== "u32") {
+    throw new GpuError("kvCacheAppendRope: state must be u32 (4)");
+  }
+  const qPairs = N * H * half, kPairs = N * Hkv * half;
+  const { groups, stride } = grid1d(qPairs + kPairs, WG);
+  rec.dispatch(
+    appendRopeKernel(),
+    [q, k, v, invFreq, positions, state, kCache, vCache, mask],
+    [qPairs, kPairs, H, Hkv, half, T, maxLen, stride],
     groups,
   );
 }

@@ -28,7 +28,7 @@ import type { Activations } from "./activations.ts";
 import { type Model, runningAdapter } from "./model.ts";
 import type { AdapterState } from "../adapters/state.ts";
 import type { KvCache } from "./self_attention.ts";
-import { activationsFor, prepareBatch, recordForward, uploadBatch } from "./transformer.ts";
+import { activationsFor, decodeTuning, prepareBatch, recordForward, uploadBatch } from "./transformer.ts";
 
 /** Options of {@link generate}. */
 export interface GenerateOptions {
@@ -199,9 +199,13 @@ function recordStep(
     adapterKeyValues: refreshAdapter,
   });
   const C = model.config.hiddenSize;
-  copyElements(rec, acts.hFinal, s.lastHidden, C, (acts.T - 1) * C, 0);
-  // logits of the last position only: (1, C) x (V, C)^T
-  logitsForward(rec, s.logits, s.lastHidden, model.weights.lmHead.ranges);
+  // logits of the last position only: (1, C) x (V, C)^T (a one-token step's hidden state is that row)
+  let last = acts.hFinal;
+  if (acts.N !== 1) {
+    copyElements(rec, acts.hFinal, s.lastHidden, C, (acts.T - 1) * C, 0);
+    last = s.lastHidden;
+  }
+  logitsForward(rec, s.logits, last, model.weights.lmHead.ranges);
 }
 
 interface Sampler {
@@ -236,7 +240,8 @@ function replayableStep(
 ): Op[] {
   const adapter = runningAdapter(model);
   const params = adapter ? adapter.params.buffer : null;
-  const key = `${L}|${sampler.temperature > 0 ? `${sampler.temperature}|${sampler.topP}` : "greedy"}`;
+  const sampling = sampler.temperature > 0 ? `${sampler.temperature}|${sampler.topP}` : "greedy";
+  const key = `${L}|${sampling}|${decodeTuning.fused ? "fused" : "general"}`;
   const hit = s.steps.get(key);
   if (hit && hit.adapter === adapter && hit.params === params && hit.acts === acts) return hit.ops;
   const rec = new Recorder(model.gpu);

@@ -4,12 +4,22 @@
  *   x2  = x + SelfAttention(LayerNorm₁(x))        (adapter added after c_proj, as PEFT does)
  *   out = x2 + Proj(gelu_new(Fc(h2))),  h2 = LayerNorm₂(x2)
  *
+ * Decode (one token per batch row, inference) runs {@link gpt2LayerDecode}: in place on the residual
+ * stream, the LayerNorms inside the matrix-vector products, gelu_new in the c_fc product's epilogue.
+ *
  * @module
  */
 
 import { layernormBackward, layernormForward } from "../../kernels/norm.ts";
 import { addInto, geluBackward, geluForward } from "../../kernels/activation.ts";
-import { type LayerContext, selfAttentionBackward, selfAttentionForward } from "./self_attention.ts";
+import { decodeLinearForward } from "../../kernels/decode_matvec.ts";
+import type { Tensor } from "../gpu/tensor.ts";
+import {
+  type LayerContext,
+  selfAttentionBackward,
+  selfAttentionDecode,
+  selfAttentionForward,
+} from "./self_attention.ts";
 import { linear, linearBackward } from "./ops.ts";
 
 /**
@@ -27,6 +37,26 @@ export function gpt2LayerForward(ctx: LayerContext): void {
   geluForward(rec, acts.a, la.u);
   linear(rec, ctx.out, acts.a, w.down);
   addInto(rec, ctx.out, la.x2);
+}
+
+/**
+ * Records one gpt2 block for a decode step, in place on the residual stream `x` (B, C): seven
+ * dispatches (q, k, v, cache append, attention adding the adapter into `x`, c_proj, c_fc with gelu,
+ * mlp c_proj; LayerNorms folded into the products).
+ *
+ * @param ctx The layer context (decode).
+ * @param x Residual stream (B, C), updated in place.
+ */
+export function gpt2LayerDecode(ctx: LayerContext, x: Tensor): void {
+  const { rec, la, w } = ctx;
+  const eps = ctx.model.config.normEps;
+  selfAttentionDecode(ctx, x, { kind: "layer", weight: w.norm1.weight, bias: w.norm1.bias!, eps });
+  // (B, C) -> (B, 4C) -> (B, C)
+  decodeLinearForward(rec, la.u, x, w.up.w, w.up.b, {
+    prologue: { kind: "layer", weight: w.norm2.weight, bias: w.norm2.bias!, eps },
+    epilogue: "gelu_new",
+  });
+  decodeLinearForward(rec, x, la.u, w.down.w, w.down.b, { accumulate: true });
 }
 
 /**

@@ -4,6 +4,9 @@
  *   x2  = x + SelfAttention(RMSNorm₁(x))            (adapter inside, see self_attention.ts)
  *   out = x2 + Down(silu(Gate(h2)) * Up(h2)),  h2 = RMSNorm₂(x2)
  *
+ * Decode (one token per batch row, inference) runs {@link llamaLayerDecode}: the same layer in place on
+ * the residual stream with the norms inside the matrix-vector products and gate, up and SwiGLU in one.
+ *
  * Backward takes d out in `acts.grad.res` and leaves d x there (d x2 on the way); the weights are
  * frozen, so only activation gradients are formed.
  *
@@ -13,7 +16,14 @@
 import { rmsnormBackward, rmsnormForward } from "../../kernels/norm.ts";
 import { swigluBackward, swigluForward } from "../../kernels/activation.ts";
 import { addInto } from "../../kernels/activation.ts";
-import { type LayerContext, selfAttentionBackward, selfAttentionForward } from "./self_attention.ts";
+import { decodeLinearForward, decodeSwigluForward } from "../../kernels/decode_matvec.ts";
+import type { Tensor } from "../gpu/tensor.ts";
+import {
+  type LayerContext,
+  selfAttentionBackward,
+  selfAttentionDecode,
+  selfAttentionForward,
+} from "./self_attention.ts";
 import { linear, linearBackward } from "./ops.ts";
 
 /**
@@ -34,6 +44,27 @@ export function llamaLayerForward(ctx: LayerContext): void {
   swigluForward(rec, acts.a, la.g, la.u);
   linear(rec, ctx.out, acts.a, w.down);
   addInto(rec, ctx.out, la.x2);
+}
+
+/**
+ * Records one llama layer for a decode step: `x += attention(...)`, `x += mlp(...)` in place on the
+ * residual stream `x` (B, C) — seven dispatches (q, k, v, RoPE and cache append, attention with the
+ * adapter, o_proj, gate·up·SwiGLU, down; norms folded into the products).
+ *
+ * @param ctx The layer context (decode).
+ * @param x Residual stream (B, C), updated in place.
+ */
+export function llamaLayerDecode(ctx: LayerContext, x: Tensor): void {
+  const { rec, acts, w } = ctx;
+  const eps = ctx.model.config.normEps;
+  selfAttentionDecode(ctx, x, { kind: "rms", weight: w.norm1.weight, eps });
+  // (B, C) -> (B, I) -> (B, C)
+  decodeSwigluForward(rec, acts.a, x, w.gate!.w, w.up.w, {
+    prologue: { kind: "rms", weight: w.norm2.weight, eps },
+    gateBias: w.gate!.b,
+    upBias: w.up.b,
+  });
+  decodeLinearForward(rec, x, acts.a, w.down.w, w.down.b, { accumulate: true });
 }
 
 /**

@@ -12,6 +12,11 @@
  *   llama: o = (attn + adp) Woᵀ + bo (+ bo again when adapted, as PEFT's o_proj(adapter) adds it)
  *   gpt2:  o = attn Woᵀ + bo + adp
  *
+ * Decode (one token per batch row, no training) has its own forward, {@link selfAttentionDecode}: the
+ * norm folded into the q/k/v matrix-vector products, RoPE folded into the cache append, the adapter folded
+ * into the attention kernel, and the output projection added straight into the residual stream — five
+ * dispatches where the general forward records eleven.
+ *
  * @module
  */
 
@@ -22,7 +27,9 @@ import { adapterAttentionBackward, adapterAttentionForward } from "../../kernels
 import { ropeBackwardInPlace, ropeInPlace } from "../../kernels/rope.ts";
 import { addBiasRows, addInto } from "../../kernels/activation.ts";
 import { copyElements } from "../../kernels/fill.ts";
-import { kvCacheAppend } from "../../kernels/kv_cache.ts";
+import { kvCacheAppend, kvCacheAppendRope } from "../../kernels/kv_cache.ts";
+import { decodeAttentionForward } from "../../kernels/decode_attention.ts";
+import { decodeLinearForward, type MatvecPrologue } from "../../kernels/decode_matvec.ts";
 import { gateView, promptView } from "../adapters/state.ts";
 import type { AdapterState } from "../adapters/state.ts";
 import type { Activations, LayerActivations } from "./activations.ts";
@@ -131,35 +138,15 @@ export function adapterKeyValuesForward(rec: Recorder, model: Model, state: Adap
  */
 export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
   const { rec, model, acts, la, w } = ctx;
-  const c = model.config;
   linear(rec, la.q, h, w.q);
   linear(rec, la.k, h, w.k);
   linear(rec, la.v, h, w.v);
-  if (model.layout.rope) {
-    ropeInPlace(rec, la.q, model.invFreq!, acts.positions, c.numHeads);
-    ropeInPlace(rec, la.k, model.invFreq!, acts.positions, c.numKvHeads);
-  }
+  ropeQueriesKeys(ctx);
   let keys = la.k, values = la.v;
   if (ctx.cache) {
-    // append this step's keys/values to the cache rows [past, past + T) of each batch row
-    const { kv, past } = ctx.cache;
-    const width = c.numKvHeads * c.headDim;
-    keys = kv.k[ctx.layer]!;
-    values = kv.v[ctx.layer]!;
-    if (kv.position) {
-      kvCacheAppend(rec, keys, values, kv.mask, la.k, la.v, kv.position, {
-        batch: acts.B,
-        tokens: acts.T,
-        width,
-        maxLen: kv.maxLen,
-      });
-    } else {
-      for (let b = 0; b < acts.B; b++) {
-        const dst = (b * kv.maxLen + past) * width;
-        copyElements(rec, la.k, keys, acts.T * width, b * acts.T * width, dst);
-        copyElements(rec, la.v, values, acts.T * width, b * acts.T * width, dst);
-      }
-    }
+    appendToCache(ctx);
+    keys = ctx.cache.kv.k[ctx.layer]!;
+    values = ctx.cache.kv.v[ctx.layer]!;
   }
   const mask = ctx.masked ? (ctx.cache ? ctx.cache.kv.mask : acts.mask) : null;
   attentionForward(rec, la.attn, acts.training ? la.lse : null, la.q, keys, values, mask, {
@@ -185,6 +172,101 @@ export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
     addInto(rec, la.x2, acts.adp);
   }
   addInto(rec, la.x2, la.x);
+}
+
+/** RoPE on this step's queries and keys (in place), for families that use it. */
+function ropeQueriesKeys(ctx: LayerContext): void {
+  const { rec, model, acts, la } = ctx;
+  if (!model.layout.rope) return;
+  ropeInPlace(rec, la.q, model.invFreq!, acts.positions, model.config.numHeads);
+  ropeInPlace(rec, la.k, model.invFreq!, acts.positions, model.config.numKvHeads);
+}
+
+/** Appends this step's keys/values (B, T, Hkv*D) to the cache rows [past, past + T) of each batch row. */
+function appendToCache(ctx: LayerContext): void {
+  const { rec, model, acts, la } = ctx;
+  const { kv, past } = ctx.cache!;
+  const width = model.config.numKvHeads * model.config.headDim;
+  const keys = kv.k[ctx.layer]!, values = kv.v[ctx.layer]!;
+  if (kv.position) {
+    kvCacheAppend(rec, keys, values, kv.mask, la.k, la.v, kv.position, {
+      batch: acts.B,
+      tokens: acts.T,
+      width,
+      maxLen: kv.maxLen,
+    });
+    return;
+  }
+  for (let b = 0; b < acts.B; b++) {
+    const dst = (b * kv.maxLen + past) * width;
+    copyElements(rec, la.k, keys, acts.T * width, b * acts.T * width, dst);
+    copyElements(rec, la.v, values, acts.T * width, b * acts.T * width, dst);
+  }
+}
+
+/**
+ * Records the self-attention of one layer for a decode step (one token per batch row, inference):
+ * `x += SelfAttention(norm(x))` in place on the residual stream `x` (B, C), the norm applied inside the
+ * q/k/v matrix-vector products (`prologue`), RoPE inside the cache append (replayed steps), the adapter
+ * inside the attention kernel (llama: added before o_proj; gpt2: added into `x`), and o_proj added into
+ * `x`. Needs `ctx.cache` and single-range q/k/v/o weights the fused kernels take (see
+ * `decodeFusable` in transformer.ts).
+ *
+ * @param ctx The layer context (decode).
+ * @param x Residual stream (B, C), updated in place.
+ * @param prologue The layer's first norm, applied on the fly.
+ */
+export function selfAttentionDecode(ctx: LayerContext, x: Tensor, prologue: MatvecPrologue): void {
+  const { rec, model, acts, la, w } = ctx;
+  const c = model.config;
+  const { kv } = ctx.cache!;
+  // (B, C) -> (B, H*D), (B, Hkv*D) x2
+  decodeLinearForward(rec, la.q, x, w.q.w, w.q.b, { prologue });
+  decodeLinearForward(rec, la.k, x, w.k.w, w.k.b, { prologue });
+  decodeLinearForward(rec, la.v, x, w.v.w, w.v.b, { prologue });
+  if (model.layout.rope && kv.position) {
+    kvCacheAppendRope(
+      rec,
+      kv.k[ctx.layer]!,
+      kv.v[ctx.layer]!,
+      kv.mask,
+      la.q,
+      la.k,
+      la.v,
+      model.invFreq!,
+      acts.positions,
+      kv.position,
+      { batch: acts.B, tokens: acts.T, numHeads: c.numHeads, numKvHeads: c.numKvHeads, maxLen: kv.maxLen },
+    );
+  } else {
+    ropeQueriesKeys(ctx);
+    appendToCache(ctx);
+  }
+  const adapter = ctx.adapter;
+  const through = model.layout.adapterThroughOutProj;
+  decodeAttentionForward(
+    rec,
+    la.attn,
+    la.q,
+    kv.k[ctx.layer]!,
+    kv.v[ctx.layer]!,
+    ctx.masked ? kv.mask : null,
+    attentionOptions(ctx),
+    adapter
+      ? {
+        ka: adapter.state.ka[adapter.slot]!,
+        va: adapter.state.va[adapter.slot]!,
+        gate: gateView(adapter.state, adapter.state.params, adapter.slot),
+        adapterLen: adapter.state.config.adapterLen,
+        scale: 1 / Math.sqrt(c.headDim),
+        gateKind: adapter.state.config.gate,
+        into: through ? null : x, // llama: attn + adapter through o_proj; gpt2: adapter into x
+      }
+      : null,
+  );
+  // (B, H*D) -> (B, C), added into the residual stream
+  decodeLinearForward(rec, x, la.attn, w.o.w, w.o.b, { accumulate: true });
+  if (adapter && through && w.o.b) addBiasRows(rec, x, w.o.b); // PEFT's o_proj(adapter) adds it again
 }
 
 /**

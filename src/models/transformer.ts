@@ -22,23 +22,59 @@ import { AdapterError, InvalidFileError } from "../errors.ts";
 import type { ModelConfig } from "../io/hf_config.ts";
 import { type AdapterState, slotOf } from "../adapters/state.ts";
 import { type Activations, createActivations } from "./activations.ts";
-import { gpt2LayerBackward, gpt2LayerForward } from "./gpt2.ts";
-import { llamaLayerBackward, llamaLayerForward } from "./llama.ts";
+import { gpt2LayerBackward, gpt2LayerDecode, gpt2LayerForward } from "./gpt2.ts";
+import { llamaLayerBackward, llamaLayerDecode, llamaLayerForward } from "./llama.ts";
+import { decodeMatvecApplies } from "../../kernels/decode_matvec.ts";
 import type { Model } from "./model.ts";
 import { adapterKeyValuesForward, type KvCache, type LayerContext } from "./self_attention.ts";
 
-/** A family's layer forward and backward. */
+/** A family's layer forward, backward and decode step. */
 interface LayerFunctions {
   forward(ctx: LayerContext): void;
   backward(ctx: LayerContext, needInput: boolean): void;
+  decode(ctx: LayerContext, x: Tensor): void;
 }
 
 /** Registry: family → layer functions. */
 const LAYER_FUNCTIONS: Record<ModelConfig["family"], LayerFunctions> = {
-  llama: { forward: llamaLayerForward, backward: llamaLayerBackward },
-  mistral: { forward: llamaLayerForward, backward: llamaLayerBackward },
-  gpt2: { forward: gpt2LayerForward, backward: gpt2LayerBackward },
+  llama: { forward: llamaLayerForward, backward: llamaLayerBackward, decode: llamaLayerDecode },
+  mistral: { forward: llamaLayerForward, backward: llamaLayerBackward, decode: llamaLayerDecode },
+  gpt2: { forward: gpt2LayerForward, backward: gpt2LayerBackward, decode: gpt2LayerDecode },
 };
+
+/**
+ * Decode switch: `fused` (default) runs decode steps through the families' fused decode layers
+ * (`llamaLayerDecode`, `gpt2LayerDecode`) whenever {@link decodeFusable} allows; false records them with
+ * the general forward (benchmarks compare the two in one run; tests check they agree).
+ */
+export const decodeTuning: { fused: boolean } = { fused: true };
+
+const fusableWeights = new WeakMap<Model, Map<number, boolean>>();
+
+/**
+ * Whether a forward can take the fused decode path: inference with a KV cache, one token per row, at
+ * most 4 rows, and every layer weight in one binding that the fused matrix-vector kernels take.
+ *
+ * @param model The model.
+ * @param acts The batch buffers.
+ * @param opts The forward options.
+ * @returns True when {@link recordForward} will run the fused decode layers.
+ */
+export function decodeFusable(model: Model, acts: Activations, opts: ForwardOptions): boolean {
+  if (!decodeTuning.fused || acts.training || !opts.cache || acts.T !== 1) return false;
+  let byRows = fusableWeights.get(model);
+  if (!byRows) fusableWeights.set(model, byRows = new Map());
+  let ok = byRows.get(acts.B);
+  if (ok === undefined) {
+    ok = model.weights.layers.every((w) =>
+      [w.q, w.k, w.v, w.o, w.up, w.down, ...(w.gate ? [w.gate] : [])].every((lin) =>
+        lin.ranges.length === 1 && decodeMatvecApplies(acts.B, lin.w.shape[1]!, lin.w)
+      )
+    );
+    byRows.set(acts.B, ok);
+  }
+  return ok;
+}
 
 /** A batch as users pass it: token ids per row, optional HF attention mask and labels. */
 export interface Batch {
@@ -238,11 +274,17 @@ export function recordForward(rec: Recorder, model: Model, acts: Activations, op
   }
   if (w.positions) positionEmbeddingForward(rec, x0, w.positions, acts.positions);
   const fns = LAYER_FUNCTIONS[c.family];
-  for (let l = 0; l < c.numLayers; l++) fns.forward(layerContext(rec, model, acts, l, opts));
+  // decode: every layer in place on the residual stream x0; otherwise layer l writes layer l+1's input
+  const decode = decodeFusable(model, acts, opts);
+  for (let l = 0; l < c.numLayers; l++) {
+    if (decode) fns.decode(layerContext(rec, model, acts, l, opts), x0);
+    else fns.forward(layerContext(rec, model, acts, l, opts));
+  }
+  const xTop = decode ? x0 : acts.xFinal;
   const fn = w.finalNorm;
   if (fn.bias) {
-    layernormForward(rec, acts.hFinal, acts.meanF, acts.rstdF, acts.xFinal, fn.weight, fn.bias, c.normEps);
-  } else rmsnormForward(rec, acts.hFinal, acts.rstdF, acts.xFinal, fn.weight, c.normEps);
+    layernormForward(rec, acts.hFinal, acts.meanF, acts.rstdF, xTop, fn.weight, fn.bias, c.normEps);
+  } else rmsnormForward(rec, acts.hFinal, acts.rstdF, xTop, fn.weight, c.normEps);
   const head = opts.head;
   if (head.logits) logitsForward(rec, head.logits, acts.hFinal, w.lmHead.ranges);
   if (head.loss || head.lossGradient) {

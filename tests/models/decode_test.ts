@@ -3,11 +3,15 @@
  * a forward over the whole sequence (≤ 1e-5 relative), for batch 1 and for batch 3 with right padding,
  * on llama (GQA), mistral and gpt2; greedy `generate` equals a loop of full forwards (no cache); and the
  * replayed decode step gives the same tokens as recording every step (greedy, sampled, chunks, stops).
+ * One-token steps run the fused decode layers (checked: `decodeFusable`), so the comparisons above hold
+ * for them; switched off, the general forward gives the same logits.
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
 import { addAdaptionPrompt, forward, generate, loadModel, type Model } from "../../mod.ts";
-import { createDecoder, generateStream } from "../../src/models/generate.ts";
+import { createDecoder, createKvCache, generateStream } from "../../src/models/generate.ts";
+import { activationsFor, decodeFusable, decodeTuning } from "../../src/models/transformer.ts";
+import { runningAdapter } from "../../src/models/model.ts";
 import { assertClose, Rng } from "../_util.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
@@ -64,6 +68,35 @@ for (const name of ["llama_gqa_pad", "mistral_gqa", "gpt2_basic"]) {
     }
   });
 }
+
+Deno.test("one-token steps take the fused decode layers, which give the general forward's logits", async () => {
+  for (const name of ["llama_gqa_pad", "mistral_gqa", "gpt2_basic"]) {
+    const model = await modelWithAdapter(name);
+    const fusable = (B: number) =>
+      decodeFusable(model, activationsFor(model, B, 1, false), {
+        adapter: runningAdapter(model),
+        masked: true,
+        head: {},
+        cache: { kv: createKvCache(model, B), past: 3 },
+      });
+    assert.ok(fusable(1) && fusable(3), `${name}: decode steps are not fused`);
+    const rng = new Rng(4);
+    const ids = Array.from({ length: 2 }, () => Array.from(rng.ints(7, model.config.vocabSize)));
+    const run = async (fused: boolean) => {
+      decodeTuning.fused = fused;
+      try {
+        const dec = createDecoder(model, 2);
+        const out = [await dec.prefill({ inputIds: ids.map((r) => r.slice(0, 4)) })];
+        for (let t = 4; t < 7; t++) out.push(await dec.step(ids.map((r) => r[t]!), [1, t === 5 ? 0 : 1]));
+        return out;
+      } finally {
+        decodeTuning.fused = true;
+      }
+    };
+    const general = await run(false), fused = await run(true);
+    general.forEach((g, i) => assertClose(fused[i]!, g, 1e-5, `${name} step ${i}: fused vs general`));
+  }
+});
 
 Deno.test("greedy generate with the KV cache equals greedy decoding by full forwards (no cache)", async () => {
   const model = await modelWithAdapter("llama_basic");

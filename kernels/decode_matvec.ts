@@ -1,0 +1,617 @@
+/**
+ * Fused matrix-vector products for decode. A decode step multiplies M ≤ 4 rows (one token per sequence)
+ * by every weight of the layer, and each of those products is a small dispatch whose cost is mostly
+ * latency (about 5-10 µs on an H100), so the norm before a projection, the activation after it, and the
+ * gate/up pair of a llama MLP are folded into the product itself:
+ * - `decodeLinearForward`: `out (+)= act(norm(x) Wᵀ + b)`, one dispatch instead of up to three;
+ * - `decodeSwigluForward`: `out = silu(norm(x) Wgᵀ + bg) * (norm(x) Wuᵀ + bu)`, one instead of four.
+ * Weights are HF `Linear` `(N, K)` ("nk"), f32 or f16 (read as vec4 / vec4<f16>); K must be a multiple of 4.
+ *
+ * The kernel is the "nk" matrix-vector kernel of kernels/matmul.ts (`matvecNkKernel`): T = 32-256
+ * threads reduce an output row, 256 / T groups of them per workgroup, MV_UNROLL independent weight loads
+ * in flight per thread, the M rows as compile-time accumulators, a tree reduction in workgroup memory.
+ * Two additions: a group of threads may own NR = 1, 2 or 4 output rows, so that each load of x (and of
+ * the norm weight) serves NR weight rows; and the reduced values of the M rows travel packed in vec4s.
+ * The norm never writes a normed copy of x:
+ * - RMSNorm: `y = rstd * sum_k W[n, k] (w[k] x[k])`. Every group of T threads reads the whole row of x
+ *   anyway, so it accumulates `sum x²` in the same loop and reduces it with the dot products; rstd
+ *   (`1 / sqrt(sum x² / K + eps)`, as `rmsnormForward`) scales the sum at the end. No extra pass and no
+ *   extra barrier.
+ * - LayerNorm: the workgroup first reduces the M row means over all its 256 threads (one workgroup
+ *   reduction), then the loop accumulates `sum W (w (x - mean))`, `sum (x - mean)²` and `sum W b`;
+ *   `y = rstd * sum W (w (x - mean)) + sum W b` with `rstd = 1 / sqrt(var + eps)`: the two-pass, biased
+ *   variance of `layernormForward`, without cancellation for rows with a large mean.
+ * Statistics are f32 throughout. The products differ from the unfused sequence only by f32 rounding (rstd
+ * is applied to the sum instead of to each element).
+ *
+ * On an H200 (bench/decode_matvec_bench.ts) the fused dispatches take 0.5-0.7x the time of the unfused
+ * sequences at TinyLlama and gpt2 decode shapes (RMSNorm + q_proj 11.2 -> 6.3 µs, RMSNorm + gate/up +
+ * SwiGLU at M = 4 60 -> 34 µs), except LayerNorm + a 768x768 projection at M = 1, which breaks even: the
+ * mean's workgroup reduction costs about what the saved dispatch did.
+ *
+ * Sizes travel in the uniform, and so do the bias / accumulate / gelu_new choices (a uniform branch in
+ * the epilogue); the WGSL changes with the options in the kernel key (rows of x, threads per output row,
+ * output rows per group, weight dtype, prologue, SwiGLU), one pipeline per combination.
+ *
+ * @module
+ */
+
+import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import { f32, type Recorder } from "../src/gpu/recorder.ts";
+import type { Tensor } from "../src/gpu/tensor.ts";
+import { GpuError } from "../src/errors.ts";
+import { grid1d } from "./fill.ts";
+
+/**
+ * A norm applied to each row of x before the product, computed in the same dispatch (f32 statistics):
+ * `rms`: `x̂ = x * rsqrt(mean(x²) + eps) * weight` (llama RMSNorm); `layer`:
+ * `x̂ = (x - mean) * rsqrt(var + eps) * weight + bias` (gpt2 LayerNorm, biased variance). Weight and
+ * bias are f32 of K elements.
+ */
+export type MatvecPrologue =
+  | { kind: "rms"; weight: Tensor; eps: number }
+  | { kind: "layer"; weight: Tensor; bias: Tensor; eps: number };
+
+/** An activation applied to each output before it is stored or added: `gelu_new` is gpt2's tanh GELU. */
+export type MatvecEpilogue = "none" | "gelu_new";
+
+/**
+ * Tuning knobs for tests and benchmarks: `threads` forces the threads that reduce one output row (32,
+ * 64, 128 or 256); `rowsPerGroup` caps the output rows of a group of threads (fewer where the
+ * accumulators or workgroup memory would not fit). `null` lets the plan choose (see `plan`).
+ */
+export const decodeMatvecTuning: {
+  threads: 32 | 64 | 128 | 256 | null;
+  rowsPerGroup: 1 | 2 | 4 | null;
+} = { threads: null, rowsPerGroup: null };
+
+/** Largest M (rows of x) the kernels take: one accumulator per row. */
+const MAX_M = 4;
+/** Multiprocessors of the GPU the heuristic plans for (H100/H200: 132; as SMS in kernels/matmul.ts). */
+const SMS = 132;
+/** Threads of a workgroup (as MV_WG in kernels/matmul.ts). */
+const WG = 256;
+/** Independent weight loads per thread per loop iteration (as MV_UNROLL in kernels/matmul.ts). */
+const UNROLL = 4;
+
+/** Options that change the WGSL of the fused kernel. */
+interface MatvecOptions {
+  /** M, the rows of x (1-4). */
+  rows: number;
+  /** Threads that reduce one output row. */
+  threads: number;
+  /** Output rows (n) per group of threads: each x load serves that many weight rows. */
+  nr: number;
+  /** Weights are f16 (read as vec4<f16>). */
+  f16: boolean;
+  prologue: "none" | "rms" | "layer";
+  /** Two weights (gate, up) and `silu(gate) * up`. */
+  swiglu: boolean;
+}
+
+/**
+ * Bits of the uniform's `flags`: what does not change the WGSL (a uniform branch in the epilogue), so
+ * that these combinations share one pipeline.
+ */
+const FLAG_BIAS = 1;
+const FLAG_UP_BIAS = 2;
+const FLAG_ACCUMULATE = 4;
+const FLAG_GELU = 8;
+
+/** The storage bindings of a variant, in binding order (the uniform follows). */
+function bindingNames(o: MatvecOptions): string[] {
+  // the biases are always bound (x stands in for an absent one, never read: its flag is off)
+  const names = ["out", "a", "wg"];
+  if (o.swiglu) names.push("wu");
+  names.push("bias");
+  if (o.swiglu) names.push("biasUp");
+  if (o.prologue !== "none") names.push("nw");
+  if (o.prologue === "layer") names.push("nb");
+  return names;
+}
+
+/** The vec4 groups reduced over the threads of a row (see {@link decodeMatvecKernel}). */
+function reducedGroups(o: Pick<MatvecOptions, "nr" | "prologue" | "swiglu">): string[] {
+  const swiglu = o.swiglu;
+  const rs = [...Array(o.nr).keys()];
+  return [
+    ...rs.map((r) => `S${r}`),
+    ...(swiglu ? rs.map((r) => `SU${r}`) : []),
+    ...(o.prologue !== "none" ? ["Q"] : []),
+    ...(o.prologue === "layer" ? ["TB", ...(swiglu ? ["TBU"] : [])] : []),
+  ];
+}
+
+/** Workgroups below which the plan takes more threads per output row or fewer rows per group. */
+const MIN_GROUPS = 96;
+
+/**
+ * Chooses the threads per output row (T) and the output rows per thread group (NR) of a product, from
+ * H200 measurements at the TinyLlama and gpt2 decode shapes (bench/decode_matvec_bench.ts):
+ * - T from K as matmul.ts's matvec (about 8-16 vec4 loads per thread), then doubled while there are
+ *   fewer than SMS workgroups and each thread keeps ≥ 4 loads (k_proj 256x2048: 32 -> 128 threads,
+ *   15 -> 8 µs);
+ * - NR: each x load and norm-weight load serves NR weight rows (gpt2 c_fc with LayerNorm at M = 4: 11.5
+ *   -> 8.7 µs with NR 4). Only with a norm: without one, the extra rows cost more than the loads they
+ *   save (down_proj at M = 4: 17.7 -> 20.5 µs with NR 4). The largest NR that keeps MIN_GROUPS
+ *   workgroups, 16 vec4 accumulators per thread and the device's workgroup memory.
+ * `decodeMatvecTuning` forces T, and caps NR.
+ */
+function plan(
+  rec: Recorder,
+  o: Omit<MatvecOptions, "threads" | "nr">,
+  N: number,
+  K: number,
+): { threads: number; nr: number } {
+  const K4 = K / 4;
+  let threads: number = decodeMatvecTuning.threads ?? 256;
+  if (decodeMatvecTuning.threads === null) {
+    for (const t of [32, 64, 128]) {
+      if (K4 <= 16 * t) {
+        threads = t;
+        break;
+      }
+    }
+    while (threads < WG && Math.ceil(N / (WG / threads)) < SMS && K4 / (2 * threads) >= 4) threads *= 2;
+  }
+  const R = WG / threads;
+  const streams = o.swiglu ? 2 : 1;
+  const limit = rec.gpu.limits.maxComputeWorkgroupStorageSize;
+  const cap = decodeMatvecTuning.rowsPerGroup;
+  for (const nr of [4, 2]) {
+    if (cap !== null ? nr > cap : o.prologue === "none" || Math.ceil(N / (R * nr)) < MIN_GROUPS) continue;
+    if (nr * o.rows * streams > 16) continue;
+    if (reducedGroups({ ...o, nr }).length * WG * 16 > limit) continue;
+    return { threads, nr };
+  }
+  return { threads, nr: 1 };
+}
+
+/**
+ * The fused kernel. Thread group `tid / T` of workgroup `g` (T threads) owns output rows
+ * `n0 .. n0 + NR - 1`, `n0 = (g * R + tid / T) * NR`, and reduces them over the vec4 k indices
+ * `lane, lane + T, ...`: per k it loads the NR weight vec4s, then x (and the norm weight) once for all of
+ * them; the accumulators are vec4 (4 consecutive k). Reduced values are packed into vec4 groups of the rows
+ * of x (component m = row m) so one tree reduction serves all of them: S{r} (the dot products of output
+ * row r), SU{r} (the up projection's), Q (sum x² or sum (x - mean)², shared by the NR rows), TB / TBU
+ * (sum W b of the norm bias, component r = output row r).
+ */
+function decodeMatvecKernel(o: MatvecOptions): Kernel {
+  const names = bindingNames(o);
+  const kinds: ("read" | "write" | "uniform")[] = names.map((n) => n === "out" ? "write" : "read");
+  kinds.push("uniform");
+  return defineKernel("decode_matvec", { ...o }, kinds, () => {
+    const L: string[] = [];
+    const emit = (s: string) => L.push(s);
+    const ms = [...Array(o.rows).keys()];
+    const rs = [...Array(o.nr).keys()];
+    const T = o.threads;
+    const R = WG / T;
+    const U = UNROLL;
+    const swiglu = o.swiglu;
+    const pro = o.prologue;
+    const wElem = o.f16 ? "vec4<f16>" : "vec4<f32>";
+    const groups = reducedGroups(o);
+    const slot = (grp: string) => `${groups.indexOf(grp) * WG}u`;
+
+    if (o.f16) emit("enable f16;");
+    emit(`struct P {`);
+    emit(`  N: u32, K: u32, K4: u32, ldc: u32, cOff: u32, groupsX: u32, tiles: u32, eps: f32,`);
+    emit(`  flags: u32, // 1 bias, 2 up bias, 4 accumulate, 8 gelu_new`);
+    emit(`}`);
+    names.forEach((name, i) => {
+      const type = name === "out" || name === "bias" || name === "biasUp"
+        ? "array<f32>"
+        : name === "wg" || name === "wu"
+        ? `array<${wElem}>`
+        : "array<vec4<f32>>";
+      const access = name === "out" ? "read_write" : "read";
+      emit(`@group(0) @binding(${i}) var<storage, ${access}> ${name}: ${type};`);
+    });
+    emit(`@group(0) @binding(${names.length}) var<uniform> p: P;`);
+    emit(`var<workgroup> red: array<vec4<f32>, ${WG * groups.length}>;`);
+    if (!swiglu) {
+      // gelu_new as kernels/activation.ts computes it (tanh argument clamped: some drivers give NaN past ~44)
+      emit(`const K0: f32 = 0.7978845608028654;`);
+      emit(`const K1: f32 = 0.044715;`);
+    }
+    emit(`@compute @workgroup_size(${WG})`);
+    emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
+    emit(`  let g = wid.x + wid.y * p.groupsX; // folded into y past 65535 workgroups`);
+    emit(`  if (g >= p.tiles) { return; }`);
+    emit(`  let tid = lid.x;`);
+    emit(`  let lane = tid % ${T}u;`);
+    emit(`  let n0 = (g * ${R}u + tid / ${T}u) * ${o.nr}u;`);
+    // rows past N read row N - 1 (their results are not stored)
+    for (const r of rs) emit(`  let wrow${r} = min(n0 + ${r}u, p.N - 1u) * p.K4;`);
+    for (const m of ms) emit(`  let x${m} = ${m}u * p.K4;`);
+
+    if (pro === "layer") {
+      // row means over the whole workgroup first: the loop below needs them
+      emit(`  var msum = vec4<f32>(0.0);`);
+      emit(`  for (var k = tid; k < p.K4; k += ${WG}u) {`);
+      const comps = [0, 1, 2, 3].map((m) => m < o.rows ? `dot(a[x${m} + k], vec4<f32>(1.0))` : "0.0");
+      emit(`    msum += vec4<f32>(${comps.join(", ")});`);
+      emit(`  }`);
+      emit(`  red[tid] = msum;`);
+      emit(`  workgroupBarrier();`);
+      for (let s = WG / 2; s >= 1; s /= 2) {
+        emit(`  if (tid < ${s}u) { red[tid] += red[tid + ${s}u]; }`);
+        emit(`  workgroupBarrier();`);
+      }
+      emit(`  let mean = red[0] / f32(p.K);`);
+      emit(`  workgroupBarrier(); // red is reused by the reduction below`);
+      for (const m of ms) emit(`  let mean${m} = mean.${"xyzw"[m]};`);
+    }
+
+    for (const r of rs) {
+      for (const m of ms) {
+        emit(`  var s${r}_${m} = vec4<f32>(0.0);`);
+        if (swiglu) emit(`  var su${r}_${m} = vec4<f32>(0.0);`);
+      }
+      if (pro === "layer") {
+        emit(`  var tb${r} = vec4<f32>(0.0);`);
+        if (swiglu) emit(`  var tbu${r} = vec4<f32>(0.0);`);
+      }
+    }
+    if (pro !== "none") { for (const m of ms) emit(`  var q${m} = vec4<f32>(0.0);`); }
+
+    // the weight vec4s (of NR rows, and of the up weight) at vec4 index kk: the loads come first, so
+    // that all U * NR loads of an iteration are in flight before the first multiply waits on one
+    const load = (kk: string, w: string) => {
+      const s: string[] = [];
+      for (const r of rs) {
+        s.push(`let ${w}_${r} = vec4<f32>(wg[wrow${r} + ${kk}]);`);
+        if (swiglu) s.push(`let ${w}u_${r} = vec4<f32>(wu[wrow${r} + ${kk}]);`);
+      }
+      return s;
+    };
+    const body = (kk: string, w: string) => {
+      const s: string[] = [];
+      if (pro !== "none") s.push(`let nw_ = nw[${kk}];`);
+      if (pro === "layer") {
+        s.push(`let nb_ = nb[${kk}];`);
+        for (const r of rs) {
+          s.push(`tb${r} = fma(${w}_${r}, nb_, tb${r});`);
+          if (swiglu) s.push(`tbu${r} = fma(${w}u_${r}, nb_, tbu${r});`);
+        }
+      }
+      for (const m of ms) {
+        s.push(`{`);
+        s.push(`  let xv = a[x${m} + ${kk}]${pro === "layer" ? ` - mean${m}` : ""};`);
+        if (pro !== "none") {
+          s.push(`  q${m} = fma(xv, xv, q${m});`);
+          s.push(`  let xn = xv * nw_;`); // rstd is applied to the sums
+        }
+        const xn = pro === "none" ? "xv" : "xn";
+        for (const r of rs) {
+          s.push(`  s${r}_${m} = fma(${w}_${r}, ${xn}, s${r}_${m});`);
+          if (swiglu) s.push(`  su${r}_${m} = fma(${w}u_${r}, ${xn}, su${r}_${m});`);
+        }
+        s.push(`}`);
+      }
+      return s;
+    };
+    emit(`  var k = lane;`);
+    emit(`  loop {`);
+    emit(`    if (k + ${(U - 1) * T}u >= p.K4) { break; }`);
+    for (let u = 0; u < U; u++) for (const s of load(`k + ${u * T}u`, `w${u}`)) emit(`    ${s}`);
+    for (let u = 0; u < U; u++) {
+      emit(`    {`);
+      for (const s of body(`k + ${u * T}u`, `w${u}`)) emit(`      ${s}`);
+      emit(`    }`);
+    }
+    emit(`    k += ${U * T}u;`);
+    emit(`  }`);
+    emit(`  loop {`);
+    emit(`    if (k >= p.K4) { break; }`);
+    for (const s of load("k", "wr")) emit(`    ${s}`);
+    for (const s of body("k", "wr")) emit(`    ${s}`);
+    emit(`    k += ${T}u;`);
+    emit(`  }`);
+
+    // pack the per-thread sums (component m = row m of x, or r = output row) and reduce them over the
+    // T threads of the group
+    const hsum = (v: string) => `dot(${v}, vec4<f32>(1.0))`;
+    const pack = (name: (i: number) => string, count: number) => {
+      const c = [0, 1, 2, 3].map((i) => i < count ? hsum(name(i)) : "0.0");
+      return `vec4<f32>(${c.join(", ")})`;
+    };
+    for (const r of rs) {
+      emit(`  red[${slot(`S${r}`)} + tid] = ${pack((m) => `s${r}_${m}`, o.rows)};`);
+      if (swiglu) emit(`  red[${slot(`SU${r}`)} + tid] = ${pack((m) => `su${r}_${m}`, o.rows)};`);
+    }
+    if (pro !== "none") emit(`  red[${slot("Q")} + tid] = ${pack((m) => `q${m}`, o.rows)};`);
+    if (pro === "layer") {
+      emit(`  red[${slot("TB")} + tid] = ${pack((r) => `tb${r}`, o.nr)};`);
+      if (swiglu) emit(`  red[${slot("TBU")} + tid] = ${pack((r) => `tbu${r}`, o.nr)};`);
+    }
+    emit(`  workgroupBarrier();`);
+    for (let stride = T / 2; stride >= 1; stride /= 2) {
+      emit(`  if (lane < ${stride}u) {`);
+      for (const grp of groups) {
+        emit(`    red[${slot(grp)} + tid] += red[${slot(grp)} + tid + ${stride}u];`);
+      }
+      emit(`  }`);
+      emit(`  workgroupBarrier();`);
+    }
+
+    emit(`  if (lane == 0u) {`);
+    if (pro !== "none") {
+      // rmsnormForward: 1 / sqrt(sum x² / C + eps); layernormForward: 1 / sqrt(sum (x - mean)² / C + eps)
+      emit(`    let rstd = 1.0 / sqrt(red[${slot("Q")} + tid] / f32(p.K) + p.eps);`);
+    }
+    if (pro === "layer") {
+      emit(`    let tb = red[${slot("TB")} + tid];`);
+      if (swiglu) emit(`    let tbu = red[${slot("TBU")} + tid];`);
+    }
+    // one vec4 of outputs (component m = row m of x) of output row n, before the activation
+    const value = (name: string, grp: string, tb: string, r: number, biasName: string, flag: number) => {
+      let v = `red[${slot(grp)} + tid]`;
+      if (pro !== "none") v = `${v} * rstd`;
+      if (pro === "layer") v = `${v} + ${tb}.${"xyzw"[r]}`;
+      emit(`        var ${name} = ${v};`);
+      emit(`        if ((p.flags & ${flag}u) != 0u) { ${name} += ${biasName}[n]; }`);
+    };
+    for (const r of rs) {
+      emit(`    {`);
+      emit(`      let n = n0 + ${r}u;`);
+      emit(`      if (n < p.N) {`);
+      value("y", `S${r}`, "tb", r, "bias", FLAG_BIAS);
+      if (swiglu) {
+        value("yu", `SU${r}`, "tbu", r, "biasUp", FLAG_UP_BIAS);
+        emit(`        y = y / (1.0 + exp(-y)) * yu; // silu(gate) * up, as swigluForward`);
+      } else {
+        emit(`        if ((p.flags & ${FLAG_GELU}u) != 0u) {`);
+        emit(
+          `          y = 0.5 * y * (1.0 + tanh(clamp(K0 * (y + K1 * y * y * y), vec4<f32>(-15.0), vec4<f32>(15.0))));`,
+        );
+        emit(`        }`);
+      }
+      for (const m of ms) {
+        const idx = `${m}u * p.ldc + p.cOff + n`;
+        const v = `y.${"xyzw"[m]}`;
+        emit(
+          `        if ((p.flags & ${FLAG_ACCUMULATE}u) != 0u) { out[${idx}] += ${v}; } else { out[${idx}] = ${v}; }`,
+        );
+      }
+      emit(`      }`);
+      emit(`    }`);
+    }
+    emit(`  }`);
+    emit(`}`);
+    return L.join("\n");
+  });
+}
+
+/**
+ * Whether the fused kernels can take a product of M rows by an "nk" weight: 1 ≤ M ≤ 4, K a positive
+ * multiple of 4, the weight 2-D `(N, K)` and f32 or f16. (An f16 weight also needs `shader-f16`, which
+ * {@link decodeLinearForward} checks against the recorder's GPU.)
+ *
+ * @param M Rows of x.
+ * @param K Input features (the reduction length).
+ * @param w The weight, `(N, K)`.
+ * @returns Whether {@link decodeLinearForward} / {@link decodeSwigluForward} accept it.
+ * @example Fall back to the unfused sequence for prefill
+ * ```ts ignore
+ * if (decodeMatvecApplies(M, C, layer.q.weight)) decodeLinearForward(rec, q, x, layer.q.weight, null, { prologue });
+ * else { rmsnormForward(rec, xn, rstd, x, normW, eps); linearForward(rec, q, xn, layer.q.weight, null); }
+ * ```
+ */
+export function decodeMatvecApplies(M: number, K: number, w: Tensor): boolean {
+  return Number.isInteger(M) && M >= 1 && M <= MAX_M && K > 0 && K % 4 === 0 && w.shape.length === 2 &&
+    w.shape[1] === K && (w.dtype === "f32" || w.dtype === "f16");
+}
+
+function fail(what: string, message: string): never {
+  throw new GpuError(`${what}: ${message}`);
+}
+
+/** Checks the weight and x; returns (N, K, M). */
+function checkProduct(rec: Recorder, what: string, x: Tensor, w: Tensor): [number, number, number] {
+  if (w.shape.length !== 2) fail(what, `weight ${w.label} must be 2-D (N, K), got [${w.shape}]`);
+  const [N, K] = w.shape as [number, number];
+  if (w.dtype !== "f32" && w.dtype !== "f16") {
+    fail(what, `weight ${w.label} must be f32 or f16, got ${w.dtype}`);
+  }
+  if (w.dtype === "f16" && !rec.gpu.hasF16) {
+    fail(what, `weight ${w.label} is f16 but this GPU lacks shader-f16; load the weights as f32`);
+  }
+  if (K <= 0 || K % 4 !== 0) {
+    fail(
+      what,
+      `K = ${K} (weight ${w.label} [${w.shape}]) must be a positive multiple of 4; use linearForward`,
+    );
+  }
+  if (x.dtype !== "f32") fail(what, `input ${x.label} must be f32, got ${x.dtype}`);
+  if (x.size % K !== 0) fail(what, `input ${x.label} [${x.shape}] is not a whole number of rows of ${K}`);
+  const M = x.size / K;
+  if (M < 1 || M > MAX_M) {
+    fail(
+      what,
+      `input ${x.label} [${x.shape}] has ${M} rows; the fused kernels take 1 to ${MAX_M} (use linearForward)`,
+    );
+  }
+  return [N, K, M];
+}
+
+function checkVector(what: string, t: Tensor, size: number, role: string): void {
+  if (t.dtype !== "f32" || t.size !== size) {
+    fail(what, `${role} ${t.label} must be f32 of ${size} elements, got ${t.dtype} [${t.shape}]`);
+  }
+}
+
+function checkPrologue(what: string, pro: MatvecPrologue | undefined, K: number): void {
+  if (!pro) return;
+  if (pro.kind !== "rms" && pro.kind !== "layer") {
+    fail(what, `unknown prologue ${(pro as { kind: string }).kind}; use "rms" or "layer"`);
+  }
+  checkVector(what, pro.weight, K, "norm weight");
+  if (pro.kind === "layer") checkVector(what, pro.bias, K, "norm bias");
+  if (!Number.isFinite(pro.eps) || pro.eps < 0) {
+    fail(what, `norm eps must be a finite number ≥ 0, got ${pro.eps}`);
+  }
+}
+
+/** WebGPU refuses a buffer bound writable and read in one dispatch where the ranges overlap. */
+function checkNoOverlap(what: string, out: Tensor, inputs: (Tensor | null | undefined)[]): void {
+  for (const t of inputs) {
+    if (!t || t.buffer !== out.buffer) continue;
+    if (t.offset < out.offset + out.byteLength && out.offset < t.offset + t.byteLength) {
+      fail(what, `output ${out.label} overlaps input ${t.label}; write to another tensor`);
+    }
+  }
+}
+
+function prologueTensors(pro: MatvecPrologue | undefined): Tensor[] {
+  if (!pro) return [];
+  return pro.kind === "layer" ? [pro.weight, pro.bias] : [pro.weight];
+}
+
+/**
+ * Records a decode linear layer in one dispatch: `out[m, outColOffset + n] (+)= act(sum_k x̂[m, k] w[n, k]
+ * + bias[n])`, where `x̂` is x after the optional norm prologue and `act` the optional epilogue. With
+ * `accumulate`, the activation is applied before adding (`out += act(...)`). A weight split into row
+ * ranges writes its columns of a wider output through `outColOffset` and `ldOut` (as `linearForward`).
+ *
+ * @param rec The recorder.
+ * @param out Output, (M, ldOut) f32; must not overlap x.
+ * @param x Input, (M, K) f32 with 1 ≤ M ≤ 4 (any leading shape, e.g. (B, 1, K)).
+ * @param w Weight, (N, K) f32 or f16 (HF Linear), K a multiple of 4.
+ * @param bias Bias, (N) f32, or null.
+ * @param opts `prologue`: RMSNorm or LayerNorm of each row of x first (f32 statistics); `epilogue`:
+ *   `gelu_new` on each output; `accumulate`: add into `out`; `outColOffset`: first output column
+ *   (default 0); `ldOut`: output row length (default N).
+ * @throws {GpuError} when the product is not one the fused kernel takes (see {@link decodeMatvecApplies}),
+ *   or a tensor has the wrong dtype or size.
+ * @example RMSNorm and q_proj of one token in one dispatch
+ * ```ts ignore
+ * decodeLinearForward(rec, q, hidden, layer.q.weight, layer.q.bias, {
+ *   prologue: { kind: "rms", weight: layer.norm1.weight, eps: config.normEps },
+ * });
+ * ```
+ */
+export function decodeLinearForward(
+  rec: Recorder,
+  out: Tensor,
+  x: Tensor,
+  w: Tensor,
+  bias: Tensor | null,
+  opts: {
+    prologue?: MatvecPrologue;
+    epilogue?: MatvecEpilogue;
+    accumulate?: boolean;
+    outColOffset?: number;
+    ldOut?: number;
+  } = {},
+): void {
+  // x: (M, K), w: (N, K), out: (M, ldOut)
+  const what = "decodeLinearForward";
+  const [N, K, M] = checkProduct(rec, what, x, w);
+  const ldc = opts.ldOut ?? N;
+  const cOff = opts.outColOffset ?? 0;
+  if (!Number.isInteger(cOff) || cOff < 0 || cOff + N > ldc) {
+    fail(what, `columns ${cOff}..${cOff + N} exceed ldOut ${ldc}`);
+  }
+  if (out.dtype !== "f32" || out.size !== M * ldc) {
+    fail(what, `output ${out.label} must be f32 of ${M}x${ldc} elements, got ${out.dtype} [${out.shape}]`);
+  }
+  if (bias) checkVector(what, bias, N, "bias");
+  checkPrologue(what, opts.prologue, K);
+  const epilogue = opts.epilogue ?? "none";
+  if (epilogue !== "none" && epilogue !== "gelu_new") {
+    fail(what, `unknown epilogue ${epilogue}; use "none" or "gelu_new"`);
+  }
+  const pro = prologueTensors(opts.prologue);
+  checkNoOverlap(what, out, [x, w, bias, ...pro]);
+  if (N === 0) return;
+  const base: Omit<MatvecOptions, "threads" | "nr"> = {
+    rows: M,
+    f16: w.dtype === "f16",
+    prologue: opts.prologue?.kind ?? "none",
+    swiglu: false,
+  };
+  const o: MatvecOptions = { ...base, ...plan(rec, base, N, K) };
+  const flags = (bias ? FLAG_BIAS : 0) | (opts.accumulate ? FLAG_ACCUMULATE : 0) |
+    (epilogue === "gelu_new" ? FLAG_GELU : 0);
+  record(rec, o, [out, x, w, bias ?? x, ...pro], N, K, ldc, cOff, opts.prologue?.eps ?? 0, flags);
+}
+
+/**
+ * Records a llama MLP's gate and up projections and SwiGLU in one dispatch:
+ * `out[m, i] = silu(sum_k x̂[m, k] wGate[i, k] + gateBias[i]) * (sum_k x̂[m, k] wUp[i, k] + upBias[i])`,
+ * where `x̂` is x after the optional norm prologue. Each output row i streams both weight rows together.
+ *
+ * @param rec The recorder.
+ * @param out Output, (M, I) f32; must not overlap x.
+ * @param x Input, (M, K) f32 with 1 ≤ M ≤ 4.
+ * @param wGate Gate weight, (I, K) f32 or f16, K a multiple of 4.
+ * @param wUp Up weight, (I, K), the same dtype.
+ * @param opts `prologue`: RMSNorm or LayerNorm of each row of x first; `gateBias`, `upBias`: (I) f32 or
+ *   null (llama has none).
+ * @throws {GpuError} when the product is not one the fused kernel takes, or the weights differ in shape
+ *   or dtype.
+ * @example post_attention_layernorm, gate_proj, up_proj and SwiGLU of one token
+ * ```ts ignore
+ * decodeSwigluForward(rec, act, hidden, layer.gate.weight, layer.up.weight, {
+ *   prologue: { kind: "rms", weight: layer.norm2.weight, eps: config.normEps },
+ * });
+ * ```
+ */
+export function decodeSwigluForward(
+  rec: Recorder,
+  out: Tensor,
+  x: Tensor,
+  wGate: Tensor,
+  wUp: Tensor,
+  opts: { prologue?: MatvecPrologue; gateBias?: Tensor | null; upBias?: Tensor | null } = {},
+): void {
+  // x: (M, K), wGate, wUp: (I, K), out: (M, I)
+  const what = "decodeSwigluForward";
+  const [I, K, M] = checkProduct(rec, what, x, wGate);
+  if (wUp.dtype !== wGate.dtype || wUp.shape.length !== 2 || wUp.shape[0] !== I || wUp.shape[1] !== K) {
+    fail(
+      what,
+      `up weight ${wUp.label} ${wUp.dtype} [${wUp.shape}] must match gate weight ${wGate.label} ${wGate.dtype} [${wGate.shape}]`,
+    );
+  }
+  if (out.dtype !== "f32" || out.size !== M * I) {
+    fail(what, `output ${out.label} must be f32 of ${M}x${I} elements, got ${out.dtype} [${out.shape}]`);
+  }
+  const gateBias = opts.gateBias ?? null;
+  const upBias = opts.upBias ?? null;
+  if (gateBias) checkVector(what, gateBias, I, "gate bias");
+  if (upBias) checkVector(what, upBias, I, "up bias");
+  checkPrologue(what, opts.prologue, K);
+  const pro = prologueTensors(opts.prologue);
+  checkNoOverlap(what, out, [x, wGate, wUp, gateBias, upBias, ...pro]);
+  if (I === 0) return;
+  const base: Omit<MatvecOptions, "threads" | "nr"> = {
+    rows: M,
+    f16: wGate.dtype === "f16",
+    prologue: opts.prologue?.kind ?? "none",
+    swiglu: true,
+  };
+  const o: MatvecOptions = { ...base, ...plan(rec, base, I, K) };
+  const flags = (gateBias ? FLAG_BIAS : 0) | (upBias ? FLAG_UP_BIAS : 0);
+  const buffers = [out, x, wGate, wUp, gateBias ?? x, upBias ?? x, ...pro];
+  record(rec, o, buffers, I, K, I, 0, opts.prologue?.eps ?? 0, flags);
+}
+
+function record(
+  rec: Recorder,
+  o: MatvecOptions,
+  buffers: Tensor[],
+  N: number,
+  K: number,
+  ldc: number,
+  cOff: number,
+  eps: number,
+  flags: number,
+): void {
+  const tiles = Math.ceil(N / ((WG / o.threads) * o.nr));
+  const { groups, stride } = grid1d(tiles, 1);
+  const params = [N, K, K / 4, ldc, cOff, stride, tiles, f32(eps), flags];
+  rec.dispatch(decodeMatvecKernel(o), buffers, params, groups);
+}

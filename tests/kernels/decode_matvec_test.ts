@@ -1,0 +1,577 @@
+/**
+ * Tests of kernels/decode_matvec.ts: the fused decode products against float64 references composed from
+ * tests/reference (norm, then the Linear product, then the activation), and against the unfused sequence
+ * of the existing kernels. Inputs are fresh random draws whose rows have a nonzero mean (so LayerNorm's
+ * mean matters); overwritten outputs start as NaN, accumulated ones as random values.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import {
+  decodeLinearForward,
+  decodeMatvecApplies,
+  decodeMatvecTuning,
+  decodeSwigluForward,
+  type MatvecEpilogue,
+  type MatvecPrologue,
+} from "../../kernels/decode_matvec.ts";
+import { layernormForward, rmsnormForward } from "../../kernels/norm.ts";
+import { linearForward } from "../../kernels/matmul.ts";
+import { geluForward, swigluForward } from "../../kernels/activation.ts";
+import { Recorder } from "../../src/gpu/recorder.ts";
+import { createTensor, type Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
+import type { Gpu } from "../../src/gpu/device.ts";
+import { GpuError } from "../../src/errors.ts";
+import { assertClose, download, gpu, poisoned, Rng, upload } from "../_util.ts";
+import { linearForwardRef } from "../reference/matmul.ts";
+import { layernormRef, rmsnormRef } from "../reference/norm.ts";
+import { geluRef, swigluRef } from "../reference/activation.ts";
+
+// Every output is one f32 dot product of length ≤ 2056 (plus f32 norm statistics of the same length),
+// compared normwise with the float64 reference: 1e-5. f16 weights are compared with the reference on the
+// same f16-rounded weights (accumulation is f32 either way), so the same tolerance holds.
+const TOL = 1e-5;
+const EPS = 1e-5;
+
+/**
+ * Asserts `got` ≈ `want` within TOL, normwise relative to the larger of the output and `pre`, the
+ * pre-activation. gelu_new evaluates `1 + tanh(u)` in f32 (here as in kernels/activation.ts), which for
+ * u ≪ 0 keeps few digits of the tiny output: its absolute error is ~1e-7·|pre-activation| whatever the
+ * product's accuracy, so a case whose outputs all lie in that tail (N = 1) is judged on the scale of the
+ * product. Without an activation, `pre` is the output itself and this is `assertClose`.
+ */
+function assertCloseAct(
+  got: Float32Array,
+  want: ArrayLike<number>,
+  pre: ArrayLike<number>,
+  what: string,
+): void {
+  // the appended pre-activations add nothing to the difference, only to the scale
+  assertClose([...got, ...Array.from(pre)], [...Array.from(want), ...Array.from(pre)], TOL, what);
+}
+
+const MS = [1, 2, 3, 4];
+const NS = [1, 7, 33, 130];
+// 4, 12, 64: fewer vec4 loads than threads; 520 (130 loads, 32 threads): one unrolled iteration of 4
+// loads per thread and a remainder; 2056 (514 loads, 128 threads for these small N): an unrolled iteration
+// and a remainder of 2 loads. (The thread-count test below runs 2056 with 32 threads: 4 iterations.)
+const KS = [4, 12, 64, 520, 2056];
+/**
+ * Rows of x for which K = 2056 runs: each (M, K's thread count, prologue) is another pipeline, and a
+ * CPU device compiles each in 1-3 s, so the big K takes the two ends of M.
+ */
+const big = (M: number, K: number) => K < 2056 || M === 1 || M === 4;
+const NORMS = ["none", "rms", "layer"] as const;
+type Norm = (typeof NORMS)[number];
+const EPILOGUES: MatvecEpilogue[] = ["none", "gelu_new"];
+
+/** Random (M, K) rows with mean 1 + m/2: LayerNorm's mean and RMSNorm's mean square both matter. */
+function rows(rng: Rng, M: number, K: number, mean = 1): Float32Array {
+  const x = rng.randn(M * K);
+  for (let i = 0; i < x.length; i++) x[i] = x[i]! + mean + 0.5 * Math.floor(i / K);
+  return x;
+}
+
+/** Norm parameters around (1, 0), as trained models have them. */
+function normParams(rng: Rng, K: number): { nw: Float32Array; nb: Float32Array } {
+  const nw = rng.randn(K, 0.2).map((v) => 1 + v);
+  return { nw, nb: rng.randn(K, 0.2) };
+}
+
+function normRef(
+  norm: Norm,
+  x: Float32Array,
+  nw: Float32Array,
+  nb: Float32Array,
+  M: number,
+  K: number,
+  eps: number,
+): ArrayLike<number> {
+  if (norm === "rms") return rmsnormRef(x, nw, M, K, eps).out;
+  if (norm === "layer") return layernormRef(x, nw, nb, M, K, eps).out;
+  return x;
+}
+
+function prologueOf(
+  g: Gpu,
+  norm: Norm,
+  nw: Float32Array,
+  nb: Float32Array,
+  eps: number,
+): MatvecPrologue | undefined {
+  if (norm === "rms") return { kind: "rms", weight: upload(g, nw), eps };
+  if (norm === "layer") return { kind: "layer", weight: upload(g, nw), bias: upload(g, nb), eps };
+  return undefined;
+}
+
+/** `opts` plus `prologue` when there is one (exactOptionalPropertyTypes: no `prologue: undefined`). */
+function withPrologue<T extends object>(
+  prologue: MatvecPrologue | undefined,
+  opts: T,
+): T & { prologue?: MatvecPrologue } {
+  return prologue ? { ...opts, prologue } : opts;
+}
+
+function f16Round(a: Float32Array): { bits: Uint16Array; values: Float32Array } {
+  const h = new Float16Array(a);
+  return { bits: new Uint16Array(h.buffer), values: Float32Array.from(h) };
+}
+
+/** Output rows per thread group, forced as an upper bound (null: the plan's choice, 1 at these sizes). */
+type Nr = 1 | 2 | 4 | null;
+
+/** Records with `decodeMatvecTuning.rowsPerGroup = nr`, restoring it after. */
+function withNr(nr: Nr | undefined, record: (rec: Recorder) => void): (rec: Recorder) => void {
+  return (rec) => {
+    decodeMatvecTuning.rowsPerGroup = nr ?? null;
+    try {
+      record(rec);
+    } finally {
+      decodeMatvecTuning.rowsPerGroup = null;
+    }
+  };
+}
+
+async function run(g: Gpu, out: Tensor, record: (rec: Recorder) => void): Promise<Float32Array> {
+  const rec = new Recorder(g);
+  record(rec);
+  rec.submit();
+  return await download(g, out);
+}
+
+/** One Linear case: the kernel's output and the float64 reference. */
+async function linearCase(
+  g: Gpu,
+  rng: Rng,
+  c: {
+    M: number;
+    N: number;
+    K: number;
+    norm: Norm;
+    epilogue: MatvecEpilogue;
+    bias: boolean;
+    f16?: boolean;
+    nr?: Nr;
+  },
+): Promise<{ got: Float32Array; want: Float64Array; pre: Float64Array }> {
+  const { M, N, K, norm, epilogue } = c;
+  const x = rows(rng, M, K);
+  const { nw, nb } = normParams(rng, K);
+  const w32 = rng.randn(N * K, 1 / Math.sqrt(K));
+  const { bits, values } = f16Round(w32);
+  const w = c.f16 ? values : w32;
+  const b = c.bias ? rng.randn(N) : null;
+  const out = poisoned(g, [M, N]);
+  const got = await run(
+    g,
+    out,
+    withNr(c.nr, (rec) =>
+      decodeLinearForward(
+        rec,
+        out,
+        upload(g, x, [M, K]),
+        c.f16 ? tensorFrom(g, bits, [N, K]) : upload(g, w32, [N, K]),
+        b ? upload(g, b) : null,
+        withPrologue(prologueOf(g, norm, nw, nb, EPS), { epilogue }),
+      )),
+  );
+  const y = linearForwardRef(normRef(norm, x, nw, nb, M, K, EPS), w, b, M, N, K);
+  return { got, want: epilogue === "gelu_new" ? geluRef(y) : y, pre: y };
+}
+
+/** One SwiGLU case: the kernel's output and the float64 reference. */
+async function swigluCase(
+  g: Gpu,
+  rng: Rng,
+  c: {
+    M: number;
+    I: number;
+    K: number;
+    norm: Norm;
+    gateBias: boolean;
+    upBias: boolean;
+    f16?: boolean;
+    nr?: Nr;
+  },
+): Promise<{ got: Float32Array; want: Float64Array }> {
+  const { M, I, K, norm } = c;
+  const x = rows(rng, M, K);
+  const { nw, nb } = normParams(rng, K);
+  // gate scaled up so silu sees both its negative and positive side
+  const gate32 = rng.randn(I * K, 2 / Math.sqrt(K));
+  const up32 = rng.randn(I * K, 1 / Math.sqrt(K));
+  const gate = f16Round(gate32);
+  const up = f16Round(up32);
+  const bg = c.gateBias ? rng.randn(I) : null;
+  const bu = c.upBias ? rng.randn(I) : null;
+  const out = poisoned(g, [M, I]);
+  const wt = (w32: Float32Array, h: { bits: Uint16Array }) =>
+    c.f16 ? tensorFrom(g, h.bits, [I, K]) : upload(g, w32, [I, K]);
+  const got = await run(
+    g,
+    out,
+    withNr(c.nr, (rec) =>
+      decodeSwigluForward(
+        rec,
+        out,
+        upload(g, x, [M, K]),
+        wt(gate32, gate),
+        wt(up32, up),
+        withPrologue(prologueOf(g, norm, nw, nb, EPS), {
+          gateBias: bg ? upload(g, bg) : null,
+          upBias: bu ? upload(g, bu) : null,
+        }),
+      )),
+  );
+  const xn = normRef(norm, x, nw, nb, M, K, EPS);
+  const want = swigluRef(
+    linearForwardRef(xn, c.f16 ? gate.values : gate32, bg, M, I, K),
+    linearForwardRef(xn, c.f16 ? up.values : up32, bu, M, I, K),
+  );
+  return { got, want };
+}
+
+Deno.test("decodeLinearForward equals norm → Linear → gelu_new in float64 for M = 1-4, odd N and K, with or without bias", async () => {
+  const g = await gpu();
+  const rng = new Rng(21);
+  for (const M of MS) {
+    for (const N of NS) {
+      for (const K of KS.filter((K) => big(M, K))) {
+        for (const norm of NORMS) {
+          for (const epilogue of EPILOGUES) {
+            // bias alternates, so each (norm, epilogue) pair runs with and without it at every M
+            const bias = (N + K + M + (epilogue === "none" ? 0 : 1)) % 2 === 0;
+            const { got, want, pre } = await linearCase(g, rng, { M, N, K, norm, epilogue, bias });
+            assertCloseAct(got, want, pre, `linear M=${M} N=${N} K=${K} ${norm} ${epilogue} bias=${bias}`);
+          }
+        }
+      }
+    }
+  }
+});
+
+Deno.test("decodeLinearForward adds act(...) into a random prior and writes only its column slice of a wider output", async () => {
+  const g = await gpu();
+  const rng = new Rng(22);
+  for (const M of MS) {
+    for (const [N, K] of [[7, 12], [33, 520]] as const) {
+      for (const norm of NORMS) {
+        for (const epilogue of EPILOGUES) {
+          for (const accumulate of [false, true]) {
+            const ld = N + 13;
+            const off = 5;
+            const x = rows(rng, M, K);
+            const { nw, nb } = normParams(rng, K);
+            const w = rng.randn(N * K, 1 / Math.sqrt(K));
+            const b = rng.randn(N);
+            const init = rng.randn(M * ld);
+            const out = upload(g, init, [M, ld]);
+            const got = await run(
+              g,
+              out,
+              (rec) =>
+                decodeLinearForward(
+                  rec,
+                  out,
+                  upload(g, x, [M, K]),
+                  upload(g, w, [N, K]),
+                  upload(g, b),
+                  withPrologue(prologueOf(g, norm, nw, nb, EPS), {
+                    epilogue,
+                    accumulate,
+                    outColOffset: off,
+                    ldOut: ld,
+                  }),
+                ),
+            );
+            const y = linearForwardRef(normRef(norm, x, nw, nb, M, K, EPS), w, b, M, N, K);
+            const act = epilogue === "gelu_new" ? geluRef(y) : y;
+            // columns outside [off, off + N) keep the prior
+            const want = Float64Array.from(init);
+            for (let m = 0; m < M; m++) {
+              for (let n = 0; n < N; n++) {
+                want[m * ld + off + n] = (accumulate ? init[m * ld + off + n]! : 0) + act[m * N + n]!;
+              }
+            }
+            assertCloseAct(got, want, y, `slice M=${M} N=${N} K=${K} ${norm} ${epilogue} acc=${accumulate}`);
+          }
+        }
+      }
+    }
+  }
+});
+
+Deno.test("decodeSwigluForward equals norm → gate, up → silu(gate) * up in float64, with each prologue and bias", async () => {
+  const g = await gpu();
+  const rng = new Rng(23);
+  for (const M of MS) {
+    for (const I of NS) {
+      for (const K of KS.filter((K) => big(M, K))) {
+        for (const norm of NORMS) {
+          // llama has no MLP biases; the fused kernel takes either, both or none
+          const biases = [[false, false], [true, true], [true, false], [false, true]] as const;
+          const [gateBias, upBias] = biases[(I + K + M) % 4]!;
+          const { got, want } = await swigluCase(g, rng, { M, I, K, norm, gateBias, upBias });
+          assertClose(got, want, TOL, `swiglu M=${M} I=${I} K=${K} ${norm} bias=${gateBias},${upBias}`);
+        }
+      }
+    }
+  }
+});
+
+Deno.test("f16 weights give the float64 result of the f16-rounded weights (Linear and SwiGLU)", async () => {
+  const g = await gpu();
+  if (!g.hasF16) {
+    console.log("skipped: this device lacks shader-f16, so f16 weights cannot be used on it");
+    return;
+  }
+  const rng = new Rng(24);
+  for (const M of MS) {
+    for (const [N, K] of [[1, 4], [7, 12], [33, 64], [130, 520], [7, 2056]] as const) {
+      if (!big(M, K)) continue;
+      for (const norm of NORMS) {
+        for (const epilogue of EPILOGUES) {
+          const bias = (N + M) % 2 === 0;
+          const { got, want, pre } = await linearCase(g, rng, { M, N, K, norm, epilogue, bias, f16: true });
+          assertCloseAct(got, want, pre, `f16 linear M=${M} N=${N} K=${K} ${norm} ${epilogue}`);
+        }
+        if (M !== 1 && M !== 4) continue; // SwiGLU: the two ends of M (pipelines, see `big`)
+        const biased = (N + M) % 2 === 0;
+        const s = await swigluCase(g, rng, { M, I: N, K, norm, gateBias: biased, upBias: biased, f16: true });
+        assertClose(s.got, s.want, TOL, `f16 swiglu M=${M} I=${N} K=${K} ${norm}`);
+      }
+    }
+  }
+});
+
+Deno.test("every thread count per output (32-256) gives the reference products", async () => {
+  const g = await gpu();
+  const rng = new Rng(25);
+  try {
+    // K = 2056 with 32 threads: 4 unrolled iterations and a remainder; each prologue once; N not a
+    // multiple of the rows of a workgroup
+    const cases = [
+      [32, 1, 33, 2056, "rms"],
+      [64, 4, 7, 520, "layer"],
+      [128, 3, 130, 12, "none"],
+      [256, 2, 33, 2056, "layer"],
+    ] as const;
+    for (const [threads, M, N, K, norm] of cases) {
+      decodeMatvecTuning.threads = threads;
+      const what = `threads=${threads} M=${M} N=${N} K=${K} ${norm}`;
+      const l = await linearCase(g, rng, { M, N, K, norm, epilogue: "gelu_new", bias: true });
+      assertCloseAct(l.got, l.want, l.pre, `linear ${what}`);
+      const s = await swigluCase(g, rng, { M, I: N, K, norm, gateBias: false, upBias: true });
+      assertClose(s.got, s.want, TOL, `swiglu ${what}`);
+    }
+  } finally {
+    decodeMatvecTuning.threads = null;
+  }
+});
+
+Deno.test("2 and 4 output rows per thread group give the reference products, also for a column slice and accumulate", async () => {
+  const g = await gpu();
+  const rng = new Rng(28);
+  let i = 0;
+  for (const nr of [2, 4] as const) {
+    for (const norm of NORMS) {
+      // M cycles through 1-4 and N through sizes that are and are not multiples of the group's rows
+      // (M = 4 SwiGLU keeps 2 rows: 16 accumulators)
+      const M = MS[i % 4]!;
+      const N = NS[i % 4]!;
+      const K = [12, 520, 64][i % 3]!;
+      i++;
+      const what = `nr≤${nr} M=${M} N=${N} K=${K} ${norm}`;
+      const l = await linearCase(g, rng, { M, N, K, norm, epilogue: "gelu_new", bias: true, nr });
+      assertCloseAct(l.got, l.want, l.pre, `linear ${what}`);
+      const s = await swigluCase(g, rng, { M, I: N, K, norm, gateBias: true, upBias: false, nr });
+      assertClose(s.got, s.want, TOL, `swiglu ${what}`);
+      // a column slice of a wider output, added into a random prior
+      const ld = N + 9;
+      const off = 3;
+      const x = rows(rng, M, K);
+      const { nw, nb } = normParams(rng, K);
+      const w = rng.randn(N * K, 1 / Math.sqrt(K));
+      const init = rng.randn(M * ld);
+      const out = upload(g, init, [M, ld]);
+      const got = await run(
+        g,
+        out,
+        withNr(nr, (rec) =>
+          decodeLinearForward(
+            rec,
+            out,
+            upload(g, x, [M, K]),
+            upload(g, w, [N, K]),
+            null,
+            withPrologue(prologueOf(g, norm, nw, nb, EPS), {
+              accumulate: true,
+              outColOffset: off,
+              ldOut: ld,
+            }),
+          )),
+      );
+      const y = linearForwardRef(normRef(norm, x, nw, nb, M, K, EPS), w, null, M, N, K);
+      const want = Float64Array.from(init);
+      for (let m = 0; m < M; m++) {
+        for (let n = 0; n < N; n++) want[m * ld + off + n] = init[m * ld + off + n]! + y[m * N + n]!;
+      }
+      assertClose(got, want, TOL, `slice accumulate ${what}`);
+    }
+  }
+});
+
+Deno.test("the fused products equal the unfused kernels (norm, linearForward, geluForward / swigluForward), also with a large eps and a large row mean", async () => {
+  const g = await gpu();
+  const rng = new Rng(26);
+  // eps 0.5: an eps added in the wrong place (to the sum, after the sqrt) changes the result well past
+  // the tolerance; mean 50: the one-pass variance E[x²] - mean² would lose ~3 digits
+  for (const [eps, mean] of [[0.5, 1], [1e-5, 50]] as const) {
+    for (const norm of ["rms", "layer"] as const) {
+      const [M, N, K] = [3, 33, 520];
+      const x = upload(g, rows(rng, M, K, mean), [M, K]);
+      const { nw: nwH, nb: nbH } = normParams(rng, K);
+      const nw = upload(g, nwH);
+      const nb = upload(g, nbH);
+      const w = upload(g, rng.randn(N * K, 1 / Math.sqrt(K)), [N, K]);
+      const wu = upload(g, rng.randn(N * K, 1 / Math.sqrt(K)), [N, K]);
+      const b = upload(g, rng.randn(N));
+      const prologue: MatvecPrologue = norm === "rms"
+        ? { kind: "rms", weight: nw, eps }
+        : { kind: "layer", weight: nw, bias: nb, eps };
+      // unfused: norm into xn, then the products, then the activations
+      const xn = poisoned(g, [M, K]);
+      const y = poisoned(g, [M, N]);
+      const yu = poisoned(g, [M, N]);
+      const gelu = poisoned(g, [M, N]);
+      const swiglu = poisoned(g, [M, N]);
+      const rec = new Recorder(g);
+      if (norm === "rms") rmsnormForward(rec, xn, createTensor(g, [M]), x, nw, eps);
+      else layernormForward(rec, xn, createTensor(g, [M]), createTensor(g, [M]), x, nw, nb, eps);
+      linearForward(rec, y, xn, w, b);
+      linearForward(rec, yu, xn, wu, null);
+      geluForward(rec, gelu, y);
+      swigluForward(rec, swiglu, y, yu);
+      rec.submit();
+      const fusedGelu = poisoned(g, [M, N]);
+      const fusedSwiglu = poisoned(g, [M, N]);
+      const got = await run(g, fusedGelu, (r) => {
+        decodeLinearForward(r, fusedGelu, x, w, b, { prologue, epilogue: "gelu_new" });
+        decodeSwigluForward(r, fusedSwiglu, x, w, wu, { prologue, gateBias: b });
+      });
+      const what = `${norm} eps=${eps} mean=${mean}`;
+      assertCloseAct(got, await download(g, gelu), await download(g, y), `gelu ${what}`);
+      assertClose(await download(g, fusedSwiglu), await download(g, swiglu), TOL, `swiglu ${what}`);
+      // and both against float64
+      const xH = await download(g, x);
+      const ref = linearForwardRef(
+        normRef(norm, xH, nwH, nbH, M, K, eps),
+        await download(g, w),
+        await download(g, b),
+        M,
+        N,
+        K,
+      );
+      assertCloseAct(got, geluRef(ref), ref, `gelu vs float64 ${what}`);
+    }
+  }
+});
+
+Deno.test("more than 65535 workgroups are folded into y", async () => {
+  const g = await gpu();
+  const rng = new Rng(27);
+  decodeMatvecTuning.threads = 256; // one output row per workgroup
+  try {
+    const [M, N, K] = [2, 65537, 4];
+    const x = rows(rng, M, K);
+    const w = rng.randn(N * K);
+    const { nw, nb } = normParams(rng, K);
+    const out = poisoned(g, [M, N]);
+    const got = await run(
+      g,
+      out,
+      (rec) =>
+        decodeLinearForward(rec, out, upload(g, x, [M, K]), upload(g, w, [N, K]), null, {
+          prologue: { kind: "layer", weight: upload(g, nw), bias: upload(g, nb), eps: EPS },
+        }),
+    );
+    assertClose(got, linearForwardRef(normRef("layer", x, nw, nb, M, K, EPS), w, null, M, N, K), TOL, "fold");
+  } finally {
+    decodeMatvecTuning.threads = null;
+  }
+});
+
+Deno.test("decodeMatvecApplies says which products fit, and the kernels refuse the others with a GpuError that says why", async () => {
+  const g = await gpu();
+  const rec = new Recorder(g);
+  const t = (shape: number[], dtype: "f32" | "f16" | "i32" = "f32") => createTensor(g, shape, dtype, "t");
+  const w = t([8, 12]);
+  assert.equal(decodeMatvecApplies(1, 12, w), true);
+  assert.equal(decodeMatvecApplies(4, 12, t([8, 12], "f16")), true);
+  assert.equal(decodeMatvecApplies(5, 12, w), false);
+  assert.equal(decodeMatvecApplies(0, 12, w), false);
+  assert.equal(decodeMatvecApplies(1, 10, t([8, 10])), false);
+  assert.equal(decodeMatvecApplies(1, 12, t([8, 12], "i32")), false);
+  assert.equal(decodeMatvecApplies(1, 12, t([2, 8, 12])), false);
+  assert.equal(decodeMatvecApplies(1, 16, w), false);
+
+  const refuses = (f: () => void, re: RegExp) =>
+    assert.throws(f, (e: unknown) => e instanceof GpuError && re.test(e.message));
+  refuses(
+    () => decodeLinearForward(rec, t([5, 8]), t([5, 12]), w, null),
+    /5 rows; the fused kernels take 1 to 4/,
+  );
+  refuses(() => decodeLinearForward(rec, t([1, 8]), t([1, 10]), t([8, 10]), null), /multiple of 4/);
+  refuses(
+    () => decodeLinearForward(rec, t([1, 8]), t([1, 12]), t([8, 12], "i32"), null),
+    /must be f32 or f16/,
+  );
+  refuses(() => decodeLinearForward(rec, t([1, 8]), t([1, 13]), w, null), /not a whole number of rows of 12/);
+  refuses(() => decodeLinearForward(rec, t([1, 8]), t([1, 12], "f16"), w, null), /input t must be f32/);
+  refuses(() => decodeLinearForward(rec, t([1, 9]), t([1, 12]), w, null), /output t must be f32 of 1x8/);
+  refuses(() => decodeLinearForward(rec, t([1, 8]), t([1, 12]), w, t([7])), /bias t must be f32 of 8/);
+  refuses(
+    () => decodeLinearForward(rec, t([1, 10]), t([1, 12]), w, null, { outColOffset: 3, ldOut: 10 }),
+    /columns 3..11 exceed ldOut 10/,
+  );
+  refuses(
+    () =>
+      decodeLinearForward(rec, t([1, 8]), t([1, 12]), w, null, {
+        prologue: { kind: "rms", weight: t([8]), eps: EPS },
+      }),
+    /norm weight t must be f32 of 12/,
+  );
+  refuses(
+    () =>
+      decodeLinearForward(rec, t([1, 8]), t([1, 12]), w, null, {
+        prologue: { kind: "layer", weight: t([12]), bias: t([12], "f16"), eps: EPS },
+      }),
+    /norm bias t must be f32 of 12/,
+  );
+  refuses(
+    () => decodeLinearForward(rec, t([1, 8]), t([1, 12]), w, null, { epilogue: "relu" as MatvecEpilogue }),
+    /unknown epilogue relu/,
+  );
+  const x = t([1, 12]);
+  refuses(
+    () => decodeLinearForward(rec, x.reshape([12]).reshape([1, 12]), x, t([12, 12]), null),
+    /overlaps input/,
+  );
+  refuses(() => decodeSwigluForward(rec, t([1, 8]), t([1, 12]), w, t([8, 16])), /must match gate weight/);
+  refuses(
+    () => decodeSwigluForward(rec, t([1, 8]), t([1, 12]), w, t([8, 12], "f16")),
+    /must match gate weight/,
+  );
+  refuses(
+    () => decodeSwigluForward(rec, t([1, 8]), t([1, 12]), w, w, { upBias: t([9]) }),
+    /up bias t must be f32 of 8/,
+  );
+  // a GPU without shader-f16 (the same device, its feature flag cleared)
+  const noF16 = new Recorder({ ...g, hasF16: false });
+  refuses(
+    () => decodeLinearForward(noF16, t([1, 8]), t([1, 12]), t([8, 12], "f16"), null),
+    /lacks shader-f16/,
+  );
+  assert.equal(rec.ops.length, 0);
+});
