@@ -26,6 +26,8 @@
  * deno run -A bench/e2e.ts merge --ours rows.json --peft peft.json --out merged.json  # table + merged rows
  * ```
  * On a CPU device try `--models tiny-llama,tiny-gpt2 --batch 2 --seq 16 --prompt 8 --new 8 --top 2`.
+ * `PROMPTGATE_ATTENTION_TILED=0` (or `=1`) trains with the per-row (or the tiled) attention kernels instead
+ * of the default choice (`attentionTuning` in kernels/attention.ts), for a before/after in one call.
  *
  * @module
  */
