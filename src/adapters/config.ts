@@ -28,6 +28,12 @@ export interface AdapterConfig {
 const GATES: readonly GateKind[] = ["scalar", "per-head", "per-head-tanh"];
 
 /**
+ * The most prompt tokens per layer the adapter attention kernels take (their softmax over the adapter
+ * tokens lives in registers / workgroup memory: kernels/adapter_attention.ts, kernels/decode_attention.ts).
+ */
+export const MAX_ADAPTER_LEN = 64;
+
+/**
  * Checks an adapter config's numbers against a model.
  *
  * @param config The adapter config.
@@ -35,9 +41,14 @@ const GATES: readonly GateKind[] = ["scalar", "per-head", "per-head-tanh"];
  * @param what Name for messages.
  */
 export function validateAdapterConfig(config: AdapterConfig, numLayers: number, what = "adapter"): void {
-  if (!Number.isInteger(config.adapterLen) || config.adapterLen < 1 || config.adapterLen > 4096) {
+  if (!Number.isInteger(config.adapterLen) || config.adapterLen < 1) {
+    throw new AdapterError(`${what}: adapter_len must be a positive integer, got ${config.adapterLen}`);
+  }
+  if (config.adapterLen > MAX_ADAPTER_LEN) {
     throw new AdapterError(
-      `${what}: adapter_len must be an integer from 1 to 4096, got ${config.adapterLen}`,
+      `${what}: adapter_len ${config.adapterLen} is more than promptgate's adapter attention kernels take ` +
+        `(${MAX_ADAPTER_LEN} prompt tokens per layer; LLaMA-Adapter and PEFT's examples use 10): ` +
+        `use an adapter_len of at most ${MAX_ADAPTER_LEN}`,
     );
   }
   if (!Number.isInteger(config.adapterLayers) || config.adapterLayers < 1) {

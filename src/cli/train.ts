@@ -98,7 +98,7 @@ const FLAGS: Record<string, Flag> = {
   "adapter-len": {
     key: "adapterLen",
     kind: "int",
-    help: "adaption prompt tokens per layer (LLaMA-Adapter: 10)",
+    help: "adaption prompt tokens per layer, 1 to 64 (LLaMA-Adapter: 10)",
     def: "10",
   },
   "adapter-layers": {

@@ -122,6 +122,12 @@ Deno.test("add, set, disable, enable and delete in sequence; adding and setting 
 Deno.test("errors, not silence: too many layers, duplicate names, missing adapter, misfit adapters", async () => {
   const model = await llama();
   assert.throws(() => addAdaptionPrompt(model, { adapterLen: 4, adapterLayers: 4 }), /only 3 layers/);
+  // more prompt tokens than the adapter attention kernels take: refused up front, with the limit
+  assert.throws(
+    () => addAdaptionPrompt(model, { adapterLen: 65, adapterLayers: 1, name: "long" }),
+    /adapter_len 65 is more than .* at most 64/,
+  );
+  assert.equal(model.adapters.has("long"), false);
   addAdaptionPrompt(model, { adapterLen: 4, adapterLayers: 2 });
   assert.throws(() => addAdaptionPrompt(model, { adapterLen: 4, adapterLayers: 2 }), /already exists/);
   assert.throws(() => setAdapter(model, "nope"), AdapterError);
@@ -172,6 +178,10 @@ Deno.test("errors, not silence: too many layers, duplicate names, missing adapte
     return true;
   });
   assert.equal(model.adapters.has("narrow"), false);
+  // a PEFT adapter with adapter_len 100 (PEFT allows it): refused at load with the limit
+  await Deno.writeTextFile(join(dir, "adapter_config.json"), JSON.stringify({ ...cfg, adapter_len: 100 }));
+  await assert.rejects(() => loadAdapter(model, dir, { name: "long" }), /adapter_len 100 .* at most 64/);
+  assert.equal(model.adapters.has("long"), false);
   await Deno.remove(dir, { recursive: true });
 });
 
