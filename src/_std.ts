@@ -9,3 +9,4 @@
 export { basename, dirname, extname, isAbsolute, join, relative, resolve } from "node:path";
 export { parseArgs } from "node:util";
 export { homedir } from "node:os";
+export { deflateSync, inflateSync } from "node:zlib";

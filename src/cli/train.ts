@@ -296,7 +296,7 @@ export function trainHelp(): string {
   lines.push(
     "",
     "Writes to --out: adapter_config.json + adapter_model.safetensors (best by eval loss, else last), checkpoint/,",
-    "metrics.jsonl, loss.svg, samples.md, run.json. Ctrl-C saves a checkpoint; resume with --resume --out <run>.",
+    "metrics.jsonl, loss.svg + loss.png, samples.md, run.json. Ctrl-C saves a checkpoint; resume with --resume --out <run>.",
   );
   return lines.join("\n");
 }

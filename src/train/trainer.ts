@@ -48,6 +48,7 @@ import {
 import { learningRate, type ScheduleKind, validateSchedule } from "./schedule.ts";
 import { formatSeconds, MetricsLog, Reporter } from "./metrics.ts";
 import { lossPlotSvg } from "./plot.ts";
+import { lossPlotPng } from "./plot_png.ts";
 import {
   cleanStaleCheckpoints,
   findCheckpoint,
@@ -201,6 +202,7 @@ const RUN_FILES = [
   ".checkpoint.old",
   "metrics.jsonl",
   "loss.svg",
+  "loss.png",
   "samples.md",
   "adapter_config.json",
   "adapter_model.safetensors",
@@ -603,13 +605,13 @@ export async function train(config: TrainConfig, hooks: TrainHooks = {}): Promis
     const evalPts = metrics.entries.filter((e) => typeof e.eval_loss === "number").map((e) =>
       [e.step, e.eval_loss!] as const
     );
-    await writeFileAtomic(
-      join(out, "loss.svg"),
-      lossPlotSvg([
-        { label: "train", color: "#1f77b4", points: trainPts },
-        { label: "eval", color: "#d62728", points: evalPts },
-      ], { title: `loss — ${config.model.split("/").slice(-2).join("/")}` }),
-    );
+    const series = [
+      { label: "train", color: "#1f77b4", points: trainPts },
+      { label: "eval", color: "#d62728", points: evalPts },
+    ];
+    const title = { title: `loss — ${config.model.split("/").slice(-2).join("/")}` };
+    await writeFileAtomic(join(out, "loss.svg"), lossPlotSvg(series, title));
+    await writeFileAtomic(join(out, "loss.png"), lossPlotPng(series, title));
   };
 
   const hasEval = evalRows.length > 0;
@@ -884,7 +886,7 @@ export function summaryText(s: TrainSummary, kind: "best" | "last" = "best"): st
   } else if (s.lastLoss !== null) lines.push(`last training loss: ${s.lastLoss.toFixed(4)}`);
   lines.push(
     `written to ${s.out}: adapter_config.json + adapter_model.safetensors (${kind} adapter), checkpoint/, ` +
-      "metrics.jsonl, loss.svg, samples.md, run.json",
+      "metrics.jsonl, loss.svg, loss.png, samples.md, run.json",
     `generate with: ${s.generateCommand}`,
   );
   return lines.join("\n");

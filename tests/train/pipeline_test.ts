@@ -53,6 +53,7 @@ Deno.test("a short run learns, leaves a complete run folder, and its adapter loa
       "adapter_model.safetensors",
       "metrics.jsonl",
       "loss.svg",
+      "loss.png",
       "samples.md",
       "run.json",
       "checkpoint/adapter_model.safetensors",
