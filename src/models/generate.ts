@@ -59,7 +59,7 @@ interface DecodeState {
   readonly tokens: Tensor; // (maxLen) i32 history of sampled tokens
   readonly rng: Tensor; // u32 (4)
   readonly state: Tensor; // u32 (4) decode state [pos, n, 0, 0] (kernels/kv_cache.ts)
-  /** Recorded replayable steps by cache length and sampler. */
+  /** Recorded replayable steps by cache length and sampler, and prefills by prompt length. */
   readonly steps: Map<string, RecordedStep>;
 }
 
@@ -69,6 +69,8 @@ interface RecordedStep {
   readonly adapter: AdapterState | null;
   readonly params: GPUBuffer | null;
   readonly acts: Activations;
+  /** The one-token step's buffers the sampling wrote into (prefill entries). */
+  readonly stepActs?: Activations;
 }
 
 const decodeStates = new WeakMap<Model, DecodeState>();
@@ -240,8 +242,7 @@ function replayableStep(
 ): Op[] {
   const adapter = runningAdapter(model);
   const params = adapter ? adapter.params.buffer : null;
-  const sampling = sampler.temperature > 0 ? `${sampler.temperature}|${sampler.topP}` : "greedy";
-  const key = `${L}|${sampling}|${decodeTuning.fused ? "fused" : "general"}`;
+  const key = `${L}|${samplingKey(sampler)}|${decodeTuning.fused}`;
   const hit = s.steps.get(key);
   if (hit && hit.adapter === adapter && hit.params === params && hit.acts === acts) return hit.ops;
   const rec = new Recorder(model.gpu);
@@ -254,6 +255,42 @@ function replayableStep(
   if (s.steps.size >= 512) s.steps.clear();
   s.steps.set(key, { ops, adapter, params, acts });
   return ops;
+}
+
+/**
+ * The prefill of a `P`-token prompt (already uploaded), the sampling of the first new token into
+ * `stepActs.ids[0]` and the decode state's advance: recorded once per prompt length, sampler and adapter
+ * refresh, then replayed (its dispatches do not depend on the prompt's ids).
+ */
+function prefillOps(
+  model: Model,
+  s: DecodeState,
+  P: number,
+  refreshAdapter: boolean,
+  sampler: Sampler,
+  stepActs: Activations,
+): Op[] {
+  const adapter = runningAdapter(model);
+  const params = adapter ? adapter.params.buffer : null;
+  const acts = activationsFor(model, 1, P, false);
+  const key = `prefill|${P}|${refreshAdapter}|${samplingKey(sampler)}|${decodeTuning.fused}`;
+  const hit = s.steps.get(key);
+  if (
+    hit && hit.adapter === adapter && hit.params === params && hit.acts === acts && hit.stepActs === stepActs
+  ) return hit.ops;
+  const rec = new Recorder(model.gpu);
+  recordStep(rec, model, acts, s, 0, refreshAdapter);
+  recordSample(rec, s, stepActs.ids, 0, sampler);
+  decodeAdvance(rec, s.state, stepActs.ids, s.tokens, stepActs.positions);
+  const ops = rec.take();
+  if (s.steps.size >= 512) s.steps.clear();
+  s.steps.set(key, { ops, adapter, params, acts, stepActs });
+  return ops;
+}
+
+/** The part of a recorded step's cache key that says how it samples. */
+function samplingKey(sampler: Sampler): string {
+  return sampler.temperature > 0 ? `${sampler.temperature}|${sampler.topP}` : "greedy";
 }
 
 /**
@@ -358,11 +395,12 @@ async function* replayLoop(
   const mask = new Int32Array(L);
   mask.fill(1, 0, P);
   gpu.device.queue.writeBuffer(s.kv.mask.buffer, s.kv.mask.offset, mask);
-  const rec = new Recorder(gpu);
-  recordPrefill(rec, model, s, inputIds);
-  recordSample(rec, s, stepActs.ids, 0, sampler);
-  decodeAdvance(rec, s.state, stepActs.ids, s.tokens, stepActs.positions);
-  rec.submit();
+  // the prompt's ids and positions go up; the prefill's dispatches are recorded once per prompt length
+  const adapter = runningAdapter(model);
+  const refresh = adapter !== null && adapter.kvVersion !== adapter.version;
+  uploadBatch(model, activationsFor(model, 1, P, false), prepareBatch(model, { inputIds: [inputIds] }));
+  runOps(gpu, prefillOps(model, s, P, refresh, sampler, stepActs));
+  if (adapter) adapter.kvVersion = adapter.version;
   const budget = total - P;
   if (budget <= 0) return;
   // readbacks in flight: each resolves to the history's first `upto` tokens

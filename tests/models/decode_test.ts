@@ -98,6 +98,19 @@ Deno.test("one-token steps take the fused decode layers, which give the general 
   }
 });
 
+Deno.test("a replayed prefill takes each call's prompt: same-length prompts give their own tokens", async () => {
+  const model = await modelWithAdapter("llama_gqa_pad");
+  const rng = new Rng(11);
+  const V = model.config.vocabSize;
+  const a = Array.from(rng.ints(6, V)), b = Array.from(rng.ints(6, V)), c = Array.from(rng.ints(9, V));
+  const fresh: number[][] = [];
+  for (const p of [a, b, c]) fresh.push(await generate(model, p, { maxNewTokens: 5, replay: false }));
+  for (const [i, p] of [a, b, a, c, b].entries()) {
+    const want = fresh[[a, b, c].indexOf(p)]!;
+    assert.deepEqual(await generate(model, p, { maxNewTokens: 5 }), want, `call ${i}`);
+  }
+});
+
 Deno.test("greedy generate with the KV cache equals greedy decoding by full forwards (no cache)", async () => {
   const model = await modelWithAdapter("llama_basic");
   const V = model.config.vocabSize;
