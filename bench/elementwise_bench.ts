@@ -1,5 +1,6 @@
 /**
- * Benchmarks of the memory-bound kernels at the model shapes: RMSNorm/LayerNorm, RoPE, SwiGLU/GELU,
+ * Benchmarks of the memory-bound kernels at the model shapes: RMSNorm/LayerNorm, RoPE, SwiGLU/GELU, the
+ * decode step's KV-cache append with RoPE (`kvCacheAppendRope`, against RoPE q+k plus `kvCacheAppend`),
  * the chunked cross-entropy with its LM head, and AdamW. GPU time comes from timestamp queries around many
  * repetitions in one pass (`timeOps`); the table printed at start-up gives GB/s (or GFLOP/s for the
  * cross-entropy, which is matmul-bound), and each `Deno.bench` entry submits the recorded ops and waits.
@@ -19,6 +20,7 @@ import { ropeBackwardInPlace, ropeInPlace } from "../kernels/rope.ts";
 import { geluBackward, geluForward, swigluBackward, swigluForward } from "../kernels/activation.ts";
 import { createCrossEntropyScratch, crossEntropyLmHead } from "../kernels/cross_entropy.ts";
 import { adamwStep, gradNormSquared, packHyper } from "../kernels/adamw.ts";
+import { kvCacheAppend, kvCacheAppendRope } from "../kernels/kv_cache.ts";
 
 const gpu = await getGpu();
 const full = benchFull(gpu);
@@ -90,6 +92,23 @@ for (const m of MODELS) {
         ropeBackwardInPlace(r, q, inv, pos, m.H);
         ropeBackwardInPlace(r, k, inv, pos, m.Hkv);
       });
+      if (N === 1) {
+        // decode: rotate q and k and append k, v to a 256-position cache, fused and as three dispatches
+        const maxLen = 256, width = m.Hkv * m.D;
+        const kc = t(maxLen * width), vc = t(maxLen * width), v = t(N * width);
+        const mask = tensorFrom(gpu, new Int32Array(maxLen));
+        const state = tensorFrom(gpu, new Uint32Array([100, 0, 0, 0]));
+        const bytes = ropeBytes + 12 * N * width;
+        const opts = { batch: 1, tokens: 1, numHeads: m.H, numKvHeads: m.Hkv, maxLen };
+        add(`rope + kv append fused ${tag}`, bytes, (r) => {
+          kvCacheAppendRope(r, kc, vc, mask, q, k, v, inv, pos, state, opts);
+        });
+        add(`rope q+k, kv append ${tag}`, bytes, (r) => {
+          ropeInPlace(r, q, inv, pos, m.H);
+          ropeInPlace(r, k, inv, pos, m.Hkv);
+          kvCacheAppend(r, kc, vc, mask, k, v, state, { batch: 1, tokens: 1, width, maxLen });
+        });
+      }
       const gate = t(N * m.I), up = t(N * m.I), so = t(N * m.I), dg = t(N * m.I), du = t(N * m.I);
       add(`swiglu fwd ${tag}`, 12 * N * m.I, (r) => swigluForward(r, so, gate, up));
       add(`swiglu bwd ${tag}`, 20 * N * m.I, (r) => swigluBackward(r, dg, du, so, gate, up));
