@@ -42,6 +42,15 @@ export interface LayerActivations {
   readonly u: Tensor;
 }
 
+/** A layer activation the f16 stash keeps (the large ones; statistics stay f32). */
+export type StashedActivation = "x" | "q" | "k" | "v" | "attn" | "x2" | "g" | "u";
+
+/** Every {@link StashedActivation}, in the order they are cast. */
+export const STASHED: readonly StashedActivation[] = ["x", "q", "k", "v", "attn", "x2", "g", "u"];
+
+/** One saved layer's f16 copies of its large activations (`g` absent for gpt2). */
+export type LayerStash = Partial<Record<StashedActivation, Tensor>>;
+
 /** All buffers of one batch shape. */
 export interface Activations {
   /** Batch size. */
@@ -64,6 +73,8 @@ export interface Activations {
   readonly labels: Tensor;
   /** Per layer activations (saved layers own theirs; the others share scratch). */
   readonly layers: LayerActivations[];
+  /** Per layer f16 stash (`stashF16`: the saved layers), else null. */
+  readonly stash: (LayerStash | null)[];
   /** Output of the last layer (N, C). */
   readonly xFinal: Tensor;
   /** After the final norm (N, C). */
@@ -103,6 +114,7 @@ export interface Activations {
  * @param T Sequence length.
  * @param training Whether to keep activations for backward.
  * @param saveFrom Lowest layer to keep (the lowest adapted layer).
+ * @param stashF16 Keep the saved layers' large activations in f16 between forward and backward.
  * @returns The buffers.
  */
 export function createActivations(
@@ -112,6 +124,7 @@ export function createActivations(
   T: number,
   training: boolean,
   saveFrom: number,
+  stashF16 = false,
 ): Activations {
   // say what fits before allocating anything
   checkActivationsFit(gpu, config, B, T, training, saveFrom);
@@ -140,12 +153,35 @@ export function createActivations(
   const ping = [t([N, C], "resid.ping"), t([N, C], "resid.pong")];
   let shared: LayerActivations | null = null;
   const layers: LayerActivations[] = [];
+  const stash: (LayerStash | null)[] = [];
+  const stashing = training && stashF16;
   for (let l = 0; l < L; l++) {
-    if (l >= from) {
+    if (l >= from && !stashing) {
       layers.push(layerSet(`layer${l}`, t([N, C], `layer${l}.x`)));
+      stash.push(null);
     } else {
       shared ??= layerSet("shared", ping[0]!);
-      layers.push({ ...shared, x: ping[l % 2]! });
+      if (l < from) {
+        layers.push({ ...shared, x: ping[l % 2]! });
+        stash.push(null);
+        continue;
+      }
+      // saved, stashed: the shared working set, own statistics, f16 copies of the rest
+      layers.push({
+        ...shared,
+        x: ping[l % 2]!,
+        rstd1: t([N], `layer${l}.rstd1`),
+        mean1: t([N], `layer${l}.mean1`),
+        lse: t([B, H, T], `layer${l}.lse`),
+        rstd2: t([N], `layer${l}.rstd2`),
+        mean2: t([N], `layer${l}.mean2`),
+      });
+      const kept: LayerStash = {};
+      for (const key of STASHED) {
+        if (key === "g" && config.family === "gpt2") continue;
+        kept[key] = createTensor(gpu, [...shared[key].shape], "f16", `layer${l}.${key} (f16)`);
+      }
+      stash.push(kept);
     }
   }
   const g = (shape: number[], label: string) => training ? t(shape, label) : t([1], label);
@@ -155,6 +191,7 @@ export function createActivations(
     N,
     training,
     saveFrom: from,
+    stash,
     ids: t([N], "ids", "i32"),
     positions: t([N], "positions", "i32"),
     mask: t([B, T], "mask", "i32"),
