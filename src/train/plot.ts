@@ -50,26 +50,55 @@ function esc(s: string): string {
   return s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
 }
 
-function fmt(v: number): string {
+/**
+ * A tick label: up to 4 significant digits, exponent form for very large or small values.
+ *
+ * @param v The tick value.
+ * @returns Its label.
+ */
+export function fmtTick(v: number): string {
   if (v === 0) return "0";
   const a = Math.abs(v);
   return a >= 1e4 || a < 1e-3 ? v.toExponential(1) : String(Number(v.toPrecision(4)));
 }
 
+/** Where everything of a loss chart goes, shared by the SVG and the PNG renderers. */
+export interface PlotFrame {
+  /** Image width and height in px. */
+  readonly W: number;
+  /** Image height in px. */
+  readonly H: number;
+  /** Margins around the plot area. */
+  readonly m: {
+    readonly left: number;
+    readonly right: number;
+    readonly top: number;
+    readonly bottom: number;
+  };
+  /** Plot area width. */
+  readonly pw: number;
+  /** Plot area height. */
+  readonly ph: number;
+  /** The series with their non-finite points dropped. */
+  readonly series: PlotSeries[];
+  /** Step → x pixel. */
+  sx(x: number): number;
+  /** Loss → y pixel. */
+  sy(y: number): number;
+  /** Y ticks inside the range. */
+  readonly yTicks: number[];
+  /** X ticks inside the range. */
+  readonly xTicks: number[];
+}
+
 /**
- * Draws series of (step, loss) as an SVG line chart.
+ * Lays out a loss chart: margins, the data range (y padded by 5%), pixel scales and ticks.
  *
- * @param series The series (e.g. train and eval loss).
- * @param options Size and title.
- * @returns The SVG document text.
- * @example Two points of train loss
- * ```ts
- * import { lossPlotSvg } from "./plot.ts";
- * const svg = lossPlotSvg([{ label: "train", color: "#1f77b4", points: [[1, 3.2], [2, 2.9]] }]);
- * console.log(svg.startsWith("<svg"));
- * ```
+ * @param series The series.
+ * @param options Size.
+ * @returns The frame both renderers draw into.
  */
-export function lossPlotSvg(series: readonly PlotSeries[], options: PlotOptions = {}): string {
+export function plotFrame(series: readonly PlotSeries[], options: PlotOptions = {}): PlotFrame {
   const W = options.width ?? 640, H = options.height ?? 400;
   const m = { left: 60, right: 20, top: 36, bottom: 44 };
   const pw = W - m.left - m.right, ph = H - m.top - m.bottom;
@@ -86,8 +115,36 @@ export function lossPlotSvg(series: readonly PlotSeries[], options: PlotOptions 
   const pad = (y1 - y0) * 0.05;
   y0 -= pad;
   y1 += pad;
-  const sx = (x: number): number => m.left + ((x - x0) / (x1 - x0)) * pw;
-  const sy = (y: number): number => m.top + ph - ((y - y0) / (y1 - y0)) * ph;
+  return {
+    W,
+    H,
+    m,
+    pw,
+    ph,
+    series: clean,
+    sx: (x) => m.left + ((x - x0) / (x1 - x0)) * pw,
+    sy: (y) => m.top + ph - ((y - y0) / (y1 - y0)) * ph,
+    yTicks: niceTicks(y0, y1, 6).filter((t) => t >= y0 && t <= y1),
+    xTicks: niceTicks(x0, x1, 8).filter((t) => t >= x0 && t <= x1),
+  };
+}
+
+/**
+ * Draws series of (step, loss) as an SVG line chart.
+ *
+ * @param series The series (e.g. train and eval loss).
+ * @param options Size and title.
+ * @returns The SVG document text.
+ * @example Two points of train loss
+ * ```ts
+ * import { lossPlotSvg } from "./plot.ts";
+ * const svg = lossPlotSvg([{ label: "train", color: "#1f77b4", points: [[1, 3.2], [2, 2.9]] }]);
+ * console.log(svg.startsWith("<svg"));
+ * ```
+ */
+export function lossPlotSvg(series: readonly PlotSeries[], options: PlotOptions = {}): string {
+  const frame = plotFrame(series, options);
+  const { W, H, m, pw, ph, sx, sy, series: clean } = frame;
   const r = (v: number): string => v.toFixed(1);
   const parts: string[] = [];
   parts.push(
@@ -96,18 +153,16 @@ export function lossPlotSvg(series: readonly PlotSeries[], options: PlotOptions 
     `<rect width="${W}" height="${H}" fill="white"/>`,
     `<text x="${W / 2}" y="20" text-anchor="middle" font-size="14">${esc(options.title ?? "loss")}</text>`,
   );
-  for (const t of niceTicks(y0, y1, 6)) {
-    if (t < y0 || t > y1) continue;
+  for (const t of frame.yTicks) {
     parts.push(
       `<line x1="${m.left}" x2="${m.left + pw}" y1="${r(sy(t))}" y2="${r(sy(t))}" stroke="#e5e5e5"/>`,
-      `<text x="${m.left - 6}" y="${r(sy(t) + 4)}" text-anchor="end">${fmt(t)}</text>`,
+      `<text x="${m.left - 6}" y="${r(sy(t) + 4)}" text-anchor="end">${fmtTick(t)}</text>`,
     );
   }
-  for (const t of niceTicks(x0, x1, 8)) {
-    if (t < x0 || t > x1) continue;
+  for (const t of frame.xTicks) {
     parts.push(
       `<line x1="${r(sx(t))}" x2="${r(sx(t))}" y1="${m.top + ph}" y2="${m.top + ph + 5}" stroke="#333"/>`,
-      `<text x="${r(sx(t))}" y="${m.top + ph + 18}" text-anchor="middle">${fmt(t)}</text>`,
+      `<text x="${r(sx(t))}" y="${m.top + ph + 18}" text-anchor="middle">${fmtTick(t)}</text>`,
     );
   }
   parts.push(

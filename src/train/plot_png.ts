@@ -8,7 +8,7 @@
  */
 
 import { deflateSync } from "../_std.ts";
-import { niceTicks, type PlotOptions, type PlotSeries } from "./plot.ts";
+import { fmtTick, plotFrame, type PlotOptions, type PlotSeries } from "./plot.ts";
 
 /** 3×5 glyphs, rows top to bottom; upper case is drawn as lower case, unknown characters as a gap. */
 const GLYPHS: Record<string, string> = {
@@ -117,12 +117,6 @@ class Canvas {
   }
 }
 
-function fmt(v: number): string {
-  if (v === 0) return "0";
-  const a = Math.abs(v);
-  return a >= 1e4 || a < 1e-3 ? v.toExponential(1) : String(Number(v.toPrecision(4)));
-}
-
 const CRC_TABLE = (() => {
   const t = new Uint32Array(256);
   for (let n = 0; n < 256; n++) {
@@ -207,37 +201,19 @@ export function encodePng(width: number, height: number, rgb: Uint8Array): Uint8
  * ```
  */
 export function lossPlotPng(series: readonly PlotSeries[], options: PlotOptions = {}): Uint8Array {
-  const W = options.width ?? 640, H = options.height ?? 400;
-  const m = { left: 60, right: 20, top: 36, bottom: 44 };
-  const pw = W - m.left - m.right, ph = H - m.top - m.bottom;
-  const clean = series.map((s) => ({
-    ...s,
-    rgb: parseColor(s.color),
-    points: s.points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y)),
-  }));
-  const all = clean.flatMap((s) => s.points);
-  let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
-  let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
-  if (all.length === 0) [x0, x1, y0, y1] = [0, 1, 0, 1];
-  if (x1 === x0) [x0, x1] = [x0 - 1, x1 + 1];
-  if (y1 === y0) [y0, y1] = [y0 - 0.5, y1 + 0.5];
-  const pad = (y1 - y0) * 0.05;
-  y0 -= pad;
-  y1 += pad;
-  const sx = (x: number): number => m.left + ((x - x0) / (x1 - x0)) * pw;
-  const sy = (y: number): number => m.top + ph - ((y - y0) / (y1 - y0)) * ph;
+  const frame = plotFrame(series, options);
+  const { W, H, m, pw, ph, sx, sy } = frame;
+  const clean = frame.series.map((s) => ({ ...s, rgb: parseColor(s.color) }));
   const cv = new Canvas(W, H);
   const grid: Rgb = [229, 229, 229], ink: Rgb = [51, 51, 51];
   cv.text(options.title ?? "loss", W / 2, 10, ink, "middle");
-  for (const t of niceTicks(y0, y1, 6)) {
-    if (t < y0 || t > y1) continue;
+  for (const t of frame.yTicks) {
     cv.line(m.left, sy(t), m.left + pw, sy(t), grid);
-    cv.text(fmt(t), m.left - 6, sy(t) - 5, ink, "end");
+    cv.text(fmtTick(t), m.left - 6, sy(t) - 5, ink, "end");
   }
-  for (const t of niceTicks(x0, x1, 8)) {
-    if (t < x0 || t > x1) continue;
+  for (const t of frame.xTicks) {
     cv.line(sx(t), m.top + ph, sx(t), m.top + ph + 5, ink);
-    cv.text(fmt(t), sx(t), m.top + ph + 9, ink, "middle");
+    cv.text(fmtTick(t), sx(t), m.top + ph + 9, ink, "middle");
   }
   cv.line(m.left, m.top, m.left, m.top + ph, ink);
   cv.line(m.left, m.top + ph, m.left + pw, m.top + ph, ink);
