@@ -41,6 +41,7 @@ import { f32, type Recorder } from "../src/gpu/recorder.ts";
 import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
+import { MV_MAX_M, MV_UNROLL, MV_WG, SMS } from "./matmul.ts";
 
 /**
  * A norm applied to each row of x before the product, computed in the same dispatch (f32 statistics):
@@ -65,14 +66,8 @@ export const decodeMatvecTuning: {
   rowsPerGroup: 1 | 2 | 4 | null;
 } = { threads: null, rowsPerGroup: null };
 
-/** Largest M (rows of x) the kernels take: one accumulator per row. */
-const MAX_M = 4;
-/** Multiprocessors of the GPU the heuristic plans for (H100/H200: 132; as SMS in kernels/matmul.ts). */
-const SMS = 132;
-/** Threads of a workgroup (as MV_WG in kernels/matmul.ts). */
-const WG = 256;
-/** Independent weight loads per thread per loop iteration (as MV_UNROLL in kernels/matmul.ts). */
-const UNROLL = 4;
+// rows of x, threads per workgroup, loads in flight and multiprocessors: those of matmul.ts's matvec
+const MAX_M = MV_MAX_M, WG = MV_WG, UNROLL = MV_UNROLL;
 
 /** Options that change the WGSL of the fused kernel. */
 interface MatvecOptions {

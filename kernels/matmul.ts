@@ -387,11 +387,11 @@ function splitReduceKernel(o: { bias: boolean; accumulate: boolean }): Kernel {
 }
 
 /** Largest M the matrix-vector kernels handle (one accumulator per row of A). */
-const MV_MAX_M = 4;
+export const MV_MAX_M = 4;
 /** Threads of a matrix-vector workgroup. */
-const MV_WG = 256;
+export const MV_WG = 256;
 /** Independent weight loads per thread per loop iteration (bytes in flight). */
-const MV_UNROLL = 4;
+export const MV_UNROLL = 4;
 /** The "kn" matrix-vector kernel: vec4 columns per workgroup (the rest of the threads split K). */
 const MV_KN_COLS4 = 4;
 
@@ -567,7 +567,7 @@ interface Gemm {
 }
 
 /** Multiprocessors of the GPU the heuristic plans for (H100/H200: 132); waves are counted in these. */
-const SMS = 132;
+export const SMS = 132;
 
 /** A tiled plan: the tile and how many K splits. */
 interface TiledPlan {

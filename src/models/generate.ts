@@ -69,8 +69,8 @@ interface RecordedStep {
   readonly adapter: AdapterState | null;
   readonly params: GPUBuffer | null;
   readonly acts: Activations;
-  /** The one-token step's buffers the sampling wrote into (prefill entries). */
-  readonly stepActs?: Activations;
+  /** The one-token step's buffers the sampling writes into (the same as `acts` for decode steps). */
+  readonly stepActs: Activations;
 }
 
 const decodeStates = new WeakMap<Model, DecodeState>();
@@ -240,20 +240,39 @@ function replayableStep(
   L: number,
   sampler: Sampler,
 ): Op[] {
+  return recordedOps(model, s, `${L}|${samplingKey(sampler)}|${decodeTuning.fused}`, acts, acts, (rec) => {
+    // past = L - 1 and one query: keyLen = L, queryOffset = L - 1, so the causal mask hides nothing and
+    // the cache mask alone decides which positions are visible
+    recordStep(rec, model, acts, s, L - 1, false, { ...s.kv, position: s.state }, true);
+    recordSample(rec, s, acts.ids, 0, sampler);
+    decodeAdvance(rec, s.state, acts.ids, s.tokens, acts.positions);
+  });
+}
+
+/**
+ * The ops under `key` in the decode state's cache when they were recorded against the same running
+ * adapter, parameter buffer and activation buffers (what their bind groups captured), else `record`ed
+ * anew and cached.
+ */
+function recordedOps(
+  model: Model,
+  s: DecodeState,
+  key: string,
+  acts: Activations,
+  stepActs: Activations,
+  record: (rec: Recorder) => void,
+): Op[] {
   const adapter = runningAdapter(model);
   const params = adapter ? adapter.params.buffer : null;
-  const key = `${L}|${samplingKey(sampler)}|${decodeTuning.fused}`;
   const hit = s.steps.get(key);
-  if (hit && hit.adapter === adapter && hit.params === params && hit.acts === acts) return hit.ops;
+  if (
+    hit && hit.adapter === adapter && hit.params === params && hit.acts === acts && hit.stepActs === stepActs
+  ) return hit.ops;
   const rec = new Recorder(model.gpu);
-  // past = L - 1 and one query: keyLen = L, queryOffset = L - 1, so the causal mask hides nothing and
-  // the cache mask alone decides which positions are visible
-  recordStep(rec, model, acts, s, L - 1, false, { ...s.kv, position: s.state }, true);
-  recordSample(rec, s, acts.ids, 0, sampler);
-  decodeAdvance(rec, s.state, acts.ids, s.tokens, acts.positions);
+  record(rec);
   const ops = rec.take();
   if (s.steps.size >= 512) s.steps.clear();
-  s.steps.set(key, { ops, adapter, params, acts });
+  s.steps.set(key, { ops, adapter, params, acts, stepActs });
   return ops;
 }
 
@@ -270,22 +289,13 @@ function prefillOps(
   sampler: Sampler,
   stepActs: Activations,
 ): Op[] {
-  const adapter = runningAdapter(model);
-  const params = adapter ? adapter.params.buffer : null;
   const acts = activationsFor(model, 1, P, false);
   const key = `prefill|${P}|${refreshAdapter}|${samplingKey(sampler)}|${decodeTuning.fused}`;
-  const hit = s.steps.get(key);
-  if (
-    hit && hit.adapter === adapter && hit.params === params && hit.acts === acts && hit.stepActs === stepActs
-  ) return hit.ops;
-  const rec = new Recorder(model.gpu);
-  recordStep(rec, model, acts, s, 0, refreshAdapter);
-  recordSample(rec, s, stepActs.ids, 0, sampler);
-  decodeAdvance(rec, s.state, stepActs.ids, s.tokens, stepActs.positions);
-  const ops = rec.take();
-  if (s.steps.size >= 512) s.steps.clear();
-  s.steps.set(key, { ops, adapter, params, acts, stepActs });
-  return ops;
+  return recordedOps(model, s, key, acts, stepActs, (rec) => {
+    recordStep(rec, model, acts, s, 0, refreshAdapter);
+    recordSample(rec, s, stepActs.ids, 0, sampler);
+    decodeAdvance(rec, s.state, stepActs.ids, s.tokens, stepActs.positions);
+  });
 }
 
 /** The part of a recorded step's cache key that says how it samples. */
