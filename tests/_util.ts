@@ -10,6 +10,7 @@ import { getGpu, type Gpu } from "../src/gpu/device.ts";
 import { createTensor, type DType, readTensor, type Tensor, tensorFrom } from "../src/gpu/tensor.ts";
 import { Recorder } from "../src/gpu/recorder.ts";
 import { fill } from "../kernels/fill.ts";
+import { f16ArrayToF32, f32ArrayToF16 } from "../src/io/dtype.ts";
 
 /** A seeded PRNG (mulberry32) with uniform and normal draws. */
 export class Rng {
@@ -68,7 +69,8 @@ export function gpu(): Promise<Gpu> {
 export function poisoned(g: Gpu, shape: readonly number[], dtype: DType = "f32"): Tensor {
   const t = createTensor(g, shape, dtype, "poisoned");
   const rec = new Recorder(g);
-  fill(rec, t, dtype === "f32" ? NaN : 0x7fc00000);
+  // f16: both halves of every 32-bit word are an f16 NaN
+  fill(rec, t, dtype === "f32" ? NaN : dtype === "f16" ? 0x7e007e00 : 0x7fc00000);
   rec.submit();
   return t;
 }
@@ -94,6 +96,36 @@ export function upload(g: Gpu, data: Float32Array | Int32Array, shape?: readonly
  */
 export async function download(g: Gpu, t: Tensor): Promise<Float32Array> {
   return (await readTensor(g, t)) as Float32Array;
+}
+
+/**
+ * Reads an f16 tensor as f32 values.
+ *
+ * @param g The GPU.
+ * @param t An f16 tensor.
+ * @returns Its values widened to f32 (exact).
+ */
+export async function downloadF16(g: Gpu, t: Tensor): Promise<Float32Array> {
+  if (t.dtype !== "f16") throw new Error(`downloadF16(${t.label}): tensor is ${t.dtype}`);
+  return f16ArrayToF32((await readTensor(g, t)) as Uint16Array);
+}
+
+/**
+ * Rounds values to f16 and uploads them as an f16 tensor; the returned `values` are the rounded values
+ * widened back to f32, the inputs a float64 reference should use.
+ *
+ * @param g The GPU.
+ * @param data Values (any f32).
+ * @param shape Shape.
+ * @returns The f16 tensor and its exact values.
+ */
+export function uploadF16(
+  g: Gpu,
+  data: Float32Array,
+  shape?: readonly number[],
+): { tensor: Tensor; values: Float32Array } {
+  const bits = f32ArrayToF16(data);
+  return { tensor: tensorFrom(g, bits, shape), values: f16ArrayToF32(bits) };
 }
 
 /**

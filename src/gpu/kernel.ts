@@ -155,3 +155,45 @@ export async function compileKernel(gpu: Gpu, kernel: Kernel): Promise<void> {
   const compiled = getPipeline(gpu, kernel);
   await compileChecks.get(compiled);
 }
+
+/** The WGSL element type of an activation tensor: f32 (the exact path) or f16 (storage only). */
+export type ActivationType = "f32" | "f16";
+
+/**
+ * The WGSL element type an activation tensor is read or written as. Activations may be f32 or f16;
+ * kernels load f16 into f32 at once, compute in f32 and round at the store, so f16 changes storage only.
+ *
+ * @param gpu The GPU (f16 needs its `shader-f16` feature).
+ * @param t The activation tensor.
+ * @param what The kernel and argument, for the message.
+ * @returns `"f32"` or `"f16"`.
+ * @throws {GpuError} when the tensor is neither, or is f16 on a GPU without `shader-f16`.
+ * @example
+ * ```ts ignore
+ * const xt = activationType(rec.gpu, x, "rmsnormForward x");
+ * const kernel = defineKernel("rmsnorm_forward", { xt }, bindings, () => `
+ * ${enableF16(xt)}
+ * @group(0) @binding(0) var<storage, read> x: array<${xt}>;
+ * ...let v = f32(x[i]);...`);
+ * ```
+ */
+export function activationType(gpu: Gpu, t: { dtype: string; label: string }, what: string): ActivationType {
+  if (t.dtype === "f32") return "f32";
+  if (t.dtype !== "f16") throw new GpuError(`${what}: ${t.label} must be f32 or f16, got ${t.dtype}`);
+  if (!gpu.hasF16) {
+    throw new GpuError(
+      `${what}: ${t.label} is f16 but this GPU lacks shader-f16; use f32 activations (load the model as f32)`,
+    );
+  }
+  return "f16";
+}
+
+/**
+ * The WGSL `enable f16;` directive when any of the given element types is f16, else nothing.
+ *
+ * @param types WGSL element types used by a kernel.
+ * @returns The directive line or `""`.
+ */
+export function enableF16(...types: string[]): string {
+  return types.includes("f16") ? "enable f16;" : "";
+}
