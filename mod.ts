@@ -31,12 +31,7 @@ export type {
 export type { Layout } from "./src/models/layout.ts";
 export type { LayerWeights, Linear, Norm, Weights } from "./src/models/weights.ts";
 export type { AdapterLayerSlot, AdapterState } from "./src/adapters/state.ts";
-export type {
-  Activations,
-  LayerActivations,
-  LayerStash,
-  StashedActivation,
-} from "./src/models/activations.ts";
+export type { Activations, LayerActivations } from "./src/models/activations.ts";
 export type { BindingKind, Kernel } from "./src/gpu/kernel.ts";
 export type { Batch } from "./src/models/transformer.ts";
 export { forward, type ForwardResult, loss, lossAndGradients } from "./src/models/run.ts";

@@ -4,7 +4,8 @@
  * adapter attention, at the model shapes (gpt2-124M, SmolLM2-135M, TinyLlama-1.1B; B=4, T=512 and decode
  * B=1). GPU time comes from timestamp queries (`timeOps`); the setup prints a table of milliseconds and
  * GFLOP/s, and the adapter attention's cost relative to the main attention and to an estimate of one
- * layer's forward. Big shapes run only with `PROMPTGATE_BENCH_FULL=1` (the default on a
+ * layer's forward. Rows marked "f16 act" use f16 q, k, v, out (and an f16 KV cache at decode) where the GPU
+ * has `shader-f16`. Big shapes run only with `PROMPTGATE_BENCH_FULL=1` (the default on a
  * real GPU); on a fallback (CPU) adapter small shapes are used.
  *
  * @module
@@ -22,7 +23,8 @@ import { addInto } from "../kernels/activation.ts";
 import { decodeAttentionForward } from "../kernels/decode_attention.ts";
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
-import { tensorFrom } from "../src/gpu/tensor.ts";
+import { createTensor, tensorFrom } from "../src/gpu/tensor.ts";
+import { f32ArrayToF16 } from "../src/io/dtype.ts";
 import { timeOpsWarm } from "../src/gpu/timing.ts";
 
 const gpu = await getGpu();
@@ -152,6 +154,28 @@ for (const m of MODELS) {
     (r) => attentionBackward(r, dq, dk, dv, dout, out, lse, q, k, v, null, o),
     2.5 * fwdFlops,
   );
+  // f16 activations (storage only): q, k, v, out f16; lse, dout and the gradients f32
+  const f16 = (n: number, seed: number) => tensorFrom(gpu, f32ArrayToF16(rand(n, seed)));
+  const h16 = gpu.hasF16
+    ? {
+      q: f16(N * H * D, 1),
+      k: f16(N * Hkv * D, 2),
+      v: f16(N * Hkv * D, 3),
+      out: createTensor(gpu, [N * H * D], "f16"),
+    }
+    : null;
+  if (h16) {
+    await measure(
+      `${m.name} attention fwd f16 act B=${B} T=${T}`,
+      (r) => attentionForward(r, h16.out, lse, h16.q, h16.k, h16.v, null, o),
+      fwdFlops,
+    );
+    await measure(
+      `${m.name} attention bwd f16 act B=${B} T=${T}`,
+      (r) => attentionBackward(r, dq, dk, dv, dout, h16.out, lse, h16.q, h16.k, h16.v, null, o),
+      2.5 * fwdFlops,
+    );
+  }
   // adapter attention (L = 10 tokens) on the same rows
   const ka = tensorFrom(gpu, rand(Hkv * L * D, 5));
   const va = tensorFrom(gpu, rand(Hkv * L * D, 6));
@@ -199,6 +223,14 @@ for (const m of MODELS) {
   const q1 = tensorFrom(gpu, rand(H * D, 10));
   const o1 = tensorFrom(gpu, new Float32Array(H * D));
   const adp1 = tensorFrom(gpu, new Float32Array(H * D));
+  const dec16 = gpu.hasF16
+    ? {
+      k: f16(Smax * Hkv * D, 8),
+      v: f16(Smax * Hkv * D, 9),
+      q: f16(H * D, 10),
+      out: createTensor(gpu, [H * D], "f16"),
+    }
+    : null;
   const ao1 = { ...ao, rows: 1, accumulate: false };
   const adapter1 = {
     ka,
@@ -231,6 +263,13 @@ for (const m of MODELS) {
       (r) => decodeAttentionForward(r, o1, q1, kc, vc, null, od, adapter1),
       4 * H * (S + L) * D,
     );
+    if (dec16) {
+      await measure(
+        `${m.name} decode fused f16 act (q, KV cache, out) B=1 S=${S}`,
+        (r) => decodeAttentionForward(r, dec16.out, dec16.q, dec16.k, dec16.v, null, od, adapter1),
+        4 * H * (S + L) * D,
+      );
+    }
   }
 }
 

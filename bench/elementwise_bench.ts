@@ -5,7 +5,8 @@
  * repetitions in one pass (`timeOps`); the table printed at start-up gives GB/s (or GFLOP/s for the
  * cross-entropy, which is matmul-bound), and each `Deno.bench` entry submits the recorded ops and waits.
  * The real shapes (N = B*T = 2048 and decode N = 1) run when `PROMPTGATE_BENCH_FULL=1` or, by default,
- * when the adapter is not a software fallback; otherwise small shapes keep the CPU device quick.
+ * when the adapter is not a software fallback; otherwise small shapes keep the CPU device quick. On
+ * `shader-f16` devices, RMSNorm and SwiGLU also run with f16 activations (gradients stay f32).
  *
  * @module
  */
@@ -15,6 +16,7 @@ import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
 import { createTensor, type Tensor, tensorFrom } from "../src/gpu/tensor.ts";
 import { timeOpsWarm } from "../src/gpu/timing.ts";
+import { f32ArrayToF16 } from "../src/io/dtype.ts";
 import { layernormBackward, layernormForward, rmsnormBackward, rmsnormForward } from "../kernels/norm.ts";
 import { ropeBackwardInPlace, ropeInPlace } from "../kernels/rope.ts";
 import { geluBackward, geluForward, swigluBackward, swigluForward } from "../kernels/activation.ts";
@@ -52,6 +54,7 @@ function random(n: number, scale = 1): Float32Array {
   return a;
 }
 const t = (n: number, scale = 1, shape?: number[]): Tensor => tensorFrom(gpu, random(n, scale), shape);
+const h = (n: number): Tensor => tensorFrom(gpu, f32ArrayToF16(random(n))); // an f16 activation
 
 interface Case {
   name: string;
@@ -112,6 +115,13 @@ for (const m of MODELS) {
       const gate = t(N * m.I), up = t(N * m.I), so = t(N * m.I), dg = t(N * m.I), du = t(N * m.I);
       add(`swiglu fwd ${tag}`, 12 * N * m.I, (r) => swigluForward(r, so, gate, up));
       add(`swiglu bwd ${tag}`, 20 * N * m.I, (r) => swigluBackward(r, dg, du, so, gate, up));
+      if (gpu.hasF16) {
+        const x16 = h(N * m.C), out16 = h(N * m.C), g16 = h(N * m.I), u16 = h(N * m.I), a16 = h(N * m.I);
+        add(`rmsnorm fwd f16 ${tag}`, 4 * N * m.C, (r) => rmsnormForward(r, out16, rstd, x16, w, 1e-5));
+        add(`rmsnorm bwd f16 x ${tag}`, 10 * N * m.C, (r) => rmsnormBackward(r, dx, out, x16, w, rstd));
+        add(`swiglu fwd f16 ${tag}`, 6 * N * m.I, (r) => swigluForward(r, a16, g16, u16));
+        add(`swiglu bwd f16 g,u ${tag}`, 16 * N * m.I, (r) => swigluBackward(r, dg, du, so, g16, u16));
+      }
     }
     if (N > 1) {
       const V = full ? m.V : 2048;

@@ -2,7 +2,8 @@
  * Matmul benchmarks: GPU time (timestamp queries, many repetitions in one pass) of the products of
  * kernels/matmul.ts at 1024³, 4096³ and the linear layers of gpt2-124M, SmolLM2-135M and TinyLlama-1.1B
  * at N = B*T = 2048 rows (forward and input gradient), with f32 and f16 weights, plus the decode
- * matrix-vector products (M = 1), reported as GB/s of weight streamed. Big shapes run only with
+ * matrix-vector products (M = 1), reported as GB/s of weight streamed. Forward products also run with
+ * f16 activations (x and out f16, f16 weights: column `act`). Big shapes run only with
  * `PROMPTGATE_BENCH_FULL=1` (the default on a real GPU); on a fallback adapter small shapes stand in.
  *
  * Each figure is the median of 3 timed submissions of ≥ 20 ms of GPU work each, after ≥ 100 ms of
@@ -119,14 +120,14 @@ function randomTensor(shape: number[], dtype: DType): Tensor {
   return t;
 }
 
-/** Records one case; returns its tensors so they can be freed. */
-function record(rec: Recorder, c: Case, dtype: DType): Tensor[] {
+/** Records one case (`act`: dtype of a forward product's x and out); returns its tensors to be freed. */
+function record(rec: Recorder, c: Case, dtype: DType, act: DType = "f32"): Tensor[] {
   const { M, N, K } = c;
   const linearW = c.op.startsWith("linear");
   const w = randomTensor(linearW ? [N, K] : [K, N], dtype);
   const forward = c.op === "linear" || c.op === "conv1d";
-  const input = randomTensor([M, forward ? K : N], "f32");
-  const out = createTensor(gpu, [M, forward ? N : K], "f32", "bench out");
+  const input = randomTensor([M, forward ? K : N], forward ? act : "f32");
+  const out = createTensor(gpu, [M, forward ? N : K], forward ? act : "f32", "bench out");
   const bias = forward ? randomTensor([N], "f32") : null;
   if (c.op === "linear") {
     // an LM head may exceed one binding: each row range writes its column slice of the logits
@@ -240,9 +241,13 @@ if (tune) {
 
 const rows: Record<string, string | number>[] = [];
 for (const c of cases) {
-  for (const dtype of dtypes) {
+  // (weight, activations): f32 and f16 weights with f32 activations; an f16 model's forward products
+  const forward = c.op === "linear" || c.op === "conv1d";
+  const configs = dtypes.map((d) => [d, "f32"] as [DType, DType]);
+  if (gpu.hasF16 && forward) configs.push(["f16", "f16"]);
+  for (const [dtype, act] of configs) {
     const rec = new Recorder(gpu);
-    const tensors = record(rec, c, dtype);
+    const tensors = record(rec, c, dtype, act);
     const ops = rec.take();
     const flops = 2 * c.M * c.N * c.K;
     const { ms, timestamps } = await measure(ops);
@@ -252,6 +257,7 @@ for (const c of cases) {
       op: c.op,
       "M x N x K": `${c.M}x${c.N}x${c.K}`,
       w: dtype,
+      act,
       "GPU ms": Number(ms.toFixed(4)),
       "GFLOP/s": Math.round(flops / ms / 1e6),
       "weight GB/s": c.M <= 4 ? Number((weightBytes / ms / 1e6).toPrecision(4)) : "",

@@ -15,14 +15,29 @@
  * of rows into its own slot of a scratch (cached per shape), and a second kernel sums the slots in a fixed
  * order, so results are deterministic without atomics.
  *
+ * q and out may be f32 or f16 (computed in f32, rounded once at the store); the adapter keys, values and
+ * gate, dout and every gradient are f32.
+ *
  * @module
  */
 
-import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import {
+  type ActivationType,
+  activationType,
+  defineKernel,
+  enableF16,
+  type Kernel,
+} from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
 import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
+
+/** The `enable f16;` line (with its newline) when any of the types is f16, else nothing: f32 WGSL unchanged. */
+function enableLine(...types: ActivationType[]): string {
+  const e = enableF16(...types);
+  return e ? `${e}\n` : "";
+}
 
 /** How the gate multiplies each head's adapter output. */
 export type GateKind = "scalar" | "per-head" | "per-head-tanh";
@@ -61,19 +76,42 @@ function each(n: number, f: (c: number) => string, sep = "\n"): string {
   return Array.from({ length: n }, (_, c) => f(c)).join(sep);
 }
 
-function vecLoad(D: number, c: number, arr: string, base: string): string {
-  const comps = [0, 1, 2, 3].map((e) => (4 * c + e < D ? `${arr}[${base} + ${4 * c + e}u]` : "0.0"));
+/** The element `e` of an array of type `t`, as f32 (the text itself for f32). */
+function ld(t: ActivationType, e: string): string {
+  return t === "f32" ? e : `f32(${e})`;
+}
+
+/** The f32 value `e` converted for a store into an array of type `t` (the text itself for f32). */
+function st(t: ActivationType, e: string): string {
+  return t === "f32" ? e : `${t}(${e})`;
+}
+
+/** vec4 column c of the row at `base` of `arr` (elements of type t) as a vec4<f32>, zero past D. */
+function vecLoad(D: number, c: number, arr: string, base: string, t: ActivationType = "f32"): string {
+  const comps = [0, 1, 2, 3].map((e) => (4 * c + e < D ? ld(t, `${arr}[${base} + ${4 * c + e}u]`) : "0.0"));
   return `vec4<f32>(${comps.join(", ")})`;
 }
 
-/** Stores `value` (a vec4 expression) into the real components; adds to the old value when p.flag != 0. */
-function vecStore(D: number, c: number, arr: string, base: string, value: string): string {
+/**
+ * Stores `value` (a vec4<f32> expression) into the real components of `arr` (elements of type t); adds
+ * to the old value (in f32, rounded once) when p.flag != 0.
+ */
+function vecStore(
+  D: number,
+  c: number,
+  arr: string,
+  base: string,
+  value: string,
+  t: ActivationType = "f32",
+): string {
   const lines: string[] = [];
   for (let e = 0; e < 4 && 4 * c + e < D; e++) {
     const idx = `${arr}[${base} + ${4 * c + e}u]`;
     const val = `${value}.${"xyzw"[e]}`;
     // a branch rather than `flag * old`: an overwritten output may hold NaN
-    lines.push(`if (p.flag != 0u) { ${idx} = ${idx} + ${val}; } else { ${idx} = ${val}; }`);
+    lines.push(
+      `if (p.flag != 0u) { ${idx} = ${st(t, `${ld(t, idx)} + ${val}`)}; } else { ${idx} = ${st(t, val)}; }`,
+    );
   }
   return lines.join(" ");
 }
@@ -103,6 +141,10 @@ function check(o: AdapterAttentionOptions, q: Tensor, ka: Tensor, va: Tensor, ga
   }
   const g = o.gateKind === "scalar" ? 1 : H;
   if (gate.size < g) throw new GpuError(`adapter attention: gate [${gate.shape}] needs ${g} values`);
+  for (const [name, t] of [["ka", ka], ["va", va], ["gate", gate]] as const) {
+    // adapter parameters (and the keys/values computed from them) stay f32
+    if (t.dtype !== "f32") throw new GpuError(`adapter attention: ${name} must be f32, is ${t.dtype}`);
+  }
 }
 
 function params(o: AdapterAttentionOptions, stride: number, nGroups: number): (number | { f32: number })[] {
@@ -125,19 +167,19 @@ function params(o: AdapterAttentionOptions, stride: number, nGroups: number): (n
 // ---------------------------------------------------------------------------------------------------
 // Forward: one thread per (row, head) with an online softmax over the L adapter tokens.
 
-function forwardKernel(D: number): Kernel {
+function forwardKernel(D: number, qt: ActivationType, ot: ActivationType): Kernel {
   const DV = dvOf(D);
   return defineKernel(
     "adapter_attention_fwd",
-    { D },
+    { D, qt, ot },
     ["read", "read", "read", "read", "write", "uniform"],
     () => `
-${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
+${enableLine(qt, ot)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> ka: array<f32>;
 @group(0) @binding(2) var<storage, read> va: array<f32>;
 @group(0) @binding(3) var<storage, read> gate: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
 @group(0) @binding(5) var<uniform> p: P;
 ${GATE_FN}
 @compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) gid: vec3u) {
@@ -146,7 +188,7 @@ ${GATE_FN}
   let h = idx % p.H;
   let kvh = h / (p.H / p.Hkv);
   let qb = idx * ${D}u;
-${each(DV, (c) => `  let q${c} = ${vecLoad(D, c, "q", "qb")};`)}
+${each(DV, (c) => `  let q${c} = ${vecLoad(D, c, "q", "qb", qt)};`)}
 ${each(DV, (c) => `  var a${c} = vec4<f32>(0.0);`)}
   var m = -1.0e30;
   var l = 0.0;
@@ -161,20 +203,21 @@ ${each(DV, (c) => `    a${c} = a${c} * corr + pj * ${vecLoad(D, c, "va", "kb")};
     m = mNew;
   }
   let f = gateOf(h) / l;
-${each(DV, (c) => `  ${vecStore(D, c, "out", "qb", `(a${c} * f)`)}`)}
+${each(DV, (c) => `  ${vecStore(D, c, "out", "qb", `(a${c} * f)`, ot)}`)}
 }`,
   );
 }
 
 /**
  * Records the adapter attention forward (see the module doc), adding into `out` with
- * `opts.accumulate` (after the main attention) or overwriting it.
+ * `opts.accumulate` (after the main attention) or overwriting it. q and out may each be f32 or f16 (f16
+ * out with accumulate: read, added in f32, rounded once); the adapter keys, values and gate are f32.
  *
  * @param rec The recorder.
- * @param out Output `(B, T, H, D)` (N = B*T rows).
- * @param q Queries `(B, T, H, D)`.
- * @param ka Adapter keys `(L, Hkv, D)`.
- * @param va Adapter values `(L, Hkv, D)`.
+ * @param out Output `(B, T, H, D)` f32 or f16 (N = B*T rows).
+ * @param q Queries `(B, T, H, D)` f32 or f16.
+ * @param ka Adapter keys `(L, Hkv, D)` f32.
+ * @param va Adapter values `(L, Hkv, D)` f32.
  * @param gate f32 gate: `(1)` for `"scalar"`, `(H)` for the per-head kinds.
  * @param opts Sizes, scale, gate kind, accumulate.
  */
@@ -188,8 +231,10 @@ export function adapterAttentionForward(
   opts: AdapterAttentionOptions,
 ): void {
   check(opts, q, ka, va, gate);
+  const qt = activationType(rec.gpu, q, "adapterAttentionForward q");
+  const ot = activationType(rec.gpu, out, "adapterAttentionForward out");
   const { groups, stride } = grid1d(opts.rows * opts.numHeads, WG);
-  rec.dispatch(forwardKernel(opts.headDim), [q, ka, va, gate, out], params(opts, stride, 0), groups);
+  rec.dispatch(forwardKernel(opts.headDim, qt, ot), [q, ka, va, gate, out], params(opts, stride, 0), groups);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -203,15 +248,16 @@ function rowsPerChunk(L: number): number {
   return lmaxOf(L) <= 16 ? 32 : 16;
 }
 
-function partialsKernel(D: number, LMAX: number, RC: number): Kernel {
+function partialsKernel(D: number, LMAX: number, RC: number, qt: ActivationType): Kernel {
   const DV = dvOf(D);
+  const qd = ld(qt, "q[qb + d]");
   return defineKernel(
     "adapter_attention_bwd_partials",
-    { D, LMAX, RC },
+    { D, LMAX, RC, qt },
     ["read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
-${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
+${enableLine(qt)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> ka: array<f32>;
 @group(0) @binding(2) var<storage, read> va: array<f32>;
 @group(0) @binding(3) var<storage, read> gate: array<f32>;
@@ -247,11 +293,11 @@ ${GATE_FN}
         let qb = (n * p.H + h) * D;
 ${
       each(DV, (c) =>
-        `        let q${c} = ${vecLoad(D, c, "q", "qb")};\n        let o${c} = ${
+        `        let q${c} = ${vecLoad(D, c, "q", "qb", qt)};\n        let o${c} = ${
           vecLoad(D, c, "dout", "qb")
         };`)
     }
-        for (var d = 0u; d < D; d++) { Qs[tid * D + d] = q[qb + d]; Os[tid * D + d] = dout[qb + d]; }
+        for (var d = 0u; d < D; d++) { Qs[tid * D + d] = ${qd}; Os[tid * D + d] = dout[qb + d]; }
         var m = -1.0e30;
         for (var j = 0u; j < p.L; j++) {
           let kb = (j * p.Hkv + kvh) * D;
@@ -390,15 +436,16 @@ function scratchFor(rec: Recorder, dka: Tensor, n: number): Tensor {
 /**
  * Records the adapter attention backward: dq (added into with `opts.accumulate`, after the main
  * attention's backward wrote it), and dka, dva, dgate summed over all rows (and, for dka/dva, over the
- * query heads sharing a key/value head; for a scalar gate, over all heads), deterministically.
+ * query heads sharing a key/value head; for a scalar gate, over all heads), deterministically. The saved
+ * q may be f32 or f16; dout and every gradient are f32.
  *
  * @param rec The recorder.
  * @param dq Gradient of q `(B, T, H, D)`; overwritten, or added into with `opts.accumulate`.
  * @param dka Gradient of the adapter keys `(L, Hkv, D)`, overwritten.
  * @param dva Gradient of the adapter values `(L, Hkv, D)`, overwritten.
  * @param dgate Gradient of the gate `(1)` or `(H)` (through tanh for `"per-head-tanh"`), overwritten.
- * @param dout Gradient of the attention output `(B, T, H, D)`.
- * @param q Queries `(B, T, H, D)`.
+ * @param dout Gradient of the attention output `(B, T, H, D)` f32.
+ * @param q Queries `(B, T, H, D)`, f32 or f16.
  * @param ka Adapter keys `(L, Hkv, D)`.
  * @param va Adapter values `(L, Hkv, D)`.
  * @param gate The gate `(1)` or `(H)`.
@@ -418,6 +465,10 @@ export function adapterAttentionBackward(
   opts: AdapterAttentionOptions,
 ): void {
   check(opts, q, ka, va, gate);
+  const qt = activationType(rec.gpu, q, "adapterAttentionBackward q");
+  for (const [name, t] of Object.entries({ dq, dka, dva, dgate, dout })) {
+    if (t.dtype !== "f32") throw new GpuError(`adapterAttentionBackward: ${name} must be f32, is ${t.dtype}`);
+  }
   const { numHeads: H, numKvHeads: Hkv, headDim: D, adapterLen: L, rows: N } = opts;
   const LMAX = lmaxOf(L);
   const RC = rowsPerChunk(L);
@@ -427,7 +478,7 @@ export function adapterAttentionBackward(
   }
   const scr = scratchFor(rec, dka, 2 * nGroups * H * L * D + nGroups * H);
   rec.dispatch(
-    partialsKernel(D, LMAX, RC),
+    partialsKernel(D, LMAX, RC, qt),
     [q, ka, va, gate, dout, dq, scr],
     params(opts, 0, nGroups),
     [nGroups, H],

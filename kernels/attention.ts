@@ -27,14 +27,30 @@
  * i32 `(B, kvStride)` (only the first `keyLen` columns are read); lse and the scratch `Di` are `(B, H, T)`.
  * Query head h uses key/value head `floor(h / (H / Hkv))` directly (no copies of K/V per head).
  *
+ * Element types: q, k, v and out (the forward's output, read again by the backward) may each be f32 or
+ * f16 — f16 is storage only: values are loaded into f32, staged in f32 workgroup tiles, computed in f32
+ * and rounded once at the store. lse, dout and the gradients dq, dk, dv are always f32.
+ *
  * @module
  */
 
-import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import {
+  type ActivationType,
+  activationType,
+  defineKernel,
+  enableF16,
+  type Kernel,
+} from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
 import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
+
+/** The `enable f16;` line (with its newline) when any of the types is f16, else nothing: f32 WGSL unchanged. */
+function enableLine(...types: ActivationType[]): string {
+  const e = enableF16(...types);
+  return e ? `${e}\n` : "";
+}
 
 /** Options shared by {@link attentionForward} and {@link attentionBackward}. */
 export interface AttentionOptions {
@@ -99,21 +115,50 @@ function dv(D: number): number {
   return Math.ceil(D / 4);
 }
 
-function vecLoad(D: number, c: number, arr: string, base: string): string {
-  const comps = [0, 1, 2, 3].map((e) => (4 * c + e < D ? `${arr}[${base} + ${4 * c + e}u]` : "0.0"));
+/** Element types of the activation bindings: queries, keys, values, attention output. */
+interface ActTypes {
+  qt: ActivationType;
+  kt: ActivationType;
+  vt: ActivationType;
+  ot: ActivationType;
+}
+
+/** The element `e` of an array of type `t`, as f32 (the text itself for f32). */
+function ld(t: ActivationType, e: string): string {
+  return t === "f32" ? e : `f32(${e})`;
+}
+
+/** The f32 value `e` converted for a store into an array of type `t` (the text itself for f32). */
+function st(t: ActivationType, e: string): string {
+  return t === "f32" ? e : `${t}(${e})`;
+}
+
+/** `idx = value`, or `idx += value` when `addIf` holds, for an array element of type `t`. */
+function storeOrAdd(t: ActivationType, idx: string, val: string, addIf: string): string {
+  // branch rather than `flag * old`: an overwritten output may hold NaN (0 * NaN = NaN)
+  return addIf
+    ? `if (${addIf}) { ${idx} = ${st(t, `${ld(t, idx)} + ${val}`)}; } else { ${idx} = ${st(t, val)}; }`
+    : `${idx} = ${st(t, val)};`;
+}
+
+function vecLoad(D: number, c: number, arr: string, base: string, t: ActivationType = "f32"): string {
+  const comps = [0, 1, 2, 3].map((e) => (4 * c + e < D ? ld(t, `${arr}[${base} + ${4 * c + e}u]`) : "0.0"));
   return `vec4<f32>(${comps.join(", ")})`;
 }
 
-function vecStore(D: number, c: number, arr: string, base: string, value: string, addIf: string): string {
+function vecStore(
+  D: number,
+  c: number,
+  arr: string,
+  base: string,
+  value: string,
+  addIf: string,
+  t: ActivationType = "f32",
+): string {
   const lines: string[] = [];
   const xyzw = "xyzw";
   for (let e = 0; e < 4 && 4 * c + e < D; e++) {
-    const idx = `${arr}[${base} + ${4 * c + e}u]`;
-    const val = `${value}.${xyzw[e]}`;
-    // branch rather than `flag * old`: an overwritten output may hold NaN (0 * NaN = NaN)
-    lines.push(
-      addIf ? `if (${addIf}) { ${idx} = ${idx} + ${val}; } else { ${idx} = ${val}; }` : `${idx} = ${val};`,
-    );
+    lines.push(storeOrAdd(t, `${arr}[${base} + ${4 * c + e}u]`, `${value}.${xyzw[e]}`, addIf));
   }
   return lines.join(" ");
 }
@@ -179,12 +224,15 @@ function keyBlock(D: number): number {
 // ---------------------------------------------------------------------------------------------------
 // Forward
 
-function forwardKernel(D: number, R: number): Kernel {
+function forwardKernel(D: number, R: number, ty: ActTypes): Kernel {
   const DVn = dv(D);
   const BK = keyBlock(D);
   const KS = R >= 64 ? 1 : 32 / R; // lanes per query row
   const WG = R * KS;
-  return defineKernel("attention_fwd", { D, R }, [
+  const { qt, kt, vt, ot } = ty;
+  const ke = ld(kt, "k[base + e]");
+  const ve = ld(vt, "v[base + e]");
+  return defineKernel("attention_fwd", { D, R, ...ty }, [
     "read",
     "read",
     "read",
@@ -193,12 +241,12 @@ function forwardKernel(D: number, R: number): Kernel {
     "write",
     "uniform",
   ], () => `
-${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+${enableLine(qt, kt, vt, ot)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${vt}>;
 @group(0) @binding(3) var<storage, read> mask: array<i32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(6) var<uniform> p: P;
 const D: u32 = ${D}u;
@@ -223,7 +271,7 @@ ${VISIBLE}
   let rowValid = t < p.T;
   let i = p.qOff + t;
   let qb = ((b * p.T + min(t, p.T - 1u)) * p.H + h) * D;
-${each(DVn, (c) => `  let q${c} = ${vecLoad(D, c, "q", "qb")};`)}
+${each(DVn, (c) => `  let q${c} = ${vecLoad(D, c, "q", "qb", qt)};`)}
 ${each(DVn, (c) => `  var a${c} = vec4<f32>(0.0);`)}
   var m = NEG;
   var l = 0.0;
@@ -241,11 +289,11 @@ ${each(DVn, (c) => `  var a${c} = vec4<f32>(0.0);`)}
       if (j < kEnd) {
         let base = ((b * p.kvStride + j) * p.Hkv + kvh) * D + 4u * c;
         ${D % 4 === 0 ? "" : "if (4u * c + 4u <= D) {"}
-          kv = vec4<f32>(k[base], k[base + 1u], k[base + 2u], k[base + 3u]);
-          vv = vec4<f32>(v[base], v[base + 1u], v[base + 2u], v[base + 3u]);
+          kv = vec4<f32>(${[0, 1, 2, 3].map((e) => ld(kt, e ? `k[base + ${e}u]` : "k[base]")).join(", ")});
+          vv = vec4<f32>(${[0, 1, 2, 3].map((e) => ld(vt, e ? `v[base + ${e}u]` : "v[base]")).join(", ")});
         ${
     D % 4 === 0 ? "" : `} else {
-          for (var e = 0u; 4u * c + e < D; e++) { kv[e] = k[base + e]; vv[e] = v[base + e]; }
+          for (var e = 0u; 4u * c + e < D; e++) { kv[e] = ${ke}; vv[e] = ${ve}; }
         }`
   }
       }
@@ -284,7 +332,7 @@ ${
       ? `  if (rowValid) {
     let inv = select(0.0, 1.0 / l, l > 0.0);
     let ob = ((b * p.T + t) * p.H + h) * D;
-${each(DVn, (c) => `    ${vecStore(D, c, "out", "ob", `(a${c} * inv)`, "")}`)}
+${each(DVn, (c) => `    ${vecStore(D, c, "out", "ob", `(a${c} * inv)`, "", ot)}`)}
     if (p.flag != 0u) { lse[(b * p.H + h) * p.T + t] = select(0.0, m + log(l), l > 0.0); }
   }`
       : `  Ms[tid] = m;
@@ -306,7 +354,7 @@ ${each(DVn, (c) => `      o${c} = o${c} + Red[y * DV + ${c}u];`)}
     }
     let inv = select(0.0, 1.0 / lt, lt > 0.0);
     let ob = ((b * p.T + t) * p.H + h) * D;
-${each(DVn, (c) => `    ${vecStore(D, c, "out", "ob", `(o${c} * inv)`, "")}`)}
+${each(DVn, (c) => `    ${vecStore(D, c, "out", "ob", `(o${c} * inv)`, "", ot)}`)}
     if (p.flag != 0u) { lse[(b * p.H + h) * p.T + t] = select(0.0, mr + log(lt), lt > 0.0); }
   }`
   }
@@ -328,27 +376,32 @@ function oddStride(DVn: number): number {
   return DVn % 2 === 0 ? DVn + 1 : DVn;
 }
 
-/** WGSL statements filling the vec4 `dst` from `arr[base ..]`, only the components below D. */
-function gather(D: number, dst: string, arr: string, base: string, c: string): string {
-  if (D % 4 === 0) {
-    return `${dst} = vec4<f32>(${arr}[${base}], ${arr}[${base} + 1u], ${arr}[${base} + 2u], ${arr}[${base} + 3u]);`;
-  }
-  return `${dst}.x = ${arr}[${base}]; ` +
-    [1, 2, 3].map((e) => `if (4u * ${c} + ${e}u < D) { ${dst}.${"xyzw"[e]} = ${arr}[${base} + ${e}u]; }`)
-      .join(" ");
+/** WGSL statements filling the vec4 `dst` from `arr[base ..]` (of type t), only the components below D. */
+function gather(D: number, dst: string, arr: string, base: string, c: string, t: ActivationType): string {
+  const at = (e: number) => ld(t, e ? `${arr}[${base} + ${e}u]` : `${arr}[${base}]`);
+  if (D % 4 === 0) return `${dst} = vec4<f32>(${at(0)}, ${at(1)}, ${at(2)}, ${at(3)});`;
+  return `${dst}.x = ${at(0)}; ` +
+    [1, 2, 3].map((e) => `if (4u * ${c} + ${e}u < D) { ${dst}.${"xyzw"[e]} = ${at(e)}; }`).join(" ");
 }
 
-/** WGSL statements storing the vec4 `value` at `arr[base ..]` (runtime column c), adding when `addIf`. */
-function scatter(D: number, arr: string, base: string, c: string, value: string, addIf: string): string {
+/**
+ * WGSL statements storing the vec4 `value` at `arr[base ..]` (of type t, runtime column c), adding when
+ * `addIf`.
+ */
+function scatter(
+  D: number,
+  arr: string,
+  base: string,
+  c: string,
+  value: string,
+  addIf: string,
+  t: ActivationType = "f32",
+): string {
   const out: string[] = [];
   for (let e = 0; e < 4; e++) {
-    const idx = `${arr}[${base} + ${e}u]`;
-    const val = `${value}.${"xyzw"[e]}`;
-    let st = addIf
-      ? `if (${addIf}) { ${idx} = ${idx} + ${val}; } else { ${idx} = ${val}; }`
-      : `${idx} = ${val};`;
-    if (D % 4 !== 0 && e > 0) st = `if (4u * ${c} + ${e}u < D) { ${st} }`;
-    out.push(st);
+    let s = storeOrAdd(t, `${arr}[${base} + ${e}u]`, `${value}.${"xyzw"[e]}`, addIf);
+    if (D % 4 !== 0 && e > 0) s = `if (4u * ${c} + ${e}u < D) { ${s} }`;
+    out.push(s);
   }
   return out.join(" ");
 }
@@ -357,11 +410,14 @@ function range(n: number): number[] {
   return Array.from({ length: n }, (_, i) => i);
 }
 
-/** Loop loading `rows` rows (local index r, global row expression of r) of one or two tensors. */
+/**
+ * Loop loading `rows` rows (local index r, global row expression of r) of one or two tensors: entries
+ * `[workgroup tile, source array, its element type]`.
+ */
 function loadTile(
   D: number,
   rows: number,
-  dsts: [string, string][],
+  dsts: [string, string, ActivationType][],
   validExpr: string,
   baseExpr: string,
 ): string {
@@ -371,7 +427,7 @@ function loadTile(
 ${dsts.map(([d]) => `    var v_${d} = vec4<f32>(0.0);`).join("\n")}
     if (${validExpr}) {
       let base = ${baseExpr} + 4u * c;
-${dsts.map(([d, src]) => `      ${gather(D, `v_${d}`, src, "base", "c")}`).join("\n")}
+${dsts.map(([d, src, t]) => `      ${gather(D, `v_${d}`, src, "base", "c", t)}`).join("\n")}
     }
 ${dsts.map(([d]) => `    ${d}[r * SV + c] = v_${d};`).join("\n")}
   }`;
@@ -390,7 +446,7 @@ function colGuard(DVn: number, cc: number): string {
   return (cc + 1) * 8 <= DVn ? "true" : `ca + ${8 * cc}u < DV`;
 }
 
-function forwardTiledKernel(D: number): Kernel {
+function forwardTiledKernel(D: number, ty: ActTypes): Kernel {
   const DVn = dv(D);
   const RT = 4;
   const KT = 2;
@@ -402,7 +458,8 @@ function forwardTiledKernel(D: number): Kernel {
   const I = range(RT);
   const J = range(KT);
   const CC = range(NCB);
-  return defineKernel("attention_fwd", { D, tiled: 1 }, [
+  const { qt, kt, vt, ot } = ty;
+  return defineKernel("attention_fwd", { D, tiled: 1, ...ty }, [
     "read",
     "read",
     "read",
@@ -411,12 +468,12 @@ function forwardTiledKernel(D: number): Kernel {
     "write",
     "uniform",
   ], () => `
-${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+${enableLine(qt, kt, vt, ot)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${vt}>;
 @group(0) @binding(3) var<storage, read> mask: array<i32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(6) var<uniform> p: P;
 ${tiledHeader(D)}
@@ -434,7 +491,7 @@ ${VISIBLE}
   let ra = tid / 8u;
   let ca = tid % 8u;
   let rb = ${RT}u * ra;
-  ${loadTile(D, BQ, [["Qs", "q"]], "t0 + r < p.T", "((b * p.T + t0 + r) * p.H + h) * D")}
+  ${loadTile(D, BQ, [["Qs", "q", qt]], "t0 + r < p.T", "((b * p.T + t0 + r) * p.H + h) * D")}
   var m = NEG;
   var l = 0.0;
 ${I.flatMap((i) => CC.map((cc) => `  var o${i}_${cc} = vec4<f32>(0.0);`)).join("\n")}
@@ -448,7 +505,7 @@ ${I.flatMap((i) => CC.map((cc) => `  var o${i}_${cc} = vec4<f32>(0.0);`)).join("
     loadTile(
       D,
       BK,
-      [["Ks", "k"], ["Vs", "v"]],
+      [["Ks", "k", kt], ["Vs", "v", vt]],
       "k0 + r < kEnd",
       "((b * p.kvStride + k0 + r) * p.Hkv + kvh) * D",
     )
@@ -528,7 +585,7 @@ ${
         CC.map((cc) =>
           `      if (${colGuard(DVn, cc)}) {
         let c = ca + ${8 * cc}u;
-        ${scatter(D, "out", "ob + 4u * c", "c", `(o${i}_${cc} * inv)`, "")}
+        ${scatter(D, "out", "ob + 4u * c", "c", `(o${i}_${cc} * inv)`, "", ot)}
       }`
         ).join("\n")
       }
@@ -539,7 +596,7 @@ ${
 }`);
 }
 
-function dkdvTiledKernel(D: number): Kernel {
+function dkdvTiledKernel(D: number, ty: BwdTypes): Kernel {
   const DVn = dv(D);
   const RT = 2; // keys per thread
   const KT = 2; // queries per thread
@@ -551,15 +608,16 @@ function dkdvTiledKernel(D: number): Kernel {
   const I = range(RT);
   const J = range(KT);
   const CC = range(NCB);
+  const { qt, kt, vt } = ty;
   return defineKernel(
     "attention_bwd_dkdv",
-    { D, tiled: 1 },
+    { D, tiled: 1, ...ty },
     ["read", "read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
-${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+${enableLine(qt, kt, vt)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${vt}>;
 @group(0) @binding(3) var<storage, read> mask: array<i32>;
 @group(0) @binding(4) var<storage, read> dout: array<f32>;
 @group(0) @binding(5) var<storage, read> stats: array<f32>;
@@ -588,7 +646,7 @@ ${VISIBLE}
       loadTile(
         D,
         BK,
-        [["Ks", "k"], ["Vs", "v"]],
+        [["Ks", "k", kt], ["Vs", "v", vt]],
         "k0 + r < p.S",
         "((b * p.kvStride + k0 + r) * p.Hkv + kvh) * D",
       )
@@ -605,7 +663,15 @@ ${
   let tEnd = select(p.T, min(p.T, select(0u, kLast + p.window - p.qOff, kLast + p.window > p.qOff)), p.window != 0u);
   for (var t0 = tStart; t0 < tEnd; t0 += ${BQ}u) {
     workgroupBarrier();
-    ${loadTile(D, BQ, [["Qs", "q"], ["Os", "dout"]], "t0 + r < p.T", "((b * p.T + t0 + r) * p.H + h) * D")}
+    ${
+      loadTile(
+        D,
+        BQ,
+        [["Qs", "q", qt], ["Os", "dout", "f32"]],
+        "t0 + r < p.T",
+        "((b * p.T + t0 + r) * p.H + h) * D",
+      )
+    }
     if (tid < ${BQ}u) {
       let t = min(t0 + tid, p.T - 1u);
       Ls[tid] = stats[(b * p.H + h) * p.T + t];
@@ -758,16 +824,34 @@ function checkShapes(r: Resolved, q: Tensor, k: Tensor, v: Tensor, mask: Tensor 
   if (mask && mask.dtype !== "i32" && mask.dtype !== "u32") throw new GpuError(`attention: mask must be i32`);
 }
 
+/** Throws unless every tensor is f32 (statistics and gradients never travel in f16). */
+function requireF32(what: string, tensors: Record<string, Tensor>): void {
+  for (const [name, t] of Object.entries(tensors)) {
+    if (t.dtype !== "f32") throw new GpuError(`${what}: ${name} (${t.label}) must be f32, is ${t.dtype}`);
+  }
+}
+
+/** The element types of q, k, v and out (each f32 or f16). */
+function actTypes(rec: Recorder, what: string, q: Tensor, k: Tensor, v: Tensor, out: Tensor): ActTypes {
+  return {
+    qt: activationType(rec.gpu, q, `${what} q`),
+    kt: activationType(rec.gpu, k, `${what} k`),
+    vt: activationType(rec.gpu, v, `${what} v`),
+    ot: activationType(rec.gpu, out, `${what} out`),
+  };
+}
+
 /**
  * Records the attention forward: `out = softmax(mask(q·kᵀ * scale)) · v` per head, and (for training)
- * the log-sum-exp of every query row. Rows with no visible key get `out = 0`, `lse = 0`.
+ * the log-sum-exp of every query row. Rows with no visible key get `out = 0`, `lse = 0`. q, k, v and out
+ * may each be f32 or f16 (f16 is storage only: loaded into f32, computed in f32, rounded once at the store).
  *
  * @param rec The recorder.
- * @param out Output `(B, T, H, D)`, overwritten.
+ * @param out Output `(B, T, H, D)` f32 or f16, overwritten.
  * @param lse Log-sum-exp per query row `(B, H, T)` f32 for the backward, or null (inference).
- * @param q Queries `(B, T, H, D)`.
- * @param k Keys `(B, kvStride, Hkv, D)`.
- * @param v Values `(B, kvStride, Hkv, D)`.
+ * @param q Queries `(B, T, H, D)` f32 or f16.
+ * @param k Keys `(B, kvStride, Hkv, D)` f32 or f16 (e.g. an f16 KV cache).
+ * @param v Values `(B, kvStride, Hkv, D)` f32 or f16.
  * @param mask HF attention mask, i32 `(B, kvStride)` (1 = attend, 0 = padded key), or null.
  * @param opts Sizes and masking options.
  */
@@ -783,10 +867,12 @@ export function attentionForward(
 ): void {
   const r = resolve(opts);
   checkShapes(r, q, k, v, mask);
+  if (lse) requireF32("attentionForward", { lse });
+  const ty = actTypes(rec, "attentionForward", q, k, v, out);
   const R = r.T >= 48 ? 64 : Math.min(32, 2 ** Math.ceil(Math.log2(Math.max(1, r.T))));
   if (R === 64 && r.D <= TILE_MAX_D && attentionTuning.tiled) {
     rec.dispatch(
-      forwardTiledKernel(r.D),
+      forwardTiledKernel(r.D, ty),
       [q, k, v, mask ?? q, out, lse ?? dummy(rec)],
       params(r, mask !== null, lse ? 1 : 0, opts.scale),
       [Math.ceil(r.T / 64), r.H, r.B],
@@ -794,7 +880,7 @@ export function attentionForward(
     return;
   }
   rec.dispatch(
-    forwardKernel(r.D, R),
+    forwardKernel(r.D, R, ty),
     [q, k, v, mask ?? q, out, lse ?? dummy(rec)],
     params(r, mask !== null, lse ? 1 : 0, opts.scale),
     [Math.ceil(r.T / R), r.H, r.B],
@@ -804,11 +890,15 @@ export function attentionForward(
 // ---------------------------------------------------------------------------------------------------
 // Backward
 
-function rowDotKernel(D: number): Kernel {
-  return defineKernel("attention_bwd_rowdot", { D }, ["read", "read", "read", "write", "uniform"], () => `
-struct P { rows: u32, T: u32, H: u32, stride: u32 }
+function rowDotKernel(D: number, ot: ActivationType): Kernel {
+  return defineKernel(
+    "attention_bwd_rowdot",
+    { D, ot },
+    ["read", "read", "read", "write", "uniform"],
+    () => `
+${enableLine(ot)}struct P { rows: u32, T: u32, H: u32, stride: u32 }
 @group(0) @binding(0) var<storage, read> dout: array<f32>;
-@group(0) @binding(1) var<storage, read> o: array<f32>;
+@group(0) @binding(1) var<storage, read> o: array<${ot}>;
 @group(0) @binding(2) var<storage, read> lse: array<f32>;
 @group(0) @binding(3) var<storage, read_write> stats: array<f32>; // [lse (B,H,T) | Di (B,H,T)]
 @group(0) @binding(4) var<uniform> p: P;
@@ -817,7 +907,7 @@ struct P { rows: u32, T: u32, H: u32, stride: u32 }
   if (n >= p.rows) { return; }
   let base = n * ${D}u;
   var s = 0.0;
-  for (var d = 0u; d < ${D}u; d++) { s = s + dout[base + d] * o[base + d]; }
+  for (var d = 0u; d < ${D}u; d++) { s = s + dout[base + d] * ${ld(ot, "o[base + d]")}; }
   let h = n % p.H;
   let bt = n / p.H;
   let t = bt % p.T;
@@ -825,24 +915,30 @@ struct P { rows: u32, T: u32, H: u32, stride: u32 }
   let at = (b * p.H + h) * p.T + t;
   stats[at] = lse[at];
   stats[p.rows + at] = s;
-}`);
+}`,
+  );
 }
 
 const BQB = 32; // query rows staged per step in the dk/dv pass
 const BKB = 32; // keys per workgroup in the dk/dv pass (one per thread)
 const RQ = 64; // query rows per workgroup in the dq pass (one per thread)
 
-function dkdvKernel(D: number): Kernel {
+/** Element types of the saved activations the dk/dv and dq passes read. */
+type BwdTypes = Omit<ActTypes, "ot">;
+
+function dkdvKernel(D: number, ty: BwdTypes): Kernel {
   const DVn = dv(D);
+  const { qt, kt, vt } = ty;
+  const qe = ld(qt, "q[base + e]");
   return defineKernel(
     "attention_bwd_dkdv",
-    { D },
+    { D, ...ty },
     ["read", "read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
-${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+${enableLine(qt, kt, vt)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${vt}>;
 @group(0) @binding(3) var<storage, read> mask: array<i32>;
 @group(0) @binding(4) var<storage, read> dout: array<f32>;
 @group(0) @binding(5) var<storage, read> stats: array<f32>; // lse (B,H,T) then Di (B,H,T)
@@ -865,8 +961,8 @@ ${VISIBLE}
   let kLast = min(k0 + ${BKB}u, p.S) - 1u;
   let jc = min(j, kLast);
   let kb = ((b * p.kvStride + jc) * p.Hkv + kvh) * D;
-${each(DVn, (c) => `  let kr${c} = ${vecLoad(D, c, "k", "kb")};`)}
-${each(DVn, (c) => `  let vr${c} = ${vecLoad(D, c, "v", "kb")};`)}
+${each(DVn, (c) => `  let kr${c} = ${vecLoad(D, c, "k", "kb", kt)};`)}
+${each(DVn, (c) => `  let vr${c} = ${vecLoad(D, c, "v", "kb", vt)};`)}
 ${each(DVn, (c) => `  var gk${c} = vec4<f32>(0.0);\n  var gv${c} = vec4<f32>(0.0);`)}
   let group = p.H / p.Hkv;
   let BHT = p.B * p.H * p.T;
@@ -883,7 +979,7 @@ ${each(DVn, (c) => `  var gk${c} = vec4<f32>(0.0);\n  var gv${c} = vec4<f32>(0.0
         let base = ((b * p.T + t) * p.H + h) * D + 4u * c;
         var qv = vec4<f32>(0.0);
         var ov = vec4<f32>(0.0);
-        for (var e = 0u; e < 4u && 4u * c + e < D; e++) { qv[e] = q[base + e]; ov[e] = dout[base + e]; }
+        for (var e = 0u; e < 4u && 4u * c + e < D; e++) { qv[e] = ${qe}; ov[e] = dout[base + e]; }
         Qs[x] = qv;
         Os[x] = ov;
       }
@@ -902,8 +998,11 @@ ${each(DVn, (c) => `  var gk${c} = vec4<f32>(0.0);\n  var gv${c} = vec4<f32>(0.0
           let dp = ${dotRow(DVn, "vr", "Os", "rb")};
           let ds = pr * (dp - Ds[r]);
 ${
-      each(DVn, (c) =>
-        `          gv${c} = gv${c} + pr * Os[rb + ${c}u];\n          gk${c} = gk${c} + ds * Qs[rb + ${c}u];`)
+      each(
+        DVn,
+        (c) =>
+          `          gv${c} = gv${c} + pr * Os[rb + ${c}u];\n          gk${c} = gk${c} + ds * Qs[rb + ${c}u];`,
+      )
     }
         }
       }
@@ -918,18 +1017,21 @@ ${each(DVn, (c) => `    ${vecStore(D, c, "dv", "ob", `gv${c}`, "p.flag != 0u")}`
   );
 }
 
-function dqKernel(D: number): Kernel {
+function dqKernel(D: number, ty: BwdTypes): Kernel {
   const DVn = dv(D);
   const BK = keyBlock(D);
+  const { qt, kt, vt } = ty;
+  const ke = ld(kt, "k[base + e]");
+  const ve = ld(vt, "v[base + e]");
   return defineKernel(
     "attention_bwd_dq",
-    { D },
+    { D, ...ty },
     ["read", "read", "read", "read", "read", "read", "write", "uniform"],
     () => `
-${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+${enableLine(qt, kt, vt)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${vt}>;
 @group(0) @binding(3) var<storage, read> mask: array<i32>;
 @group(0) @binding(4) var<storage, read> dout: array<f32>;
 @group(0) @binding(5) var<storage, read> stats: array<f32>;
@@ -951,7 +1053,7 @@ ${VISIBLE}
   let tc = min(t, p.T - 1u);
   let i = p.qOff + t;
   let qb = ((b * p.T + tc) * p.H + h) * D;
-${each(DVn, (c) => `  let q${c} = ${vecLoad(D, c, "q", "qb")};`)}
+${each(DVn, (c) => `  let q${c} = ${vecLoad(D, c, "q", "qb", qt)};`)}
 ${each(DVn, (c) => `  let o${c} = ${vecLoad(D, c, "dout", "qb")};`)}
 ${each(DVn, (c) => `  var g${c} = vec4<f32>(0.0);`)}
   let li = stats[(b * p.H + h) * p.T + tc];
@@ -968,7 +1070,7 @@ ${each(DVn, (c) => `  var g${c} = vec4<f32>(0.0);`)}
       let base = ((b * p.kvStride + j) * p.Hkv + kvh) * D + 4u * c;
       var kv = vec4<f32>(0.0);
       var vv = vec4<f32>(0.0);
-      for (var e = 0u; e < 4u && 4u * c + e < D; e++) { kv[e] = k[base + e]; vv[e] = v[base + e]; }
+      for (var e = 0u; e < 4u && 4u * c + e < D; e++) { kv[e] = ${ke}; vv[e] = ${ve}; }
       Ks[x] = kv;
       Vs[x] = vv;
     }
@@ -1029,18 +1131,20 @@ function statsScratch(rec: Recorder, dq: Tensor, n: number): Tensor {
  * Records the FlashAttention-2 backward: `Di = rowsum(dout_i * out_i)`; `p` recomputed from q, k and lse;
  * `dv = pᵀ dout`, `dp = dout vᵀ`, `ds = p * (dp - Di)`, `dq = ds k * scale`, `dk = dsᵀ q * scale`. dk and
  * dv sum over the query heads that share a key/value head. Deterministic (no atomics). dk and dv use k's
- * layout `(B, kvStride, Hkv, D)`; only the first `keyLen` positions of each batch row are written.
+ * layout `(B, kvStride, Hkv, D)`; only the first `keyLen` positions of each batch row are written. The
+ * saved activations q, k, v and out may each be f32 or f16 (as the forward wrote or read them); dout, lse
+ * and the gradients are f32.
  *
  * @param rec The recorder.
  * @param dq Gradient of q `(B, T, H, D)`, overwritten (added into with `opts.accumulate`).
  * @param dk Gradient of k `(B, kvStride, Hkv, D)`, overwritten (or added into).
  * @param dv Gradient of v `(B, kvStride, Hkv, D)`, overwritten (or added into).
- * @param dout Gradient of out `(B, T, H, D)`.
- * @param out The forward's output `(B, T, H, D)`.
- * @param lse The forward's log-sum-exp `(B, H, T)`.
- * @param q Queries `(B, T, H, D)`.
- * @param k Keys `(B, kvStride, Hkv, D)`.
- * @param v Values `(B, kvStride, Hkv, D)`.
+ * @param dout Gradient of out `(B, T, H, D)` f32.
+ * @param out The forward's output `(B, T, H, D)`, f32 or f16.
+ * @param lse The forward's log-sum-exp `(B, H, T)` f32.
+ * @param q Queries `(B, T, H, D)`, f32 or f16.
+ * @param k Keys `(B, kvStride, Hkv, D)`, f32 or f16.
+ * @param v Values `(B, kvStride, Hkv, D)`, f32 or f16.
  * @param mask HF attention mask i32 `(B, kvStride)` or null.
  * @param opts The forward's options, plus `accumulate`.
  */
@@ -1061,11 +1165,13 @@ export function attentionBackward(
   const r = resolve(opts);
   checkShapes(r, q, k, v, mask);
   if (lse.size < r.B * r.H * r.T) throw new GpuError(`attention backward: lse [${lse.shape}] < (B, H, T)`);
+  requireF32("attentionBackward", { dq, dk, dv, dout, lse });
+  const { ot, ...ty } = actTypes(rec, "attentionBackward", q, k, v, out);
   const bht = r.B * r.H * r.T;
   // lse and Di travel in one scratch so that no pass binds more than 8 storage buffers
   const stats = statsScratch(rec, dq, 2 * bht);
   const g = grid1d(bht, 64);
-  rec.dispatch(rowDotKernel(r.D), [dout, out, lse, stats], [bht, r.T, r.H, g.stride], g.groups);
+  rec.dispatch(rowDotKernel(r.D, ot), [dout, out, lse, stats], [bht, r.T, r.H, g.stride], g.groups);
   const flag = opts.accumulate ? 1 : 0;
   const m = mask ?? q;
   const prm = params(r, mask !== null, flag, opts.scale);
@@ -1073,18 +1179,19 @@ export function attentionBackward(
   const partN = r.B * r.S * r.H * r.D;
   const partsFit = group === 1 || partN * 4 <= rec.gpu.limits.maxStorageBufferBindingSize;
   if (r.D > TILE_MAX_D || !attentionTuning.tiled || !partsFit) {
-    rec.dispatch(dkdvKernel(r.D), [q, k, v, m, dout, stats, dk, dv], prm, [Math.ceil(r.S / BKB), r.Hkv, r.B]);
-    rec.dispatch(dqKernel(r.D), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
+    const grid: [number, number, number] = [Math.ceil(r.S / BKB), r.Hkv, r.B];
+    rec.dispatch(dkdvKernel(r.D, ty), [q, k, v, m, dout, stats, dk, dv], prm, grid);
+    rec.dispatch(dqKernel(r.D, ty), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
     return;
   }
   const kvGrid: [number, number, number] = [Math.ceil(r.S / 32), r.H, r.B];
   if (group === 1) {
-    rec.dispatch(dkdvTiledKernel(r.D), [q, k, v, m, dout, stats, dk, dv], prm, kvGrid);
+    rec.dispatch(dkdvTiledKernel(r.D, ty), [q, k, v, m, dout, stats, dk, dv], prm, kvGrid);
   } else {
     // one workgroup per (key block, query head): partials per query head, summed in a fixed order
     const [pk, pv] = partialsScratch(rec, dk, partN);
     rec.dispatch(
-      dkdvTiledKernel(r.D),
+      dkdvTiledKernel(r.D, ty),
       [q, k, v, m, dout, stats, pk, pv],
       params(r, mask !== null, 0, opts.scale, 1),
       kvGrid,
@@ -1099,5 +1206,5 @@ export function attentionBackward(
   }
   // dq: the per-row kernel (q, dout and dq in registers, k/v tiles broadcast) measured faster than a
   // tiled one here (H200, 2026-11-27: TinyLlama 0.72 vs 1.04 ms)
-  rec.dispatch(dqKernel(r.D), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
+  rec.dispatch(dqKernel(r.D, ty), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
 }

@@ -11,12 +11,13 @@
  * batch cannot poison training. Labels must be -100 or in [0, V): any label outside [0, V) is ignored.
  *
  * The head weight (V, C) may be f32 or f16 and may arrive as row ranges (`splitRows`) when it is larger
- * than one binding; chunks never straddle ranges.
+ * than one binding; chunks never straddle ranges. The hidden state is an activation and may be f32 or f16
+ * (read by the matmuls, which compute in f32); the logits chunks, the loss and dHidden are always f32.
  *
  * @module
  */
 
-import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import { activationType, defineKernel, type Kernel } from "../src/gpu/kernel.ts";
 import type { Recorder } from "../src/gpu/recorder.ts";
 import type { Gpu } from "../src/gpu/device.ts";
 import { createTensor, DTYPE_BYTES, Tensor } from "../src/gpu/tensor.ts";
@@ -239,8 +240,8 @@ function rowView(t: Tensor, r: number, rows: number): Tensor {
  * @param rec The recorder.
  * @param args `loss` (1) f32 out: the mean loss over counted tokens (0 when none count);
  *   `dHidden` (N, C) f32 out, overwritten with d(mean loss)/d(hidden), or null for the loss only;
- *   `hidden` (N, C) f32, the final normed hidden states; `weight` (V, C) f32 or f16, or its row ranges;
- *   `labels` (N) i32, already shifted by the caller, -100 = ignored; `scratch` from
+ *   `hidden` (N, C) f32 or f16, the final normed hidden states; `weight` (V, C) f32 or f16, or its row
+ *   ranges; `labels` (N) i32, already shifted by the caller, -100 = ignored; `scratch` from
  *   {@link createCrossEntropyScratch} with at least N rows.
  */
 export function crossEntropyLmHead(
@@ -261,12 +262,23 @@ export function crossEntropyLmHead(
   if (hidden.size !== N * C) {
     throw new GpuError(`crossEntropyLmHead: hidden [${hidden.shape}] is not (N=${N}, C=${C})`);
   }
+  activationType(rec.gpu, hidden, "crossEntropyLmHead hidden");
+  if (loss.dtype !== "f32" || loss.size < 1) {
+    throw new GpuError(
+      `crossEntropyLmHead: loss ${loss.label} must be f32 (1), got ${loss.dtype} [${loss.shape}]`,
+    );
+  }
   if (labels.dtype !== "i32") {
     throw new GpuError(`crossEntropyLmHead: labels must be i32, got ${labels.dtype}`);
   }
   if (N > scratch.N) throw new GpuError(`crossEntropyLmHead: ${N} rows exceed the scratch's ${scratch.N}`);
   if (dHidden && dHidden.size !== N * C) {
     throw new GpuError(`crossEntropyLmHead: dHidden [${dHidden.shape}] is not (N=${N}, C=${C})`);
+  }
+  if (dHidden && dHidden.dtype !== "f32") {
+    throw new GpuError(
+      `crossEntropyLmHead: dHidden ${dHidden.label} is a gradient and must be f32, got ${dHidden.dtype}`,
+    );
   }
   const ld = scratch.chunk;
   const logits = new Tensor(scratch.logits.buffer, [N, ld], "f32", scratch.logits.offset, "ce logits chunk");
@@ -314,12 +326,16 @@ export function crossEntropyLmHead(
  *
  * @param rec The recorder.
  * @param logits Output (N, V) f32.
- * @param hidden Final normed hidden states (N, C) f32.
+ * @param hidden Final normed hidden states (N, C) f32 or f16.
  * @param weight LM head (V, C) f32 or f16, or its row ranges.
  */
 export function logitsForward(rec: Recorder, logits: Tensor, hidden: Tensor, weight: HeadWeight): void {
   // logits: (N, V); hidden: (N, C); weight: (V, C)
   const { ranges, V } = rangesOf(weight, "logitsForward");
+  activationType(rec.gpu, hidden, "logitsForward hidden");
+  if (logits.dtype !== "f32") {
+    throw new GpuError(`logitsForward: logits ${logits.label} must be f32, got ${logits.dtype}`);
+  }
   for (const r of ranges) {
     linearForward(rec, logits, hidden, r.tensor, null, { outColOffset: r.rowStart, ldOut: V });
   }

@@ -31,16 +31,31 @@
  *
  * Layouts: q and out `(B, 1, H, D)`; k and v `(B, kvStride, Hkv, D)`; mask i32 `(B, kvStride)`; ka and va
  * `(L, Hkv, D)`; gate `(1)` or `(H)`; into `(B, H*D)`. Query head h uses key/value head `floor(h / (H/Hkv))`.
+ * q, k, v, out and into may each be f32 or f16 (an f16 KV cache, f16 activations; for D % 4 == 0 read and
+ * written as vec4<f16>), computed in f32 and rounded once at the store; ka, va and the gate are f32.
  *
  * @module
  */
 
-import { type BindingKind, defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import {
+  type ActivationType,
+  activationType,
+  type BindingKind,
+  defineKernel,
+  enableF16,
+  type Kernel,
+} from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
-import type { Tensor } from "../src/gpu/tensor.ts";
+import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import type { AttentionOptions } from "./attention.ts";
 import { adapterAttentionForward, type GateKind } from "./adapter_attention.ts";
+
+/** The `enable f16;` line (with its newline) when any of the types is f16, else nothing: f32 WGSL unchanged. */
+function enableLine(...types: ActivationType[]): string {
+  const e = enableF16(...types);
+  return e ? `${e}\n` : "";
+}
 
 /** The adaption prompt of one layer, for {@link decodeAttentionForward}. */
 export interface DecodeAttentionAdapter {
@@ -58,8 +73,8 @@ export interface DecodeAttentionAdapter {
   gateKind: GateKind;
   /**
    * Where the gated adapter output goes: null = added into `out` (llama: attn + adapter before o_proj);
-   * a tensor `(B, H*D)` = added into that tensor (gpt2: into the residual stream), and `out` then holds only
-   * the main attention.
+   * a tensor `(B, H*D)` f32 or f16 = added into that tensor (gpt2: into the residual stream; f16 is read,
+   * added to in f32 and rounded once), and `out` then holds only the main attention.
    */
   into: Tensor | null;
 }
@@ -79,40 +94,74 @@ function each(n: number, f: (c: number) => string, sep = "\n"): string {
   return Array.from({ length: n }, (_, c) => f(c)).join(sep);
 }
 
-/** WGSL that reads and writes vec4 columns of rows of D floats, whichever way the arrays are declared. */
+/**
+ * WGSL that reads and writes vec4 columns of rows of D values, whichever way the arrays are declared and
+ * whatever their element type (f32, or f16 for the activations named in `types`: loaded into f32 and
+ * rounded once at the store).
+ */
 class Rows {
   readonly D: number;
   readonly DV: number;
-  /** Whether the f32 arrays are declared `array<vec4<f32>>` (D % 4 == 0). */
+  /** Whether the arrays are declared `array<vec4<T>>` (D % 4 == 0). */
   readonly vec: boolean;
-  /** Elements of the declared array per row of D floats. */
+  /** Elements of the declared array per row of D values. */
   readonly stride: number;
-  constructor(D: number) {
+  /** Element type of each array; arrays not named are f32. */
+  readonly types: Readonly<Record<string, ActivationType>>;
+  constructor(D: number, types: Readonly<Record<string, ActivationType>>) {
     this.D = D;
     this.DV = Math.ceil(D / 4);
     this.vec = D % 4 === 0;
     this.stride = this.vec ? this.DV : D;
+    this.types = types;
   }
-  /** The array element type. */
-  get elem(): string {
-    return this.vec ? "vec4<f32>" : "f32";
+  /** The element type of `arr`'s values. */
+  type(arr: string): ActivationType {
+    return this.types[arr] ?? "f32";
+  }
+  /** The declared element type of `arr`. */
+  elem(arr: string): string {
+    const t = this.type(arr);
+    return this.vec ? `vec4<${t}>` : t;
+  }
+  /** The array element `idx` of `arr` as f32 (the text itself for f32). */
+  #widen(arr: string, idx: string): string {
+    if (this.type(arr) === "f32") return idx;
+    return this.vec ? `vec4<f32>(${idx})` : `f32(${idx})`;
+  }
+  /** The f32 value `val` converted for a store into `arr` (the text itself for f32). */
+  #narrow(arr: string, val: string): string {
+    return this.type(arr) === "f32" ? val : `${this.elem(arr)}(${val})`;
   }
   /** vec4 column `c` (a u32 expression below DV) of the row at `base`; lanes past D repeat an element of the row. */
   load(arr: string, base: string, c: string): string {
-    if (this.vec) return `${arr}[${base} + ${c}]`;
+    if (this.vec) return this.#widen(arr, `${arr}[${base} + ${c}]`);
     // clamped inside the row: no out-of-bounds read; q's lanes past D are zeroed, so these add nothing
-    const comps = [0, 1, 2, 3].map((e) => `${arr}[${base} + min(4u * ${c} + ${e}u, D - 1u)]`);
+    const comps = [0, 1, 2, 3].map((e) =>
+      this.#widen(arr, `${arr}[${base} + min(4u * ${c} + ${e}u, D - 1u)]`)
+    );
     return `vec4<f32>(${comps.join(", ")})`;
   }
   /** Statements writing (or adding, when `add`) the vec4 `value` at column `c` of the row at `base`. */
   store(arr: string, base: string, c: string, value: string, add: boolean): string {
-    const set = (idx: string, val: string) => (add ? `${idx} = ${idx} + ${val};` : `${idx} = ${val};`);
+    // an add reads the old value into f32 and rounds the sum once
+    const set = (idx: string, val: string) =>
+      `${idx} = ${this.#narrow(arr, add ? `${this.#widen(arr, idx)} + ${val}` : val)};`;
     if (this.vec) return set(`${arr}[${base} + ${c}]`, value);
     return [0, 1, 2, 3].map((e) => {
       const st = set(`${arr}[${base} + 4u * ${c} + ${e}u]`, `${value}.${"xyzw"[e]}`);
       return e === 0 ? st : `if (4u * ${c} + ${e}u < D) { ${st} }`;
     }).join(" ");
   }
+}
+
+/** Element types of the activation bindings: q, the cached k and v, out and `into` (named dst). */
+interface DecodeTypes {
+  qt: ActivationType;
+  kt: ActivationType;
+  vt: ActivationType;
+  ot: ActivationType;
+  dt: ActivationType;
 }
 
 /**
@@ -175,12 +224,12 @@ function pvLoop(
     }`;
 }
 
-function decodeKernel(D: number, into: boolean): Kernel {
-  const r = new Rows(D);
+function decodeKernel(D: number, into: boolean, ty: DecodeTypes): Kernel {
+  const { qt, kt, vt, ot, dt } = ty;
+  const r = new Rows(D, { q: qt, k: kt, v: vt, out: ot, dst: dt });
   const DV = r.DV;
   const NG = Math.floor(WG / DV);
   const QE = Math.ceil(DV / TEAM); // vec4 columns per thread in the score phase
-  const E = r.elem;
   /** The team thread's part of the dot product of q with the row at `base` of `arr`. */
   const partDot = (arr: string, base: string) =>
     each(QE, (e) => `dot(qt${e}, ${r.load(arr, base, `min(tl + ${4 * e}u, DV - 1u)`)})`, " + ");
@@ -189,25 +238,25 @@ function decodeKernel(D: number, into: boolean): Kernel {
   bindings.push("uniform");
   return defineKernel(
     "decode_attention",
-    { D, into },
+    { D, into, ...ty },
     bindings,
     () => `
-struct P {
+${enableLine(qt, kt, vt, ot, dt)}struct P {
   H: u32, Hkv: u32, kvStride: u32, kStart: u32,
   kEnd: u32, useMask: u32, L: u32, gmode: u32,
   scale: f32, ascale: f32, _a: u32, _b: u32,
 }
-@group(0) @binding(0) var<storage, read> q: array<${E}>;
-@group(0) @binding(1) var<storage, read> k: array<${E}>;
-@group(0) @binding(2) var<storage, read> v: array<${E}>;
+@group(0) @binding(0) var<storage, read> q: array<${r.elem("q")}>;
+@group(0) @binding(1) var<storage, read> k: array<${r.elem("k")}>;
+@group(0) @binding(2) var<storage, read> v: array<${r.elem("v")}>;
 @group(0) @binding(3) var<storage, read> mask: array<i32>;
-@group(0) @binding(4) var<storage, read> ka: array<${E}>;
-@group(0) @binding(5) var<storage, read> va: array<${E}>;
+@group(0) @binding(4) var<storage, read> ka: array<${r.elem("ka")}>;
+@group(0) @binding(5) var<storage, read> va: array<${r.elem("va")}>;
 @group(0) @binding(6) var<storage, read> gate: array<f32>;
-@group(0) @binding(7) var<storage, read_write> out: array<${E}>;
+@group(0) @binding(7) var<storage, read_write> out: array<${r.elem("out")}>;
 ${
       into
-        ? `@group(0) @binding(8) var<storage, read_write> dst: array<${E}>; // adapter.into
+        ? `@group(0) @binding(8) var<storage, read_write> dst: array<${r.elem("dst")}>; // adapter.into
 @group(0) @binding(9) var<uniform> p: P;`
         : `@group(0) @binding(8) var<uniform> p: P;`
     }
@@ -278,8 +327,11 @@ ${
       let vis${u} = p.useMask == 0u || mask[j${u}] != 0;`)
     }
 ${
-      each(SCORE_UNROLL, (u) =>
-        `      if (x0 + ${u * TEAMS}u < n) { Part[x0 + ${u * TEAMS}u][tl] = select(hid, d${u}, vis${u}); }`)
+      each(
+        SCORE_UNROLL,
+        (u) =>
+          `      if (x0 + ${u * TEAMS}u < n) { Part[x0 + ${u * TEAMS}u][tl] = select(hid, d${u}, vis${u}); }`,
+      )
     }
     }
     workgroupBarrier();
@@ -346,21 +398,33 @@ ${
   );
 }
 
-const F32_INPUTS = ["q", "k", "v", "out"] as const;
+const spares = new WeakMap<GPUDevice, Tensor>();
+
+/** A small f32 tensor bound where the kernel declares an f32 array it does not read (no adapter). */
+function spare(rec: Recorder): Tensor {
+  let t = spares.get(rec.gpu.device);
+  if (!t) {
+    t = createTensor(rec.gpu, [4], "f32", "decode attention spare");
+    spares.set(rec.gpu.device, t);
+  }
+  return t;
+}
 
 /**
  * Records one decode step of attention for every (batch row, query head) in one dispatch: the causal /
  * padded / sliding-window attention of the single query against the KV cache (exactly `attentionForward`
  * with `queryLen = 1`: a row whose keys are all hidden gets 0) plus, when `adapter` is given, the gated
  * adapter attention of the same query (exactly `adapterAttentionForward`), added into `out` or, with
- * `adapter.into`, into that tensor.
+ * `adapter.into`, into that tensor. q, k, v, out and `adapter.into` may each be f32 or f16 (loaded into f32,
+ * computed in f32, rounded once at the store; `into` is read, added to in f32 and rounded once); the adapter
+ * keys, values and gate are f32.
  *
  * @param rec The recorder.
- * @param out Output `(B, 1, H, D)` f32, overwritten: the main attention, plus the adapter's unless
+ * @param out Output `(B, 1, H, D)` f32 or f16, overwritten: the main attention, plus the adapter's unless
  *   `adapter.into` is set.
- * @param q Queries `(B, 1, H, D)` f32 (after RoPE).
- * @param k Keys `(B, kvStride, Hkv, D)` f32 (the KV cache; the first `keyLen` positions are valid).
- * @param v Values `(B, kvStride, Hkv, D)` f32.
+ * @param q Queries `(B, 1, H, D)` f32 or f16 (after RoPE).
+ * @param k Keys `(B, kvStride, Hkv, D)` f32 or f16 (the KV cache; the first `keyLen` positions are valid).
+ * @param v Values `(B, kvStride, Hkv, D)` f32 or f16.
  * @param mask HF attention mask, i32 `(B, kvStride)` (0 = padded key), or null.
  * @param opts Sizes and masking as for `attentionForward`; `queryLen` must be 1.
  * @param adapter The layer's adaption prompt, or null. With `into` the kernel binds 9 storage buffers; on a
@@ -402,12 +466,13 @@ export function decodeAttentionForward(
   if (kvStride < S) throw new GpuError(`${what}: kvStride ${kvStride} < keyLen ${S}`);
   if (qOff < 0) throw new GpuError(`${what}: queryOffset ${qOff} < 0 (keyLen ${S} < 1?)`);
   if (window < 0) throw new GpuError(`${what}: slidingWindow ${window} < 0`);
-  const tensors = { q, k, v, out };
-  for (const name of F32_INPUTS) {
-    if (tensors[name].dtype !== "f32") {
-      throw new GpuError(`${what}: ${name} must be f32, is ${tensors[name].dtype}`);
-    }
-  }
+  const ty: DecodeTypes = {
+    qt: activationType(rec.gpu, q, "decodeAttentionForward q"),
+    kt: activationType(rec.gpu, k, "decodeAttentionForward k"),
+    vt: activationType(rec.gpu, v, "decodeAttentionForward v"),
+    ot: activationType(rec.gpu, out, "decodeAttentionForward out"),
+    dt: "f32",
+  };
   const rowSize = B * H * D;
   if (q.size < rowSize) throw new GpuError(`${what}: q [${q.shape}] smaller than (B, 1, H, D) = ${rowSize}`);
   if (out.size < rowSize) {
@@ -438,9 +503,10 @@ export function decodeAttentionForward(
     if (into && into.size < rowSize) {
       throw new GpuError(`${what}: into [${into.shape}] smaller than (B, H*D) = ${rowSize}`);
     }
-    for (const [name, t] of [["ka", ka], ["va", va], ["gate", gate], ["into", into]] as const) {
-      if (t && t.dtype !== "f32") throw new GpuError(`${what}: adapter ${name} must be f32, is ${t.dtype}`);
+    for (const [name, t] of [["ka", ka], ["va", va], ["gate", gate]] as const) {
+      if (t.dtype !== "f32") throw new GpuError(`${what}: adapter ${name} must be f32, is ${t.dtype}`);
     }
+    if (into) ty.dt = activationType(rec.gpu, into, "decodeAttentionForward adapter.into");
     if (into && into.buffer === out.buffer) {
       const a0 = into.offset, a1 = a0 + into.byteLength, b0 = out.offset, b1 = b0 + out.byteLength;
       if (a0 < b1 && b0 < a1) {
@@ -474,8 +540,21 @@ export function decodeAttentionForward(
     0,
   ];
   const a = fusedL > 0 ? adapter! : null;
-  const buffers = [q, k, v, mask ?? q, a?.ka ?? q, a?.va ?? q, a?.gate ?? q, out, ...(into ? [into] : [])];
-  rec.dispatch(decodeKernel(D, into !== null), buffers, params, [H, B]);
+  // unread bindings: q itself where it is f32 (an f16 q may be smaller than one vec4<f32>)
+  const unused = q.dtype === "f32" ? q : spare(rec);
+  const buffers = [
+    q,
+    k,
+    v,
+    mask ?? unused,
+    a?.ka ?? unused,
+    a?.va ?? unused,
+    a?.gate ?? unused,
+    out,
+    ...(into ? [into] : []),
+  ];
+  if (!into) ty.dt = "f32";
+  rec.dispatch(decodeKernel(D, into !== null, ty), buffers, params, [H, B]);
   if (adapter && fusedL === 0) {
     adapterAttentionForward(rec, adapter.into!, q, adapter.ka, adapter.va, adapter.gate, {
       numHeads: H,

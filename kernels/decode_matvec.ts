@@ -24,6 +24,10 @@
  * Statistics are f32 throughout. The products differ from the unfused sequence only by f32 rounding (rstd
  * is applied to the sum instead of to each element).
  *
+ * The activations x and out may each be f32 or f16 (their tensors' dtype): f16 x is read as vec4<f16> and
+ * widened at the load, everything is computed in f32, and an f16 out is rounded once at the store (with
+ * `accumulate`, `out += ...` reads the f16 value, adds in f32 and rounds the sum: an f16 residual stream).
+ *
  * On an H200 (bench/decode_matvec_bench.ts) the fused dispatches take 0.5-0.7x the time of the unfused
  * sequences at TinyLlama and gpt2 decode shapes (RMSNorm + q_proj 11.2 -> 6.3 µs, RMSNorm + gate/up +
  * SwiGLU at M = 4 60 -> 34 µs), except LayerNorm + a 768x768 projection at M = 1, which breaks even: the
@@ -31,12 +35,18 @@
  *
  * Sizes travel in the uniform, and so do the bias / accumulate / gelu_new choices (a uniform branch in
  * the epilogue); the WGSL changes with the options in the kernel key (rows of x, threads per output row,
- * output rows per group, weight dtype, prologue, SwiGLU), one pipeline per combination.
+ * output rows per group, weight and activation dtypes, prologue, SwiGLU), one pipeline per combination.
  *
  * @module
  */
 
-import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import {
+  type ActivationType,
+  activationType,
+  defineKernel,
+  enableF16,
+  type Kernel,
+} from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
 import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
@@ -79,6 +89,10 @@ interface MatvecOptions {
   nr: number;
   /** Weights are f16 (read as vec4<f16>). */
   f16: boolean;
+  /** Element type of x. */
+  xt: ActivationType;
+  /** Element type of out. */
+  ot: ActivationType;
   prologue: "none" | "rms" | "layer";
   /** Two weights (gate, up) and `silu(gate) * up`. */
   swiglu: boolean;
@@ -187,18 +201,26 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
     const pro = o.prologue;
     const wElem = o.f16 ? "vec4<f16>" : "vec4<f32>";
     const groups = reducedGroups(o);
+    // vec4 k of row m of x as vec4<f32> (f16 widened; the f32 text stays as it was)
+    const xAt = (m: number, kk: string) =>
+      o.xt === "f32" ? `a[x${m} + ${kk}]` : `vec4<f32>(a[x${m} + ${kk}])`;
     const slot = (grp: string) => `${groups.indexOf(grp) * WG}u`;
 
-    if (o.f16) emit("enable f16;");
+    const enable = enableF16(o.f16 ? "f16" : "f32", o.xt, o.ot);
+    if (enable) emit(enable);
     emit(`struct P {`);
     emit(`  N: u32, K: u32, K4: u32, ldc: u32, cOff: u32, groupsX: u32, tiles: u32, eps: f32,`);
     emit(`  flags: u32, // 1 bias, 2 up bias, 4 accumulate, 8 gelu_new`);
     emit(`}`);
     names.forEach((name, i) => {
-      const type = name === "out" || name === "bias" || name === "biasUp"
+      const type = name === "out"
+        ? `array<${o.ot}>`
+        : name === "bias" || name === "biasUp"
         ? "array<f32>"
         : name === "wg" || name === "wu"
         ? `array<${wElem}>`
+        : name === "a"
+        ? `array<vec4<${o.xt}>>`
         : "array<vec4<f32>>";
       const access = name === "out" ? "read_write" : "read";
       emit(`@group(0) @binding(${i}) var<storage, ${access}> ${name}: ${type};`);
@@ -225,7 +247,7 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
       // row means over the whole workgroup first: the loop below needs them
       emit(`  var msum = vec4<f32>(0.0);`);
       emit(`  for (var k = tid; k < p.K4; k += ${WG}u) {`);
-      const comps = [0, 1, 2, 3].map((m) => m < o.rows ? `dot(a[x${m} + k], vec4<f32>(1.0))` : "0.0");
+      const comps = [0, 1, 2, 3].map((m) => m < o.rows ? `dot(${xAt(m, "k")}, vec4<f32>(1.0))` : "0.0");
       emit(`    msum += vec4<f32>(${comps.join(", ")});`);
       emit(`  }`);
       emit(`  red[tid] = msum;`);
@@ -273,7 +295,7 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
       }
       for (const m of ms) {
         s.push(`{`);
-        s.push(`  let xv = a[x${m} + ${kk}]${pro === "layer" ? ` - mean${m}` : ""};`);
+        s.push(`  let xv = ${xAt(m, kk)}${pro === "layer" ? ` - mean${m}` : ""};`);
         if (pro !== "none") {
           s.push(`  q${m} = fma(xv, xv, q${m});`);
           s.push(`  let xn = xv * nw_;`); // rstd is applied to the sums
@@ -366,9 +388,11 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
       for (const m of ms) {
         const idx = `${m}u * p.ldc + p.cOff + n`;
         const v = `y.${"xyzw"[m]}`;
-        emit(
-          `        if ((p.flags & ${FLAG_ACCUMULATE}u) != 0u) { out[${idx}] += ${v}; } else { out[${idx}] = ${v}; }`,
-        );
+        // f16: read as f32, add in f32, round once
+        const [add, set] = o.ot === "f32"
+          ? [`out[${idx}] += ${v};`, `out[${idx}] = ${v};`]
+          : [`out[${idx}] = f16(f32(out[${idx}]) + ${v});`, `out[${idx}] = f16(${v});`];
+        emit(`        if ((p.flags & ${FLAG_ACCUMULATE}u) != 0u) { ${add} } else { ${set} }`);
       }
       emit(`      }`);
       emit(`    }`);
@@ -381,7 +405,8 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
 
 /**
  * Whether the fused kernels can take a product of M rows by an "nk" weight: 1 ≤ M ≤ 4, K a positive
- * multiple of 4, the weight 2-D `(N, K)` and f32 or f16. (An f16 weight also needs `shader-f16`, which
+ * multiple of 4, the weight 2-D `(N, K)` and f32 or f16. x and out may be f32 or f16 in any case (K a
+ * multiple of 4 keeps f16 x's vec4 loads aligned). (f16 also needs `shader-f16`, which
  * {@link decodeLinearForward} checks against the recorder's GPU.)
  *
  * @param M Rows of x.
@@ -403,8 +428,13 @@ function fail(what: string, message: string): never {
   throw new GpuError(`${what}: ${message}`);
 }
 
-/** Checks the weight and x; returns (N, K, M). */
-function checkProduct(rec: Recorder, what: string, x: Tensor, w: Tensor): [number, number, number] {
+/** Checks the weight and x; returns (N, K, M) and the element type of x. */
+function checkProduct(
+  rec: Recorder,
+  what: string,
+  x: Tensor,
+  w: Tensor,
+): [number, number, number, ActivationType] {
   if (w.shape.length !== 2) fail(what, `weight ${w.label} must be 2-D (N, K), got [${w.shape}]`);
   const [N, K] = w.shape as [number, number];
   if (w.dtype !== "f32" && w.dtype !== "f16") {
@@ -419,7 +449,7 @@ function checkProduct(rec: Recorder, what: string, x: Tensor, w: Tensor): [numbe
       `K = ${K} (weight ${w.label} [${w.shape}]) must be a positive multiple of 4; use linearForward`,
     );
   }
-  if (x.dtype !== "f32") fail(what, `input ${x.label} must be f32, got ${x.dtype}`);
+  const xt = activationType(rec.gpu, x, `${what} x`);
   if (x.size % K !== 0) fail(what, `input ${x.label} [${x.shape}] is not a whole number of rows of ${K}`);
   const M = x.size / K;
   if (M < 1 || M > MAX_M) {
@@ -428,7 +458,18 @@ function checkProduct(rec: Recorder, what: string, x: Tensor, w: Tensor): [numbe
       `input ${x.label} [${x.shape}] has ${M} rows; the fused kernels take 1 to ${MAX_M} (use linearForward)`,
     );
   }
-  return [N, K, M];
+  return [N, K, M, xt];
+}
+
+/** Checks the output's size; returns its element type. */
+function checkOutput(rec: Recorder, what: string, out: Tensor, M: number, ld: number): ActivationType {
+  if ((out.dtype !== "f32" && out.dtype !== "f16") || out.size !== M * ld) {
+    fail(
+      what,
+      `output ${out.label} must be f32 or f16 of ${M}x${ld} elements, got ${out.dtype} [${out.shape}]`,
+    );
+  }
+  return activationType(rec.gpu, out, `${what} out`);
 }
 
 function checkVector(what: string, t: Tensor, size: number, role: string): void {
@@ -469,10 +510,12 @@ function prologueTensors(pro: MatvecPrologue | undefined): Tensor[] {
  * + bias[n])`, where `x̂` is x after the optional norm prologue and `act` the optional epilogue. With
  * `accumulate`, the activation is applied before adding (`out += act(...)`). A weight split into row
  * ranges writes its columns of a wider output through `outColOffset` and `ldOut` (as `linearForward`).
+ * x and out are activations: each may be f32 or f16 (f16 needs `shader-f16`); with an f16 out and
+ * `accumulate` (an f16 residual stream), the sum is formed in f32 and rounded once.
  *
  * @param rec The recorder.
- * @param out Output, (M, ldOut) f32; must not overlap x.
- * @param x Input, (M, K) f32 with 1 ≤ M ≤ 4 (any leading shape, e.g. (B, 1, K)).
+ * @param out Output, (M, ldOut) f32 or f16; must not overlap x.
+ * @param x Input, (M, K) f32 or f16 with 1 ≤ M ≤ 4 (any leading shape, e.g. (B, 1, K)).
  * @param w Weight, (N, K) f32 or f16 (HF Linear), K a multiple of 4.
  * @param bias Bias, (N) f32, or null.
  * @param opts `prologue`: RMSNorm or LayerNorm of each row of x first (f32 statistics); `epilogue`:
@@ -503,15 +546,13 @@ export function decodeLinearForward(
 ): void {
   // x: (M, K), w: (N, K), out: (M, ldOut)
   const what = "decodeLinearForward";
-  const [N, K, M] = checkProduct(rec, what, x, w);
+  const [N, K, M, xt] = checkProduct(rec, what, x, w);
   const ldc = opts.ldOut ?? N;
   const cOff = opts.outColOffset ?? 0;
   if (!Number.isInteger(cOff) || cOff < 0 || cOff + N > ldc) {
     fail(what, `columns ${cOff}..${cOff + N} exceed ldOut ${ldc}`);
   }
-  if (out.dtype !== "f32" || out.size !== M * ldc) {
-    fail(what, `output ${out.label} must be f32 of ${M}x${ldc} elements, got ${out.dtype} [${out.shape}]`);
-  }
+  const ot = checkOutput(rec, what, out, M, ldc);
   if (bias) checkVector(what, bias, N, "bias");
   checkPrologue(what, opts.prologue, K);
   const epilogue = opts.epilogue ?? "none";
@@ -524,6 +565,8 @@ export function decodeLinearForward(
   const base: Omit<MatvecOptions, "threads" | "nr"> = {
     rows: M,
     f16: w.dtype === "f16",
+    xt,
+    ot,
     prologue: opts.prologue?.kind ?? "none",
     swiglu: false,
   };
@@ -537,10 +580,11 @@ export function decodeLinearForward(
  * Records a llama MLP's gate and up projections and SwiGLU in one dispatch:
  * `out[m, i] = silu(sum_k x̂[m, k] wGate[i, k] + gateBias[i]) * (sum_k x̂[m, k] wUp[i, k] + upBias[i])`,
  * where `x̂` is x after the optional norm prologue. Each output row i streams both weight rows together.
+ * x and out may each be f32 or f16, as in {@link decodeLinearForward}.
  *
  * @param rec The recorder.
- * @param out Output, (M, I) f32; must not overlap x.
- * @param x Input, (M, K) f32 with 1 ≤ M ≤ 4.
+ * @param out Output, (M, I) f32 or f16; must not overlap x.
+ * @param x Input, (M, K) f32 or f16 with 1 ≤ M ≤ 4.
  * @param wGate Gate weight, (I, K) f32 or f16, K a multiple of 4.
  * @param wUp Up weight, (I, K), the same dtype.
  * @param opts `prologue`: RMSNorm or LayerNorm of each row of x first; `gateBias`, `upBias`: (I) f32 or
@@ -564,16 +608,14 @@ export function decodeSwigluForward(
 ): void {
   // x: (M, K), wGate, wUp: (I, K), out: (M, I)
   const what = "decodeSwigluForward";
-  const [I, K, M] = checkProduct(rec, what, x, wGate);
+  const [I, K, M, xt] = checkProduct(rec, what, x, wGate);
   if (wUp.dtype !== wGate.dtype || wUp.shape.length !== 2 || wUp.shape[0] !== I || wUp.shape[1] !== K) {
     fail(
       what,
       `up weight ${wUp.label} ${wUp.dtype} [${wUp.shape}] must match gate weight ${wGate.label} ${wGate.dtype} [${wGate.shape}]`,
     );
   }
-  if (out.dtype !== "f32" || out.size !== M * I) {
-    fail(what, `output ${out.label} must be f32 of ${M}x${I} elements, got ${out.dtype} [${out.shape}]`);
-  }
+  const ot = checkOutput(rec, what, out, M, I);
   const gateBias = opts.gateBias ?? null;
   const upBias = opts.upBias ?? null;
   if (gateBias) checkVector(what, gateBias, I, "gate bias");
@@ -585,6 +627,8 @@ export function decodeSwigluForward(
   const base: Omit<MatvecOptions, "threads" | "nr"> = {
     rows: M,
     f16: wGate.dtype === "f16",
+    xt,
+    ot,
     prologue: opts.prologue?.kind ?? "none",
     swiglu: true,
   };

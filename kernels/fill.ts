@@ -9,6 +9,7 @@
 import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
 import type { Recorder } from "../src/gpu/recorder.ts";
 import type { Tensor } from "../src/gpu/tensor.ts";
+import { GpuError } from "../src/errors.ts";
 
 const WG = 256;
 
@@ -64,11 +65,12 @@ export function fill(rec: Recorder, t: Tensor, value: number): void {
 }
 
 /**
- * Records `dst[dstOffset .. dstOffset+n] = src[srcOffset .. srcOffset+n]` in 32-bit elements, inside the pass.
+ * Records `dst[dstOffset .. dstOffset+n] = src[srcOffset .. srcOffset+n]`, inside the pass. The copy moves
+ * 32-bit words: f16 tensors (both or neither) copy pairs, so their `n` and offsets must be even.
  *
  * @param rec The recorder.
- * @param src Source tensor (32-bit elements).
- * @param dst Destination tensor (a different buffer).
+ * @param src Source tensor.
+ * @param dst Destination tensor (a different buffer, same element size).
  * @param n Elements to copy (default: all of src).
  * @param srcOffset First source element.
  * @param dstOffset First destination element.
@@ -81,6 +83,17 @@ export function copyElements(
   srcOffset = 0,
   dstOffset = 0,
 ): void {
+  if ((src.dtype === "f16") !== (dst.dtype === "f16")) {
+    throw new GpuError(`copyElements: ${src.label} is ${src.dtype} but ${dst.label} is ${dst.dtype}`);
+  }
+  if (src.dtype === "f16") {
+    if (n % 2 || srcOffset % 2 || dstOffset % 2) {
+      throw new GpuError(
+        `copyElements: f16 copies move element pairs; got n ${n}, offsets ${srcOffset} and ${dstOffset}`,
+      );
+    }
+    n /= 2, srcOffset /= 2, dstOffset /= 2;
+  }
   const { groups, stride } = grid1d(n, WG);
   rec.dispatch(copyKernel(), [src, dst], [n, stride, srcOffset, dstOffset], groups);
 }

@@ -14,12 +14,21 @@
  * - {@link decodeAdvance} ends a step: appends the sampled id (`ids[0]`) to the token history at `n`
  *   (dropped past the history's end), advances `pos` and `n`, and writes `positions[0] = pos` for the
  *   next step's RoPE / position embedding (the next step's embedding reads the id the sampler wrote
- *   into `ids[0]`).
+ *   into `ids[0]`). It touches only integers, no activations.
+ *
+ * Queries, keys, values and the caches are activations: each may be f32 or f16 on its own (an f16 model
+ * keeps an f16 cache, half the memory); values are converted to f32 on load and rounded at the store.
  *
  * @module
  */
 
-import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import {
+  type ActivationType,
+  activationType,
+  defineKernel,
+  enableF16,
+  type Kernel,
+} from "../src/gpu/kernel.ts";
 import type { Recorder } from "../src/gpu/recorder.ts";
 import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
@@ -27,18 +36,27 @@ import { grid1d } from "./fill.ts";
 
 const WG = 256;
 
-function appendKernel(): Kernel {
+/** Element types of the step's keys/values and of the caches (each f32 or f16). */
+interface KvTypes {
+  kt: ActivationType;
+  vt: ActivationType;
+  kct: ActivationType;
+  vct: ActivationType;
+}
+
+function appendKernel({ kt, vt, kct, vct }: KvTypes): Kernel {
   return defineKernel(
     "kv_cache_append",
-    {},
+    { kt, vt, kct, vct },
     ["read", "read", "read", "write", "write", "write", "uniform"],
-    () => `
+    () =>
+      `${enableF16(kt, vt, kct, vct)}
 struct P { n: u32, width: u32, T: u32, maxLen: u32, stride: u32, _a: u32, _b: u32, _c: u32 }
-@group(0) @binding(0) var<storage, read> k: array<f32>;
-@group(0) @binding(1) var<storage, read> v: array<f32>;
+@group(0) @binding(0) var<storage, read> k: array<${kt}>;
+@group(0) @binding(1) var<storage, read> v: array<${vt}>;
 @group(0) @binding(2) var<storage, read> state: array<u32, 4>;
-@group(0) @binding(3) var<storage, read_write> kc: array<f32>;
-@group(0) @binding(4) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(3) var<storage, read_write> kc: array<${kct}>;
+@group(0) @binding(4) var<storage, read_write> vc: array<${vct}>;
 @group(0) @binding(5) var<storage, read_write> mask: array<i32>;
 @group(0) @binding(6) var<uniform> p: P;
 @compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) g: vec3u) {
@@ -51,31 +69,32 @@ struct P { n: u32, width: u32, T: u32, maxLen: u32, stride: u32, _a: u32, _b: u3
   let j = state[0] + t; // cache position
   if (j >= p.maxLen) { return; }
   let dst = (b * p.maxLen + j) * p.width + e;
-  kc[dst] = k[i];
-  vc[dst] = v[i];
+  kc[dst] = ${kct}(f32(k[i]));
+  vc[dst] = ${vct}(f32(v[i]));
   if (e == 0u) { mask[b * p.maxLen + j] = 1; }
 }`,
   );
 }
 
-function appendRopeKernel(): Kernel {
+function appendRopeKernel(qt: ActivationType, { kt, vt, kct, vct }: KvTypes): Kernel {
   return defineKernel(
     "kv_cache_append_rope",
-    {},
+    { qt, kt, vt, kct, vct },
     ["write", "read", "read", "read", "read", "read", "write", "write", "write", "uniform"],
-    () => `
+    () =>
+      `${enableF16(qt, kt, vt, kct, vct)}
 struct P {
   qPairs: u32, kPairs: u32, H: u32, Hkv: u32,
   half: u32, T: u32, maxLen: u32, stride: u32,
 }
-@group(0) @binding(0) var<storage, read_write> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(0) var<storage, read_write> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${vt}>;
 @group(0) @binding(3) var<storage, read> invFreq: array<f32>;
 @group(0) @binding(4) var<storage, read> positions: array<i32>;
 @group(0) @binding(5) var<storage, read> state: array<u32, 4>;
-@group(0) @binding(6) var<storage, read_write> kc: array<f32>;
-@group(0) @binding(7) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(6) var<storage, read_write> kc: array<${kct}>;
+@group(0) @binding(7) var<storage, read_write> vc: array<${vct}>;
 @group(0) @binding(8) var<storage, read_write> mask: array<i32>;
 @group(0) @binding(9) var<uniform> p: P;
 @compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) g: vec3u) {
@@ -88,10 +107,10 @@ struct P {
     let angle = f32(positions[nh / p.H]) * invFreq[i];
     let c = cos(angle);
     let s = sin(angle);
-    let x1 = q[base + i];
-    let x2 = q[base + i + p.half];
-    q[base + i] = x1 * c - x2 * s;
-    q[base + i + p.half] = x2 * c + x1 * s;
+    let x1 = f32(q[base + i]);
+    let x2 = f32(q[base + i + p.half]);
+    q[base + i] = ${qt}(x1 * c - x2 * s);
+    q[base + i + p.half] = ${qt}(x2 * c + x1 * s);
     return;
   }
   let u = t - p.qPairs;
@@ -110,12 +129,12 @@ struct P {
   let angle = f32(positions[n]) * invFreq[i];
   let c = cos(angle);
   let s = sin(angle);
-  let x1 = k[src + i];
-  let x2 = k[src + i + p.half];
-  kc[dst + i] = x1 * c - x2 * s;
-  kc[dst + i + p.half] = x2 * c + x1 * s;
-  vc[dst + i] = v[src + i];
-  vc[dst + i + p.half] = v[src + i + p.half];
+  let x1 = f32(k[src + i]);
+  let x2 = f32(k[src + i + p.half]);
+  kc[dst + i] = ${kct}(x1 * c - x2 * s);
+  kc[dst + i + p.half] = ${kct}(x2 * c + x1 * s);
+  vc[dst + i] = ${vct}(f32(v[src + i]));
+  vc[dst + i + p.half] = ${vct}(f32(v[src + i + p.half]));
   if (i == 0u && head == 0u) { mask[b * p.maxLen + j] = 1; }
 }`,
   );
@@ -137,16 +156,27 @@ function advanceKernel(): Kernel {
 }`);
 }
 
+/** The element types of the step's k/v and of the caches (activations: f32 or f16 each). */
+function kvTypes(rec: Recorder, kCache: Tensor, vCache: Tensor, k: Tensor, v: Tensor, what: string): KvTypes {
+  return {
+    kt: activationType(rec.gpu, k, `${what} k`),
+    vt: activationType(rec.gpu, v, `${what} v`),
+    kct: activationType(rec.gpu, kCache, `${what} kCache`),
+    vct: activationType(rec.gpu, vCache, `${what} vCache`),
+  };
+}
+
 /**
  * Records the append of this step's keys and values into the cache at the position held by the decode
- * state (`state[0]`), and sets the cache mask to 1 at the appended positions.
+ * state (`state[0]`), and sets the cache mask to 1 at the appended positions. Keys, values and the caches
+ * are activations, each f32 or f16: f16 → f16 copies exactly, f32 → f16 rounds once.
  *
  * @param rec The recorder.
- * @param kCache Key cache `(B, maxLen, width)` f32.
- * @param vCache Value cache `(B, maxLen, width)` f32.
+ * @param kCache Key cache `(B, maxLen, width)` f32 or f16.
+ * @param vCache Value cache `(B, maxLen, width)` f32 or f16.
  * @param mask Cache mask `(B, maxLen)` i32.
- * @param k This step's keys `(B, T, width)` f32.
- * @param v This step's values `(B, T, width)` f32.
+ * @param k This step's keys `(B, T, width)` f32 or f16.
+ * @param v This step's values `(B, T, width)` f32 or f16.
  * @param state Decode state u32 (4) `[pos, n, 0, 0]`.
  * @param opts `batch` B, `tokens` T, `width` Hkv*D, `maxLen` positions per batch row of the cache.
  */
@@ -170,9 +200,10 @@ export function kvCacheAppend(
     throw new GpuError(`kvCacheAppend: mask must be i32 (B, maxLen)`);
   }
   if (state.size !== 4 || state.dtype !== "u32") throw new GpuError("kvCacheAppend: state must be u32 (4)");
+  const types = kvTypes(rec, kCache, vCache, k, v, "kvCacheAppend");
   const { groups, stride } = grid1d(n, WG);
   rec.dispatch(
-    appendKernel(),
+    appendKernel(types),
     [k, v, state, kCache, vCache, mask],
     [n, width, T, maxLen, stride, 0, 0, 0],
     groups,
@@ -183,15 +214,16 @@ export function kvCacheAppend(
  * Records, for a RoPE model, the rotation of this step's queries (in place) and keys and the append of
  * the rotated keys and the values into the cache at the decode state's position (`state[0]`), with the
  * cache mask set to 1 there: {@link kvCacheAppend} and two RoPE dispatches in one. Rotations use
- * `positions[n]` of each row `n = b*T + t`, exactly as `ropeInPlace` does.
+ * `positions[n]` of each row `n = b*T + t`, exactly as `ropeInPlace` does. q, k, v and the caches are
+ * activations, each f32 or f16 (rotations are computed in f32 and rounded once at the store).
  *
  * @param rec The recorder.
- * @param kCache Key cache `(B, maxLen, Hkv*D)` f32.
- * @param vCache Value cache `(B, maxLen, Hkv*D)` f32.
+ * @param kCache Key cache `(B, maxLen, Hkv*D)` f32 or f16.
+ * @param vCache Value cache `(B, maxLen, Hkv*D)` f32 or f16.
  * @param mask Cache mask `(B, maxLen)` i32.
- * @param q This step's queries `(B*T, H*D)` f32, rotated in place.
- * @param k This step's keys `(B*T, Hkv*D)` f32 (left as they are).
- * @param v This step's values `(B*T, Hkv*D)` f32.
+ * @param q This step's queries `(B*T, H*D)` f32 or f16, rotated in place.
+ * @param k This step's keys `(B*T, Hkv*D)` f32 or f16 (left as they are).
+ * @param v This step's values `(B*T, Hkv*D)` f32 or f16.
  * @param invFreq RoPE inverse frequencies `(D/2)` f32.
  * @param positions Position of every row `(B*T)` i32.
  * @param state Decode state u32 (4) `[pos, n, 0, 0]`.
@@ -230,10 +262,15 @@ export function kvCacheAppendRope(
   if (state.size !== 4 || state.dtype !== "u32") {
     throw new GpuError("kvCacheAppendRope: state must be u32 (4)");
   }
+  if (invFreq.dtype !== "f32") {
+    throw new GpuError(`kvCacheAppendRope: invFreq must be f32, got ${invFreq.dtype}`);
+  }
+  const qt = activationType(rec.gpu, q, "kvCacheAppendRope q");
+  const types = kvTypes(rec, kCache, vCache, k, v, "kvCacheAppendRope");
   const qPairs = N * H * half, kPairs = N * Hkv * half;
   const { groups, stride } = grid1d(qPairs + kPairs, WG);
   rec.dispatch(
-    appendRopeKernel(),
+    appendRopeKernel(qt, types),
     [q, k, v, invFreq, positions, state, kCache, vCache, mask],
     [qPairs, kPairs, H, Hkv, half, T, maxLen, stride],
     groups,

@@ -5,11 +5,19 @@
  * taken in f32, as HF does (`inv_freq` and the position ids in float32, then `.cos()`, `.sin()`).
  * The backward is the transpose (the rotation by -θ). In-place variants bind the tensor once as
  * read-write, because WebGPU forbids binding one buffer both read-only and writable in a dispatch.
+ * The forward's queries/keys may be stored in f16 (each pair loaded into f32, rotated, rounded once);
+ * the backward acts on gradients, which are f32.
  *
  * @module
  */
 
-import { defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import {
+  type ActivationType,
+  activationType,
+  defineKernel,
+  enableF16,
+  type Kernel,
+} from "../src/gpu/kernel.ts";
 import type { Recorder } from "../src/gpu/recorder.ts";
 import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
@@ -17,16 +25,18 @@ import { grid1d } from "./fill.ts";
 
 const WG = 256;
 
-function ropeKernel(inverse: boolean, inPlace: boolean): Kernel {
+/** `xt`/`ot`: element types of x and out (in place: both x's). */
+function ropeKernel(inverse: boolean, inPlace: boolean, xt: ActivationType, ot: ActivationType): Kernel {
   const bindings = inPlace
     ? (["write", "read", "read", "uniform"] as const)
     : (["read", "read", "read", "write", "uniform"] as const);
-  return defineKernel("rope", { inverse, inPlace }, bindings, () => `
+  return defineKernel("rope", { inverse, inPlace, xt, ot }, bindings, () => `
+${enableF16(xt, ot)}
 struct P { total: u32, H: u32, half: u32, stride: u32 }
-@group(0) @binding(0) var<storage, ${inPlace ? "read_write" : "read"}> x: array<f32>;
+@group(0) @binding(0) var<storage, ${inPlace ? "read_write" : "read"}> x: array<${xt}>;
 @group(0) @binding(1) var<storage, read> invFreq: array<f32>;
 @group(0) @binding(2) var<storage, read> positions: array<i32>;
-${inPlace ? "" : "@group(0) @binding(3) var<storage, read_write> out: array<f32>;"}
+${inPlace ? "" : `@group(0) @binding(3) var<storage, read_write> out: array<${ot}>;`}
 @group(0) @binding(${inPlace ? 3 : 4}) var<uniform> p: P;
 @compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) g: vec3u) {
   let t = g.x + g.y * p.stride;
@@ -38,10 +48,10 @@ ${inPlace ? "" : "@group(0) @binding(3) var<storage, read_write> out: array<f32>
   let angle = f32(positions[n]) * invFreq[i];
   let c = cos(angle);
   let s = ${inverse ? "-" : ""}sin(angle);
-  let x1 = x[base + i];
-  let x2 = x[base + i + p.half];
-  ${inPlace ? "x" : "out"}[base + i] = x1 * c - x2 * s;
-  ${inPlace ? "x" : "out"}[base + i + p.half] = x2 * c + x1 * s;
+  let x1 = f32(x[base + i]);
+  let x2 = f32(x[base + i + p.half]);
+  ${inPlace ? "x" : "out"}[base + i] = ${ot}(x1 * c - x2 * s);
+  ${inPlace ? "x" : "out"}[base + i + p.half] = ${ot}(x2 * c + x1 * s);
 }`);
 }
 
@@ -71,10 +81,23 @@ function record(
   if (out && out.size !== x.size) {
     throw new GpuError(`${what}: output [${out.shape}] differs from input [${x.shape}]`);
   }
+  // activations (forward) may be f16; gradients (backward) are f32
+  const type = (t: Tensor, arg: string): ActivationType => {
+    if (!inverse) return activationType(rec.gpu, t, `${what} ${arg}`);
+    if (t.dtype !== "f32") throw new GpuError(`${what}: gradient ${t.label} must be f32, got ${t.dtype}`);
+    return "f32";
+  };
+  const xt = type(x, "x");
   const { groups, stride } = grid1d(total, WG);
   const params = [total, numHeads, invFreq.size, stride];
-  if (out) rec.dispatch(ropeKernel(inverse, false), [x, invFreq, positions, out], params, groups);
-  else rec.dispatch(ropeKernel(inverse, true), [x, invFreq, positions], params, groups);
+  if (out) {
+    rec.dispatch(
+      ropeKernel(inverse, false, xt, type(out, "out")),
+      [x, invFreq, positions, out],
+      params,
+      groups,
+    );
+  } else rec.dispatch(ropeKernel(inverse, true, xt, xt), [x, invFreq, positions], params, groups);
 }
 
 /**
@@ -82,8 +105,8 @@ function record(
  * `out_{i+D/2} = x_{i+D/2} cos θ + x_i sin θ`, with `θ = f32(position) * invFreq[i]`.
  *
  * @param rec The recorder.
- * @param out Rotated output (N, H*D) f32 (a different buffer from x; see {@link ropeInPlace}).
- * @param x Queries or keys (N, H*D) f32.
+ * @param out Rotated output (N, H*D) f32 or f16 (a different buffer from x; see {@link ropeInPlace}).
+ * @param x Queries or keys (N, H*D) f32 or f16 (independently of `out`).
  * @param invFreq Inverse frequencies (D/2) f32, as HF computes them in f32.
  * @param positions Position of each row (N) i32.
  * @param numHeads H, the heads per row.
@@ -104,7 +127,7 @@ export function ropeForward(
  * Records RoPE forward in place (`x` is bound once, read-write).
  *
  * @param rec The recorder.
- * @param x Queries or keys (N, H*D) f32, rotated in place.
+ * @param x Queries or keys (N, H*D) f32 or f16, rotated in place (f16: rounded once after the rotation).
  * @param invFreq Inverse frequencies (D/2) f32.
  * @param positions Position of each row (N) i32.
  * @param numHeads H, the heads per row.

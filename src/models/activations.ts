@@ -3,6 +3,8 @@
  * training step and decode step of that shape. Layers at or above `saveFrom` (the lowest adapted
  * layer, when training) keep what their backward needs; layers below share two ping-pong buffers and
  * keep nothing, so backward never runs — and memory is never spent — below the lowest adapter.
+ * An f16 model's activations are f16 (`dtype`): the kernels load them into f32, compute in f32 and round
+ * once at the store; statistics, the loss and all gradients stay f32.
  *
  * @module
  */
@@ -42,15 +44,6 @@ export interface LayerActivations {
   readonly u: Tensor;
 }
 
-/** A layer activation the f16 stash keeps (the large ones; statistics stay f32). */
-export type StashedActivation = "x" | "q" | "k" | "v" | "attn" | "x2" | "g" | "u";
-
-/** Every {@link StashedActivation}, in the order they are cast. */
-export const STASHED: readonly StashedActivation[] = ["x", "q", "k", "v", "attn", "x2", "g", "u"];
-
-/** One saved layer's f16 copies of its large activations (`g` absent for gpt2). */
-export type LayerStash = Partial<Record<StashedActivation, Tensor>>;
-
 /** All buffers of one batch shape. */
 export interface Activations {
   /** Batch size. */
@@ -63,6 +56,11 @@ export interface Activations {
   readonly training: boolean;
   /** Lowest layer whose activations are kept (numLayers when not training). */
   readonly saveFrom: number;
+  /**
+   * Element type of the activations (residual stream, normed inputs, q/k/v, attention and MLP outputs,
+   * final hidden state); statistics, ids, the loss and every gradient stay f32.
+   */
+  readonly dtype: "f32" | "f16";
   /** Token ids (N) i32. */
   readonly ids: Tensor;
   /** Positions (N) i32. */
@@ -73,8 +71,6 @@ export interface Activations {
   readonly labels: Tensor;
   /** Per layer activations (saved layers own theirs; the others share scratch). */
   readonly layers: LayerActivations[];
-  /** Per layer f16 stash (`stashF16`: the saved layers), else null. */
-  readonly stash: (LayerStash | null)[];
   /** Output of the last layer (N, C). */
   readonly xFinal: Tensor;
   /** After the final norm (N, C). */
@@ -114,7 +110,7 @@ export interface Activations {
  * @param T Sequence length.
  * @param training Whether to keep activations for backward.
  * @param saveFrom Lowest layer to keep (the lowest adapted layer).
- * @param stashF16 Keep the saved layers' large activations in f16 between forward and backward.
+ * @param dtype Element type of the activations (f16 needs shader-f16; statistics and gradients stay f32).
  * @returns The buffers.
  */
 export function createActivations(
@@ -124,64 +120,42 @@ export function createActivations(
   T: number,
   training: boolean,
   saveFrom: number,
-  stashF16 = false,
+  dtype: "f32" | "f16" = "f32",
 ): Activations {
   // say what fits before allocating anything
-  checkActivationsFit(gpu, config, B, T, training, saveFrom);
+  checkActivationsFit(gpu, config, B, T, training, saveFrom, dtype);
   const N = B * T;
   const C = config.hiddenSize, H = config.numHeads, Hkv = config.numKvHeads, D = config.headDim;
   const I = config.intermediateSize;
-  const t = (shape: number[], label: string, dtype: "f32" | "i32" = "f32") =>
-    createTensor(gpu, shape, dtype, label);
+  // t: f32 or i32 (statistics, ids, loss, gradients); a: an activation in `dtype`
+  const t = (shape: number[], label: string, type: "f32" | "i32" = "f32") =>
+    createTensor(gpu, shape, type, label);
+  const a = (shape: number[], label: string) => createTensor(gpu, shape, dtype, label);
   const layerSet = (label: string, x: Tensor): LayerActivations => ({
     x,
     rstd1: t([N], `${label}.rstd1`),
     mean1: t([N], `${label}.mean1`),
-    q: t([N, H * D], `${label}.q`),
-    k: t([N, Hkv * D], `${label}.k`),
-    v: t([N, Hkv * D], `${label}.v`),
-    attn: t([N, H * D], `${label}.attn`),
+    q: a([N, H * D], `${label}.q`),
+    k: a([N, Hkv * D], `${label}.k`),
+    v: a([N, Hkv * D], `${label}.v`),
+    attn: a([N, H * D], `${label}.attn`),
     lse: t([B, H, T], `${label}.lse`),
-    x2: t([N, C], `${label}.x2`),
+    x2: a([N, C], `${label}.x2`),
     rstd2: t([N], `${label}.rstd2`),
     mean2: t([N], `${label}.mean2`),
-    g: t([config.family === "gpt2" ? 1 : N, I], `${label}.g`),
-    u: t([N, I], `${label}.u`),
+    g: a([config.family === "gpt2" ? 1 : N, I], `${label}.g`),
+    u: a([N, I], `${label}.u`),
   });
   const L = config.numLayers;
   const from = training ? saveFrom : L;
-  const ping = [t([N, C], "resid.ping"), t([N, C], "resid.pong")];
+  const ping = [a([N, C], "resid.ping"), a([N, C], "resid.pong")];
   let shared: LayerActivations | null = null;
   const layers: LayerActivations[] = [];
-  const stash: (LayerStash | null)[] = [];
-  const stashing = training && stashF16;
   for (let l = 0; l < L; l++) {
-    if (l >= from && !stashing) {
-      layers.push(layerSet(`layer${l}`, t([N, C], `layer${l}.x`)));
-      stash.push(null);
-    } else {
+    if (l >= from) layers.push(layerSet(`layer${l}`, a([N, C], `layer${l}.x`)));
+    else {
       shared ??= layerSet("shared", ping[0]!);
-      if (l < from) {
-        layers.push({ ...shared, x: ping[l % 2]! });
-        stash.push(null);
-        continue;
-      }
-      // saved, stashed: the shared working set, own statistics, f16 copies of the rest
-      layers.push({
-        ...shared,
-        x: ping[l % 2]!,
-        rstd1: t([N], `layer${l}.rstd1`),
-        mean1: t([N], `layer${l}.mean1`),
-        lse: t([B, H, T], `layer${l}.lse`),
-        rstd2: t([N], `layer${l}.rstd2`),
-        mean2: t([N], `layer${l}.mean2`),
-      });
-      const kept: LayerStash = {};
-      for (const key of STASHED) {
-        if (key === "g" && config.family === "gpt2") continue;
-        kept[key] = createTensor(gpu, [...shared[key].shape], "f16", `layer${l}.${key} (f16)`);
-      }
-      stash.push(kept);
+      layers.push({ ...shared, x: ping[l % 2]! });
     }
   }
   const g = (shape: number[], label: string) => training ? t(shape, label) : t([1], label);
@@ -191,20 +165,20 @@ export function createActivations(
     N,
     training,
     saveFrom: from,
-    stash,
+    dtype,
     ids: t([N], "ids", "i32"),
     positions: t([N], "positions", "i32"),
     mask: t([B, T], "mask", "i32"),
     labels: t([N], "labels", "i32"),
     layers,
-    xFinal: t([N, C], "xFinal"),
-    hFinal: t([N, C], "hFinal"),
+    xFinal: a([N, C], "xFinal"),
+    hFinal: a([N, C], "hFinal"),
     rstdF: t([N], "rstdF"),
     meanF: t([N], "meanF"),
     loss: t([1], "loss"),
-    h: t([N, C], "h"),
-    adp: t([N, Math.max(H * D, C)], "adp"),
-    a: t([N, I], "a"),
+    h: a([N, C], "h"),
+    adp: a([N, Math.max(H * D, C)], "adp"),
+    a: a([N, I], "a"),
     grad: {
       res: g([N, C], "d.res"),
       h: g([N, C], "d.h"),

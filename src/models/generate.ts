@@ -28,7 +28,14 @@ import type { Activations } from "./activations.ts";
 import { type Model, runningAdapter } from "./model.ts";
 import type { AdapterState } from "../adapters/state.ts";
 import type { KvCache } from "./self_attention.ts";
-import { activationsFor, decodeTuning, prepareBatch, recordForward, uploadBatch } from "./transformer.ts";
+import {
+  activationDtype,
+  activationsFor,
+  decodeTuning,
+  prepareBatch,
+  recordForward,
+  uploadBatch,
+} from "./transformer.ts";
 
 /** Options of {@link generate}. */
 export interface GenerateOptions {
@@ -86,11 +93,12 @@ export function createKvCache(model: Model, B: number): KvCache {
   const c = model.config;
   const width = c.numKvHeads * c.headDim;
   const shape = [B, model.maxSeqLen, width];
+  const dtype = activationDtype(model);
   const mask = createTensor(model.gpu, [B, model.maxSeqLen], "i32", "kv mask");
   writeTensor(model.gpu, mask, new Int32Array(B * model.maxSeqLen).fill(1));
   return {
-    k: Array.from({ length: c.numLayers }, (_, l) => createTensor(model.gpu, shape, "f32", `kcache${l}`)),
-    v: Array.from({ length: c.numLayers }, (_, l) => createTensor(model.gpu, shape, "f32", `vcache${l}`)),
+    k: Array.from({ length: c.numLayers }, (_, l) => createTensor(model.gpu, shape, dtype, `kcache${l}`)),
+    v: Array.from({ length: c.numLayers }, (_, l) => createTensor(model.gpu, shape, dtype, `vcache${l}`)),
     maxLen: model.maxSeqLen,
     batch: B,
     mask,
@@ -121,7 +129,7 @@ export function createDecoder(model: Model, B: number): Decoder {
   const gpu = model.gpu;
   const kv = createKvCache(model, B);
   const C = model.config.hiddenSize;
-  const last = createTensor(gpu, [B, C], "f32", "decoder last hidden");
+  const last = createTensor(gpu, [B, C], activationDtype(model), "decoder last hidden");
   const logits = createTensor(gpu, [B, model.config.vocabSize], "f32", "decoder logits");
   let past = 0;
   let masked = false;
@@ -162,11 +170,11 @@ export function createDecoder(model: Model, B: number): Decoder {
 
 function decodeState(model: Model): DecodeState {
   let s = decodeStates.get(model);
-  if (!s) {
+  if (!s || s.kv.k[0]!.dtype !== activationDtype(model)) { // (the precision switch changed: a new cache)
     const gpu = model.gpu;
     s = {
       kv: createKvCache(model, 1),
-      lastHidden: createTensor(gpu, [1, model.config.hiddenSize], "f32", "last hidden"),
+      lastHidden: createTensor(gpu, [1, model.config.hiddenSize], activationDtype(model), "last hidden"),
       logits: createTensor(gpu, [1, model.config.vocabSize], "f32", "decode logits"),
       tokens: createTensor(gpu, [model.maxSeqLen + 1], "i32", "sampled tokens"),
       rng: createTensor(gpu, [4], "u32", "sampler state"),

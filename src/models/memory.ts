@@ -1,7 +1,7 @@
 /**
  * What the activation buffers of a batch shape `(B, T)` will need, checked before anything is allocated:
  * {@link checkActivationsFit} mirrors the buffers `createActivations` makes (every one is `(N, width)` with
- * N = B·T rows, f32 or i32, rounded up to 16 bytes), compares the largest against the device's per-buffer
+ * N = B·T rows, f32, i32 or — activations of an f16 model — f16, rounded up to 16 bytes), compares the largest against the device's per-buffer
  * limits (activations are bound whole, so `maxStorageBufferBindingSize` counts as well as `maxBufferSize`),
  * and when it does not fit throws a {@link GpuError} that says which batch size or sequence length does.
  * WebGPU does not report how much memory a device has, so the total is estimated and reported, not
@@ -52,52 +52,60 @@ export interface ActivationEstimate {
   maxRows: number;
 }
 
-const ELEMENT_BYTES = 4; // every activation is f32 or i32
-
-function bufferBytes(elements: number): number {
-  return Math.max(16, Math.ceil((elements * ELEMENT_BYTES) / 16) * 16);
+function bufferBytes(elements: number, elementBytes: number): number {
+  return Math.max(16, Math.ceil((elements * elementBytes) / 16) * 16);
 }
 
-/**
- * Buffers of `createActivations` as (label, elements per row, fixed elements): a buffer holds
- * `rows·perRow + fixed` elements.
- */
+/** One buffer of `createActivations`: `rows·perRow + fixed` elements of `bytes` each. */
+interface BufferShape {
+  label: string;
+  perRow: number;
+  fixed: number;
+  bytes: number;
+}
+
+/** Buffers of `createActivations` (activations in `act` bytes per element, the rest in 4). */
 function activationBuffers(
   c: ActivationShapeConfig,
   training: boolean,
   saveFrom: number,
-): { label: string; perRow: number; fixed: number }[] {
+  act: number,
+): BufferShape[] {
   const C = c.hiddenSize, H = c.numHeads, HD = c.numHeads * c.headDim, KV = c.numKvHeads * c.headDim;
   const I = c.intermediateSize;
   const L = c.numLayers;
   const from = training ? Math.max(0, Math.min(saveFrom, L)) : L;
-  const out: { label: string; perRow: number; fixed: number }[] = [];
-  const row = (label: string, perRow: number): void => void out.push({ label, perRow, fixed: 0 });
-  const fixed = (label: string, n: number): void => void out.push({ label, perRow: 0, fixed: n });
+  const out: BufferShape[] = [];
+  // row/fixed: 4-byte buffers (statistics, ids, loss, gradients); arow/afixed: activations
+  const row = (label: string, perRow: number, bytes = 4): void =>
+    void out.push({ label, perRow, fixed: 0, bytes });
+  const fixed = (label: string, n: number, bytes = 4): void =>
+    void out.push({ label, perRow: 0, fixed: n, bytes });
+  const arow = (label: string, perRow: number): void => row(label, perRow, act);
   const layerSet = (p: string): void => {
     for (const n of ["rstd1", "mean1", "rstd2", "mean2"]) row(`${p}.${n}`, 1);
-    row(`${p}.q`, HD);
-    row(`${p}.k`, KV);
-    row(`${p}.v`, KV);
-    row(`${p}.attn`, HD);
+    arow(`${p}.q`, HD);
+    arow(`${p}.k`, KV);
+    arow(`${p}.v`, KV);
+    arow(`${p}.attn`, HD);
     row(`${p}.lse`, H); // (B, H, T)
-    row(`${p}.x2`, C);
-    if (c.family === "gpt2") fixed(`${p}.g`, I);
-    else row(`${p}.g`, I);
-    row(`${p}.u`, I);
+    arow(`${p}.x2`, C);
+    if (c.family === "gpt2") fixed(`${p}.g`, I, act);
+    else arow(`${p}.g`, I);
+    arow(`${p}.u`, I);
   };
-  row("resid.ping", C);
-  row("resid.pong", C);
+  arow("resid.ping", C);
+  arow("resid.pong", C);
   if (from > 0) layerSet("shared");
   for (let l = from; l < L; l++) {
-    row(`layer${l}.x`, C);
+    arow(`layer${l}.x`, C);
     layerSet(`layer${l}`);
   }
   for (const n of ["ids", "positions", "mask", "labels", "rstdF", "meanF"]) row(n, 1);
-  for (const n of ["xFinal", "hFinal", "h"]) row(n, C);
+  for (const n of ["xFinal", "hFinal", "h"]) arow(n, C);
   fixed("loss", 1);
-  row("adp", Math.max(HD, C));
-  row("a", I);
+  arow("adp", Math.max(HD, C));
+  arow("a", I);
   const grads: [string, number][] = [
     ["d.res", C],
     ["d.h", C],
@@ -123,6 +131,7 @@ function activationBuffers(
  * @param T Sequence length.
  * @param training Whether layers from `saveFrom` up keep activations and gradient buffers exist.
  * @param saveFrom Lowest layer whose activations are kept (the lowest adapted layer).
+ * @param dtype Element type of the activations (statistics and gradients are f32 either way).
  * @returns The estimate (total bytes, largest buffer, most rows that fit).
  * @throws {GpuError} When the largest buffer exceeds `maxBufferSize` or `maxStorageBufferBindingSize`; the
  *   message names the buffer and the batch size and sequence length that would fit.
@@ -152,23 +161,24 @@ export function checkActivationsFit(
   T: number,
   training: boolean,
   saveFrom: number,
+  dtype: "f32" | "f16" = "f32",
 ): ActivationEstimate {
   if (!(Number.isInteger(B) && B >= 1 && Number.isInteger(T) && T >= 1)) {
     throw new GpuError(`batch size and sequence length must be positive integers, got ${B} × ${T}`);
   }
   const N = B * T;
-  const buffers = activationBuffers(config, training, saveFrom);
+  const buffers = activationBuffers(config, training, saveFrom, dtype === "f16" ? 2 : 4);
   let totalBytes = 0;
   let largest = { label: "", bytes: 0 };
-  let widest = 1;
+  let widest = { perRow: 1, bytes: 4 }; // the most bytes per row
   for (const b of buffers) {
-    const bytes = bufferBytes(N * b.perRow + b.fixed);
+    const bytes = bufferBytes(N * b.perRow + b.fixed, b.bytes);
     totalBytes += bytes;
     if (bytes > largest.bytes) largest = { label: b.label, bytes };
-    widest = Math.max(widest, b.perRow);
+    if (b.perRow * b.bytes > widest.perRow * widest.bytes) widest = b;
   }
   const limit = Math.min(gpu.limits.maxBufferSize, gpu.limits.maxStorageBufferBindingSize);
-  const maxRows = Math.floor(limit / (widest * ELEMENT_BYTES));
+  const maxRows = Math.floor(limit / (widest.perRow * widest.bytes));
   const estimate = { rows: N, totalBytes, largest, maxRows };
   if (largest.bytes <= limit) return estimate;
   const which = gpu.limits.maxStorageBufferBindingSize <= gpu.limits.maxBufferSize
@@ -180,7 +190,9 @@ export function checkActivationsFit(
   if (options.length === 0) options.push(`--batch-size 1 and --seq-len ${maxRows}`);
   throw new GpuError(
     `a batch of ${B} × ${T} tokens needs a ${fmtBytes(largest.bytes)} activation buffer (${largest.label}, ` +
-      `${N} rows × ${widest} f32) but ${gpu.info.description} allows at most ${fmtBytes(limit)} per buffer ` +
+      `${N} rows × ${widest.perRow} ${
+        widest.bytes === 2 ? "f16" : "f32"
+      }) but ${gpu.info.description} allows at most ${fmtBytes(limit)} per buffer ` +
       `(${which}); all activations would take ${fmtBytes(totalBytes)}. At most ${maxRows} tokens per step ` +
       `fit: use ${options.join(", or ")} (--grad-accum does not help: it runs as one larger batch)`,
   );

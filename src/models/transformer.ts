@@ -21,8 +21,7 @@ import { fill } from "../../kernels/fill.ts";
 import { AdapterError, InvalidFileError } from "../errors.ts";
 import type { ModelConfig } from "../io/hf_config.ts";
 import { type AdapterState, slotOf } from "../adapters/state.ts";
-import { type Activations, createActivations, STASHED } from "./activations.ts";
-import { castElements } from "../../kernels/cast.ts";
+import { type Activations, createActivations } from "./activations.ts";
 import { gpt2LayerBackward, gpt2LayerDecode, gpt2LayerForward } from "./gpt2.ts";
 import { llamaLayerBackward, llamaLayerDecode, llamaLayerForward } from "./llama.ts";
 import { decodeMatvecApplies } from "../../kernels/decode_matvec.ts";
@@ -51,21 +50,20 @@ const LAYER_FUNCTIONS: Record<ModelConfig["family"], LayerFunctions> = {
 export const decodeTuning: { fused: boolean } = { fused: true };
 
 /**
- * Training switch: `stashF16` (default) keeps an f16 model's saved activations in f16 between a training
- * step's forward and backward (see src/models/activations.ts); false keeps them in f32 (benchmarks and
- * tests compare the two). f32 models always keep f32 activations.
+ * Precision switch: `f16` (default) gives an f16 model f16 activations (the residual stream, q/k/v,
+ * attention and MLP outputs, the KV cache; statistics and gradients stay f32); false keeps f32
+ * activations under f16 weights (tests and benchmarks compare the two). f32 models always use f32.
  */
-export const trainingTuning: { stashF16: boolean } = { stashF16: true };
+export const activationTuning: { f16: boolean } = { f16: true };
 
-/** Casts every stashed activation of layer `l` between its f32 working buffer and its f16 copy. */
-function castStash(rec: Recorder, acts: Activations, l: number, toF16: boolean): void {
-  const kept = acts.stash[l];
-  if (!kept) return;
-  const la = acts.layers[l]!;
-  for (const key of STASHED) {
-    const half = kept[key];
-    if (half) castElements(rec, toF16 ? half : la[key], toF16 ? la[key] : half);
-  }
+/**
+ * The element type of a model's activations and KV cache.
+ *
+ * @param model The model.
+ * @returns `"f16"` for an f16 model (unless {@link activationTuning} says otherwise), else `"f32"`.
+ */
+export function activationDtype(model: Model): "f32" | "f16" {
+  return model.dtype === "f16" && activationTuning.f16 ? "f16" : "f32";
 }
 
 const fusableWeights = new WeakMap<Model, Map<number, boolean>>();
@@ -197,11 +195,11 @@ export function prepareBatch(model: Model, batch: Batch, past = 0): PreparedBatc
  */
 export function activationsFor(model: Model, B: number, T: number, training: boolean): Activations {
   const lowest = model.config.numLayers - maxAdapterLayers(model);
-  const stashF16 = training && trainingTuning.stashF16 && model.dtype === "f16";
-  const key = `${B}x${T}:${training ? `train${lowest}${stashF16 ? "f16" : ""}` : "infer"}`;
+  const dtype = activationDtype(model);
+  const key = `${B}x${T}:${dtype}:${training ? `train${lowest}` : "infer"}`;
   let acts = model.activations.get(key);
   if (!acts) {
-    acts = createActivations(model.gpu, model.config, B, T, training, lowest, stashF16);
+    acts = createActivations(model.gpu, model.config, B, T, training, lowest, dtype);
     model.activations.set(key, acts);
   }
   return acts;
@@ -299,7 +297,6 @@ export function recordForward(rec: Recorder, model: Model, acts: Activations, op
   for (let l = 0; l < c.numLayers; l++) {
     if (decode) fns.decode(layerContext(rec, model, acts, l, opts), x0);
     else fns.forward(layerContext(rec, model, acts, l, opts));
-    castStash(rec, acts, l, true); // f16 stash: keep this layer's activations before the next overwrites them
   }
   const xTop = decode ? x0 : acts.xFinal;
   const fn = w.finalNorm;
@@ -362,7 +359,6 @@ export function recordBackward(
   const fns = LAYER_FUNCTIONS[c.family];
   const opts: ForwardOptions = { adapter, masked, head: {} };
   for (let l = c.numLayers - 1; l >= lowest; l--) {
-    castStash(rec, acts, l, false); // f16 stash: this layer's activations back into the working set
     fns.backward(layerContext(rec, model, acts, l, opts), l > lowest);
   }
 }

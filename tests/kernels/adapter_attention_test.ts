@@ -6,12 +6,16 @@ import {
   type GateKind,
 } from "../../kernels/adapter_attention.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
-import { assertClose, download, gpu, poisoned, Rng, upload } from "../_util.ts";
+import { GpuError } from "../../src/errors.ts";
+import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
 import { adapterAttentionBackwardRef, adapterAttentionForwardRef } from "../reference/adapter_attention.ts";
 
 // f32 kernel against float64: forward ≤ 1e-5; gradients ≤ 1e-4 (dka/dva/dgate sum over all rows).
 const FWD_TOL = 1e-5;
 const BWD_TOL = 1e-4;
+// f16 q / out: the references use the f16-rounded inputs, so f32 results keep the tolerances above; an f16
+// out is the f32 result rounded once (2^-11 relative per element), so ≤ 2e-3 normwise.
+const F16_OUT_TOL = 2e-3;
 
 function inputs(o: AdapterAttentionOptions, seed: number) {
   const rng = new Rng(seed);
@@ -90,6 +94,83 @@ for (const kind of KINDS) {
 Deno.test("adapter attention at D=64, L=10, 300 rows (several row groups), H=3/Hkv=1, odd D path D=6", async () => {
   await check(opts(3, 1, 64, 10, 300, "per-head-tanh", true), 7);
   await check(opts(3, 3, 6, 33, 131, "scalar", false), 8);
+});
+
+/** Forward and backward with q and/or out in f16 (adapter keys, values, gate, dout, gradients f32). */
+async function checkF16(o: AdapterAttentionOptions, seed: number, qt: "f32" | "f16", ot: "f32" | "f16") {
+  const g = await gpu();
+  const x = inputs(o, seed);
+  const acc = o.accumulate ?? false;
+  const q = qt === "f16" ? uploadF16(g, x.q) : { tensor: upload(g, x.q), values: x.q };
+  const prior = ot === "f16" ? uploadF16(g, x.prior) : { tensor: upload(g, x.prior), values: x.prior };
+  const out = acc ? prior.tensor : poisoned(g, [x.q.length], ot);
+  const ka = upload(g, x.ka);
+  const va = upload(g, x.va);
+  const gate = upload(g, x.gate);
+  const dq = poisoned(g, [x.q.length]);
+  const dka = poisoned(g, [x.ka.length]);
+  const dva = poisoned(g, [x.ka.length]);
+  const dgate = poisoned(g, [x.gate.length]);
+  const rec = new Recorder(g);
+  adapterAttentionForward(rec, out, q.tensor, ka, va, gate, o);
+  adapterAttentionBackward(rec, dq, dka, dva, dgate, upload(g, x.dout), q.tensor, ka, va, gate, {
+    ...o,
+    accumulate: false,
+  });
+  rec.submit();
+  const f = adapterAttentionForwardRef(q.values, x.ka, x.va, x.gate, o);
+  const r = adapterAttentionBackwardRef(x.dout, q.values, x.ka, x.va, x.gate, o);
+  const want = acc ? f.map((v, i) => v + prior.values[i]!) : f;
+  const got = ot === "f16" ? await downloadF16(g, out) : await download(g, out);
+  assert.ok(got.every(Number.isFinite), "out has a non-finite value");
+  assertClose(got, want, ot === "f16" ? F16_OUT_TOL : FWD_TOL, `out (${ot})`);
+  assertClose(await download(g, dq), r.dq, BWD_TOL, "dq");
+  assertClose(await download(g, dka), r.dka, BWD_TOL, "dka");
+  assertClose(await download(g, dva), r.dva, BWD_TOL, "dva");
+  assertClose(await download(g, dgate), r.dgate, BWD_TOL, "dgate");
+}
+
+Deno.test("adapter attention with f16 q and f16 out (overwritten) matches the reference: GQA 4/2, D=7, L=10, 33 rows", () =>
+  checkF16(opts(4, 2, 7, 10, 33, "per-head-tanh", false), 21, "f16", "f16"));
+
+Deno.test("adapter attention adding into an f16 out (read, add in f32, round once): H=3/Hkv=1, D=8, L=1, 7 rows", () =>
+  checkF16(opts(3, 1, 8, 1, 7, "scalar", true), 22, "f16", "f16"));
+
+Deno.test("adapter attention with f16 q adding into an f32 out, and f32 q into an f16 out: D=6, L=3", async () => {
+  await checkF16(opts(4, 4, 6, 3, 13, "per-head", true), 23, "f16", "f32");
+  await checkF16(opts(4, 2, 6, 3, 13, "per-head", false), 24, "f32", "f16");
+});
+
+Deno.test("adapter attention rejects f16 adapter keys and gradients with GpuError", async () => {
+  const g = await gpu();
+  const o = opts(4, 2, 8, 3, 7, "scalar", false);
+  const x = inputs(o, 25);
+  const f = (a: Float32Array) => upload(g, a);
+  const h = (a: Float32Array) => uploadF16(g, a).tensor;
+  const rec = new Recorder(g);
+  const isGpuError = (re: RegExp) => (e: unknown) => e instanceof GpuError && re.test(e.message);
+  assert.throws(
+    () => adapterAttentionForward(rec, f(x.q), f(x.q), h(x.ka), f(x.va), f(x.gate), o),
+    isGpuError(/ka/),
+  );
+  assert.throws(
+    () =>
+      adapterAttentionBackward(
+        rec,
+        h(x.q),
+        f(x.ka),
+        f(x.va),
+        f(x.gate),
+        f(x.dout),
+        f(x.q),
+        f(x.ka),
+        f(x.va),
+        f(x.gate),
+        o,
+      ),
+    isGpuError(/dq/),
+  );
+  assert.equal(rec.ops.length, 0);
 });
 
 Deno.test("a zero gate adds exactly nothing to out (PEFT zero-init)", async () => {

@@ -6,7 +6,10 @@ import {
   attentionTuning,
 } from "../../kernels/attention.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
-import { assertClose, download, gpu, poisoned, Rng, upload } from "../_util.ts";
+import { GpuError } from "../../src/errors.ts";
+import type { Gpu } from "../../src/gpu/device.ts";
+import type { Tensor } from "../../src/gpu/tensor.ts";
+import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
 import {
   attentionBackwardRef,
   attentionForwardRef,
@@ -17,6 +20,12 @@ import {
 // products of recomputed probabilities over up to T·H/Hkv terms).
 const FWD_TOL = 1e-5;
 const BWD_TOL = 1e-4;
+// f16 activations: the references use the f16-rounded inputs, so f32 results keep the tolerances above; an
+// f16 out is the f32 result rounded once (2^-11 relative per element), so ≤ 2e-3 normwise.
+const F16_OUT_TOL = 2e-3;
+// dq and dk from an f16 saved out: Di = rowsum(dout·out) uses out rounded to f16 (2^-11 relative per
+// element) while the reference uses the exact out; dv does not read Di and keeps BWD_TOL.
+const F16_SAVED_OUT_TOL = 2e-3;
 
 interface Case extends RefAttentionOptions {
   /** Left padding per batch row (number of leading masked keys), or null for no mask. */
@@ -265,6 +274,151 @@ for (const tiled of [true, false]) {
       )),
   );
 }
+
+// ---------------------------------------------------------------------------------------------------
+// f16 activations: q, k, v and out each f32 or f16; lse, dout and the gradients f32.
+
+type ElemType = "f32" | "f16";
+interface ActDtypes {
+  q: ElemType;
+  k: ElemType;
+  v: ElemType;
+  out: ElemType;
+}
+const ALL_F16: ActDtypes = { q: "f16", k: "f16", v: "f16", out: "f16" };
+
+/** Uploads `data` as f32 or rounded to f16; `values` are what the reference must use. */
+function uploadAs(g: Gpu, data: Float32Array, t: ElemType): { tensor: Tensor; values: Float32Array } {
+  return t === "f16" ? uploadF16(g, data) : { tensor: upload(g, data), values: data };
+}
+
+function readAs(g: Gpu, t: Tensor): Promise<Float32Array> {
+  return t.dtype === "f16" ? downloadF16(g, t) : download(g, t);
+}
+
+async function checkForwardF16(c: Case, seed: number, dt: ActDtypes): Promise<void> {
+  const g = await gpu();
+  const x = makeInputs(c, seed);
+  const q = uploadAs(g, x.q, dt.q), k = uploadAs(g, x.k, dt.k), v = uploadAs(g, x.v, dt.v);
+  const ref = attentionForwardRef(q.values, k.values, v.values, x.mask, c);
+  const out = poisoned(g, [c.batch, c.queryLen, c.numHeads, c.headDim], dt.out);
+  const lse = poisoned(g, [c.batch, c.numHeads, c.queryLen]);
+  const m = x.mask ? upload(g, x.mask) : null;
+  const rec = new Recorder(g);
+  attentionForward(rec, out, lse, q.tensor, k.tensor, v.tensor, m, opts(c));
+  rec.submit();
+  const o = await readAs(g, out);
+  assert.ok(o.every(Number.isFinite), "out has a non-finite value (an unwritten f16 NaN?)");
+  assertClose(o, ref.out, dt.out === "f16" ? F16_OUT_TOL : FWD_TOL, `out (${dt.out})`);
+  assertClose(await download(g, lse), ref.lse, FWD_TOL, "lse");
+}
+
+async function checkBackwardF16(c: Case, seed: number, dt: ActDtypes): Promise<void> {
+  const g = await gpu();
+  const x = makeInputs(c, seed);
+  const q = uploadAs(g, x.q, dt.q), k = uploadAs(g, x.k, dt.k), v = uploadAs(g, x.v, dt.v);
+  const ref = attentionBackwardRef(x.dout, q.values, k.values, v.values, x.mask, c);
+  const m = x.mask ? upload(g, x.mask) : null;
+  const out = poisoned(g, [x.q.length], dt.out);
+  const lse = poisoned(g, [c.batch * c.numHeads * c.queryLen]);
+  const dq = poisoned(g, [x.q.length]);
+  const dk = poisoned(g, [x.k.length]);
+  const dv = poisoned(g, [x.k.length]);
+  const rec = new Recorder(g);
+  attentionForward(rec, out, lse, q.tensor, k.tensor, v.tensor, m, opts(c));
+  attentionBackward(rec, dq, dk, dv, upload(g, x.dout), out, lse, q.tensor, k.tensor, v.tensor, m, opts(c));
+  rec.submit();
+  const tol = dt.out === "f16" ? F16_SAVED_OUT_TOL : BWD_TOL;
+  assertClose(await download(g, dq), ref.dq, tol, "dq");
+  assertClose(await download(g, dk), ref.dk, tol, "dk");
+  assertClose(await download(g, dv), ref.dv, BWD_TOL, "dv");
+}
+
+const F16_CASES: [string, Case, ActDtypes][] = [
+  ["causal GQA 4/2, B=2, T=S=7, D=8, all f16", CASES["causal GQA (H=4, Hkv=2), B=2, T=S=7, D=8"]!, ALL_F16],
+  [
+    "causal, left padding with a fully masked row, B=3, T=S=33, D=6, all f16",
+    CASES["causal with left padding (fully masked rows give zeros), B=3, T=S=33, D=6"]!,
+    ALL_F16,
+  ],
+  [
+    "decode T=1 against an f16 KV cache S=33 of Smax=40, GQA 4/1, mask, f16 q, f32 out",
+    CASES["decode T=1 against a KV cache S=33 of Smax=40, GQA 4/1, mask"]!,
+    { q: "f16", k: "f16", v: "f16", out: "f32" },
+  ],
+  [
+    "T=S=50 (64-row query blocks), D=64, GQA 3/1, mask, f32 q/k/v, f16 out",
+    { ...base, numHeads: 3, numKvHeads: 1, headDim: 64, batch: 1, queryLen: 50, keyLen: 50, leftPad: [4] },
+    { q: "f32", k: "f32", v: "f32", out: "f16" },
+  ],
+  [
+    "T=S=50 (64-row query blocks), odd D=7, GQA 2/1, sliding window 9, mask, all f16",
+    {
+      ...base,
+      numHeads: 2,
+      numKvHeads: 1,
+      headDim: 7,
+      batch: 2,
+      queryLen: 50,
+      keyLen: 50,
+      slidingWindow: 9,
+      leftPad: [0, 3],
+    },
+    ALL_F16,
+  ],
+];
+
+const F16_BWD_CASES: [string, Case, ActDtypes][] = [
+  [
+    "GQA 4/2, B=2, T=S=7, D=8, left padding, saved q/k/v/out f16",
+    { ...CASES["causal GQA (H=4, Hkv=2), B=2, T=S=7, D=8"]!, leftPad: [2, 0] },
+    ALL_F16,
+  ],
+  [
+    "H=Hkv=3, B=1, T=S=33, odd D=5, sliding window 9, saved q/k/v f16, out f32",
+    { ...base, numHeads: 3, numKvHeads: 3, headDim: 5, batch: 1, queryLen: 33, keyLen: 33, slidingWindow: 9 },
+    { q: "f16", k: "f16", v: "f16", out: "f32" },
+  ],
+];
+
+for (const tiled of [true, false]) {
+  const kind = tiled ? "tiled kernels" : "per-row kernels";
+  let seed = 40;
+  for (const [name, c, dt] of F16_CASES) {
+    const s = seed++;
+    Deno.test(
+      `attentionForward with f16 activations matches the reference on the rounded inputs (${kind}): ${name}`,
+      withTiled(tiled, () => checkForwardF16(c, s, dt)),
+    );
+  }
+  for (const [name, c, dt] of F16_BWD_CASES) {
+    const s = seed++;
+    Deno.test(
+      `attentionBackward reading f16 saved activations gives f32 gradients matching the reference (${kind}): ${name}`,
+      withTiled(tiled, () => checkBackwardF16(c, s, dt)),
+    );
+  }
+}
+
+Deno.test("attention rejects f16 gradients and lse with GpuError", async () => {
+  const g = await gpu();
+  const c = CASES["causal GQA (H=4, Hkv=2), B=2, T=S=7, D=8"]!;
+  const nq = c.batch * c.queryLen * c.numHeads * c.headDim;
+  const nk = c.batch * c.keyLen * c.numKvHeads * c.headDim;
+  const f = (n: number) => poisoned(g, [n]);
+  const h = (n: number) => poisoned(g, [n], "f16");
+  const lse = f(c.batch * c.numHeads * c.queryLen);
+  const rec = new Recorder(g);
+  assert.throws(
+    () => attentionForward(rec, f(nq), h(lse.size), f(nq), f(nk), f(nk), null, opts(c)),
+    (e: unknown) => e instanceof GpuError && /lse/.test(e.message),
+  );
+  assert.throws(
+    () => attentionBackward(rec, h(nq), f(nk), f(nk), f(nq), f(nq), lse, f(nq), f(nk), f(nk), null, opts(c)),
+    (e: unknown) => e instanceof GpuError && /dq/.test(e.message),
+  );
+  assert.equal(rec.ops.length, 0);
+});
 
 Deno.test("the reference attention gradient matches central finite differences", () => {
   const c: Case = {

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { createCrossEntropyScratch, crossEntropyLmHead, logitsForward } from "../../kernels/cross_entropy.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
 import { splitRows, tensorFrom } from "../../src/gpu/tensor.ts";
-import { assertClose, download, gpu, poisoned, Rng, upload } from "../_util.ts";
+import { assertClose, download, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
 import { crossEntropyRef } from "../reference/cross_entropy.ts";
 import { finiteDifference } from "../reference/norm.ts";
 
@@ -144,4 +144,70 @@ Deno.test("crossEntropyLmHead gives loss 0 and a zero gradient when every label 
   rec.submit();
   assert.deepEqual(Array.from(await download(g, loss)), [0]);
   assert.deepEqual(Array.from(await download(g, dHidden)), new Array(N * C).fill(0));
+});
+
+Deno.test("crossEntropyLmHead and logitsForward read an f16 hidden state: f32 loss, dHidden and logits", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return;
+  const rng = new Rng(55);
+  // C = 33 takes the scalar loads of the hidden rows, C = 36 the vec4 ones; the last case is the f16
+  // model (f16 hidden and f16 head)
+  for (
+    const [N, C, V, headDtype] of [[7, 33, 130, "f32"], [1, 36, 260, "f32"], [7, 36, 260, "f16"]] as const
+  ) {
+    const h = uploadF16(g, rng.randn(N * C), [N, C]);
+    const w = headDtype === "f16" ? uploadF16(g, rng.randn(V * C, 0.5), [V, C]) : (() => {
+      const values = rng.randn(V * C, 0.5);
+      return { tensor: upload(g, values, [V, C]), values };
+    })();
+    const y = labelsFor(rng, N, V);
+    const loss = poisoned(g, [1]), dHidden = poisoned(g, [N, C]), logits = poisoned(g, [N, V]);
+    const rec = new Recorder(g);
+    crossEntropyLmHead(rec, {
+      loss,
+      dHidden,
+      hidden: h.tensor,
+      weight: w.tensor,
+      labels: tensorFrom(g, y),
+      scratch: createCrossEntropyScratch(g, N, V, C, 128), // chunks of 128 rows
+    });
+    logitsForward(rec, logits, h.tensor, w.tensor);
+    rec.submit();
+    // The reference uses the f16-rounded hidden (and head), so the outputs keep the f32 tolerances of the
+    // tests above (the f16 head's 2e-3 where the head is f16).
+    const [tolLoss, tolGrad, tolLogits] = headDtype === "f16" ? [2e-3, 2e-3, 2e-3] : [1e-5, 1e-4, 1e-5];
+    const ref = crossEntropyRef(h.values, w.values, y, N, C, V);
+    const what = `N=${N} C=${C} V=${V} ${headDtype} head`;
+    assertClose(await download(g, loss), [ref.loss], tolLoss, `loss (f16 hidden) ${what}`);
+    assertClose(await download(g, dHidden), ref.dHidden, tolGrad, `dHidden (f16 hidden) ${what}`);
+    const want = new Float64Array(N * V);
+    for (let n = 0; n < N; n++) {
+      for (let v = 0; v < V; v++) {
+        for (let c = 0; c < C; c++) {
+          want[n * V + v] = want[n * V + v]! +
+            h.values[n * C + c]! * w.values[v * C + c]!;
+        }
+      }
+    }
+    assertClose(await download(g, logits), want, tolLogits, `logits (f16 hidden) ${what}`);
+  }
+});
+
+Deno.test("crossEntropyLmHead keeps its gradient f32: an f16 dHidden is refused with a clear error", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return;
+  const N = 3, C = 5, V = 7;
+  const rng = new Rng(56);
+  assert.throws(
+    () =>
+      crossEntropyLmHead(new Recorder(g), {
+        loss: poisoned(g, [1]),
+        dHidden: poisoned(g, [N, C], "f16"),
+        hidden: uploadF16(g, rng.randn(N * C), [N, C]).tensor,
+        weight: upload(g, rng.randn(V * C), [V, C]),
+        labels: tensorFrom(g, rng.ints(N, V)),
+        scratch: createCrossEntropyScratch(g, N, V, C),
+      }),
+    /dHidden .* must be f32/,
+  );
 });

@@ -5,12 +5,36 @@ import { adapterAttentionForward, type GateKind } from "../../kernels/adapter_at
 import { Recorder } from "../../src/gpu/recorder.ts";
 import type { Gpu } from "../../src/gpu/device.ts";
 import { GpuError } from "../../src/errors.ts";
-import { assertClose, download, gpu, poisoned, Rng, upload } from "../_util.ts";
+import { f16ArrayToF32, f32ArrayToF16 } from "../../src/io/dtype.ts";
+import type { Tensor } from "../../src/gpu/tensor.ts";
+import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
 import { attentionForwardRef, type RefAttentionOptions } from "../reference/attention.ts";
 import { adapterAttentionForwardRef } from "../reference/adapter_attention.ts";
 
 // f32 kernel against the float64 references: ≤ 1e-5 normwise, as the attention forward tests.
 const TOL = 1e-5;
+// f16 activations: the references use the f16-rounded inputs, so f32 results keep TOL; an f16 out or into
+// is the f32 result rounded once (2^-11 relative per element), so ≤ 2e-3 normwise.
+const F16_OUT_TOL = 2e-3;
+
+type ElemType = "f32" | "f16";
+/** Element types of the activation tensors (the adapter's ka, va, gate are always f32). */
+interface Dtypes {
+  q: ElemType;
+  k: ElemType;
+  v: ElemType;
+  out: ElemType;
+  into: ElemType;
+}
+const F32: Dtypes = { q: "f32", k: "f32", v: "f32", out: "f32", into: "f32" };
+
+function uploadAs(g: Gpu, data: Float32Array, t: ElemType, shape?: readonly number[]): Tensor {
+  return t === "f16" ? uploadF16(g, data, shape).tensor : upload(g, data, shape);
+}
+
+function readAs(g: Gpu, t: Tensor): Promise<Float32Array> {
+  return t.dtype === "f16" ? downloadF16(g, t) : download(g, t);
+}
 
 interface AdapterCase {
   L: number;
@@ -120,17 +144,18 @@ function expected(c: Case, x: Inputs): { out: Float64Array; into: Float64Array |
   return { out: main.map((val, i) => val + ad[i]!), into: null };
 }
 
-/** Runs the kernel on `x`; returns `out` and `into` (when the case has one). */
+/** Runs the kernel on `x` (activations of the types `dt`); returns `out` and `into` (when the case has one). */
 async function run(
   g: Gpu,
   c: Case,
   x: Inputs,
   gateOverride?: Float32Array,
   recGpu: Gpu = g,
+  dt: Dtypes = F32,
 ): Promise<{ out: Float32Array; into: Float32Array | null; dispatches: number }> {
-  const out = poisoned(g, [c.B, 1, c.H, c.D]);
+  const out = poisoned(g, [c.B, 1, c.H, c.D], dt.out);
   const a = c.adapter;
-  const into = a?.into ? upload(g, x.prior, [c.B, c.H * c.D]) : null;
+  const into = a?.into ? uploadAs(g, x.prior, dt.into, [c.B, c.H * c.D]) : null;
   const adapter: DecodeAttentionAdapter | null = a
     ? {
       ka: upload(g, x.ka),
@@ -147,16 +172,16 @@ async function run(
   decodeAttentionForward(
     rec,
     out,
-    upload(g, x.q),
-    upload(g, x.k),
-    upload(g, x.v),
+    uploadAs(g, x.q, dt.q),
+    uploadAs(g, x.k, dt.k),
+    uploadAs(g, x.v, dt.v),
     mask,
     attnOptions(c),
     adapter,
   );
   const dispatches = rec.ops.length;
   rec.submit();
-  return { out: await download(g, out), into: into ? await download(g, into) : null, dispatches };
+  return { out: await readAs(g, out), into: into ? await readAs(g, into) : null, dispatches };
 }
 
 async function check(c: Case, seed: number): Promise<void> {
@@ -394,6 +419,105 @@ Deno.test("decodeAttentionForward with `into` on a device of 8 storage buffers p
   assert.equal((await run(g, c, x)).dispatches, 1);
   assertClose(got.out, want.out, TOL, "out");
   assertClose(got.into!, want.into!, TOL, "into");
+});
+
+/** The inputs as the kernel sees them: each f16 activation rounded to f16 (exact in f32). */
+function rounded(x: Inputs, dt: Dtypes): Inputs {
+  const r = (a: Float32Array, t: ElemType) => (t === "f16" ? f16ArrayToF32(f32ArrayToF16(a)) : a);
+  return { ...x, q: r(x.q, dt.q), k: r(x.k, dt.k), v: r(x.v, dt.v), prior: r(x.prior, dt.into) };
+}
+
+async function checkF16(c: Case, seed: number, dt: Dtypes, recGpu?: Gpu): Promise<number> {
+  const g = await gpu();
+  const x = rounded(inputs(c, seed), dt);
+  const want = expected(c, x);
+  const got = await run(g, c, x, undefined, recGpu ?? g, dt);
+  assert.ok(got.out.every(Number.isFinite), "out has a non-finite value (an unwritten f16 NaN?)");
+  assertClose(got.out, want.out, dt.out === "f16" ? F16_OUT_TOL : TOL, `out (${dt.out})`);
+  if (want.into) {
+    assertClose(got.into!, want.into, dt.into === "f16" ? F16_OUT_TOL : TOL, `into (${dt.into})`);
+  }
+  if (c.maskedRow !== undefined && !(c.adapter && !c.adapter.into)) {
+    const row = got.out.subarray(c.maskedRow * c.H * c.D, (c.maskedRow + 1) * c.H * c.D);
+    assert.ok(row.every((val) => val === 0), "a row whose keys are all masked must be exactly 0");
+  }
+  return got.dispatches;
+}
+
+const ALL_F16: Dtypes = { q: "f16", k: "f16", v: "f16", out: "f16", into: "f16" };
+
+const F16_CASES: [string, Case, Dtypes][] = [
+  [
+    "f16 q, cache, out and into (gpt2): B=3, GQA 9/3, odd D=7, keyLen 33 of kvStride 37, mask, per-head-tanh L=10",
+    {
+      B: 3,
+      H: 9,
+      Hkv: 3,
+      D: 7,
+      S: 33,
+      kvStride: 37,
+      mask: true,
+      maskedRow: 2,
+      adapter: { L: 10, gateKind: "per-head-tanh", into: true },
+    },
+    ALL_F16,
+  ],
+  [
+    "f16 q, cache and out (llama, vec4<f16> rows): B=3, GQA 8/2, D=16, keyLen 33 of 40, mask, scalar L=10",
+    {
+      B: 3,
+      H: 8,
+      Hkv: 2,
+      D: 16,
+      S: 33,
+      kvStride: 40,
+      mask: true,
+      maskedRow: 1,
+      adapter: { L: 10, gateKind: "scalar", into: false },
+    },
+    ALL_F16,
+  ],
+  [
+    "f16 cache with f32 q and out, f16 into: B=1, H=4/Hkv=2, D=12, keyLen 70, window 12, per-head L=1",
+    { B: 1, H: 4, Hkv: 2, D: 12, S: 70, window: 12, adapter: { L: 1, gateKind: "per-head", into: true } },
+    { q: "f32", k: "f16", v: "f16", out: "f32", into: "f16" },
+  ],
+  [
+    "f16 q and out with an f32 cache, f32 into: B=2, H=Hkv=2, D=64, keyLen 7, per-head L=3",
+    { B: 2, H: 2, Hkv: 2, D: 64, S: 7, adapter: { L: 3, gateKind: "per-head", into: true } },
+    { q: "f16", k: "f32", v: "f32", out: "f16", into: "f32" },
+  ],
+  [
+    "an f16 q of one vec4 (8 bytes), no adapter, no mask: B=1, H=Hkv=1, D=4, keyLen 5",
+    { B: 1, H: 1, Hkv: 1, D: 4, S: 5 },
+    ALL_F16,
+  ],
+];
+
+let f16Seed = 400;
+for (const [name, c, dt] of F16_CASES) {
+  const s = f16Seed++;
+  Deno.test(`decodeAttentionForward with f16 activations matches the references on the rounded inputs: ${name}`, async () => {
+    assert.equal(await checkF16(c, s, dt), 1);
+  });
+}
+
+Deno.test("decodeAttentionForward with an f16 `into` on a device of 8 storage buffers per stage: two dispatches, same result", async () => {
+  const g = await gpu();
+  const limits: Record<string, number> = {};
+  for (const key in g.limits) limits[key] = (g.limits as unknown as Record<string, number>)[key]!;
+  limits.maxStorageBuffersPerShaderStage = 8;
+  const small: Gpu = { ...g, limits: limits as unknown as GPUSupportedLimits };
+  const c: Case = {
+    B: 3,
+    H: 8,
+    Hkv: 2,
+    D: 16,
+    S: 33,
+    mask: true,
+    adapter: { L: 10, gateKind: "per-head", into: true },
+  };
+  assert.equal(await checkF16(c, 410, ALL_F16, small), 2);
 });
 
 Deno.test("decodeAttentionForward rejects bad arguments with GpuError", async () => {

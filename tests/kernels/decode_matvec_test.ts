@@ -23,7 +23,7 @@ import { Recorder } from "../../src/gpu/recorder.ts";
 import { createTensor, type Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
 import type { Gpu } from "../../src/gpu/device.ts";
 import { GpuError } from "../../src/errors.ts";
-import { assertClose, download, gpu, poisoned, Rng, upload } from "../_util.ts";
+import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
 import { linearForwardRef } from "../reference/matmul.ts";
 import { layernormRef, rmsnormRef } from "../reference/norm.ts";
 import { geluRef, swigluRef } from "../reference/activation.ts";
@@ -33,6 +33,9 @@ import { geluRef, swigluRef } from "../reference/activation.ts";
 // same f16-rounded weights (accumulation is f32 either way), so the same tolerance holds.
 const TOL = 1e-5;
 const EPS = 1e-5;
+// f16 outputs: the f32 result rounded once to f16 (2^-11 relative per element), against the float64
+// reference of the same f16-rounded inputs: 2e-3 normwise. f32 outputs of f16 x keep TOL.
+const TOL_F16_OUT = 2e-3;
 
 /**
  * Asserts `got` ≈ `want` within TOL, normwise relative to the larger of the output and `pre`, the
@@ -46,9 +49,10 @@ function assertCloseAct(
   want: ArrayLike<number>,
   pre: ArrayLike<number>,
   what: string,
+  tol = TOL,
 ): void {
   // the appended pre-activations add nothing to the difference, only to the scale
-  assertClose([...got, ...Array.from(pre)], [...Array.from(want), ...Array.from(pre)], TOL, what);
+  assertClose([...got, ...Array.from(pre)], [...Array.from(want), ...Array.from(pre)], tol, what);
 }
 
 const MS = [1, 2, 3, 4];
@@ -137,7 +141,22 @@ async function run(g: Gpu, out: Tensor, record: (rec: Recorder) => void): Promis
   const rec = new Recorder(g);
   record(rec);
   rec.submit();
-  return await download(g, out);
+  return out.dtype === "f16" ? await downloadF16(g, out) : await download(g, out);
+}
+
+type Act = "f32" | "f16";
+
+/** Rows of x as an f32 or f16 tensor, and the values a reference should use (f16-rounded for f16). */
+function input(
+  g: Gpu,
+  x: Float32Array,
+  M: number,
+  K: number,
+  dt: Act = "f32",
+): { t: Tensor; x: Float32Array } {
+  if (dt === "f32") return { t: upload(g, x, [M, K]), x };
+  const { tensor, values } = uploadF16(g, x, [M, K]);
+  return { t: tensor, x: values };
 }
 
 /** One Linear case: the kernel's output and the float64 reference. */
@@ -153,16 +172,19 @@ async function linearCase(
     bias: boolean;
     f16?: boolean;
     nr?: Nr;
+    /** dtypes of x and out (default f32). */
+    xt?: Act;
+    ot?: Act;
   },
 ): Promise<{ got: Float32Array; want: Float64Array; pre: Float64Array }> {
   const { M, N, K, norm, epilogue } = c;
-  const x = rows(rng, M, K);
+  const { t: xT, x } = input(g, rows(rng, M, K), M, K, c.xt);
   const { nw, nb } = normParams(rng, K);
   const w32 = rng.randn(N * K, 1 / Math.sqrt(K));
   const { bits, values } = f16Round(w32);
   const w = c.f16 ? values : w32;
   const b = c.bias ? rng.randn(N) : null;
-  const out = poisoned(g, [M, N]);
+  const out = poisoned(g, [M, N], c.ot);
   const got = await run(
     g,
     out,
@@ -170,7 +192,7 @@ async function linearCase(
       decodeLinearForward(
         rec,
         out,
-        upload(g, x, [M, K]),
+        xT,
         c.f16 ? tensorFrom(g, bits, [N, K]) : upload(g, w32, [N, K]),
         b ? upload(g, b) : null,
         withPrologue(prologueOf(g, norm, nw, nb, EPS), { epilogue }),
@@ -193,10 +215,13 @@ async function swigluCase(
     upBias: boolean;
     f16?: boolean;
     nr?: Nr;
+    /** dtypes of x and out (default f32). */
+    xt?: Act;
+    ot?: Act;
   },
 ): Promise<{ got: Float32Array; want: Float64Array }> {
   const { M, I, K, norm } = c;
-  const x = rows(rng, M, K);
+  const { t: xT, x } = input(g, rows(rng, M, K), M, K, c.xt);
   const { nw, nb } = normParams(rng, K);
   // gate scaled up so silu sees both its negative and positive side
   const gate32 = rng.randn(I * K, 2 / Math.sqrt(K));
@@ -205,7 +230,7 @@ async function swigluCase(
   const up = f16Round(up32);
   const bg = c.gateBias ? rng.randn(I) : null;
   const bu = c.upBias ? rng.randn(I) : null;
-  const out = poisoned(g, [M, I]);
+  const out = poisoned(g, [M, I], c.ot);
   const wt = (w32: Float32Array, h: { bits: Uint16Array }) =>
     c.f16 ? tensorFrom(g, h.bits, [I, K]) : upload(g, w32, [I, K]);
   const got = await run(
@@ -215,7 +240,7 @@ async function swigluCase(
       decodeSwigluForward(
         rec,
         out,
-        upload(g, x, [M, K]),
+        xT,
         wt(gate32, gate),
         wt(up32, up),
         withPrologue(prologueOf(g, norm, nw, nb, EPS), {
@@ -340,6 +365,95 @@ Deno.test("f16 weights give the float64 result of the f16-rounded weights (Linea
         const biased = (N + M) % 2 === 0;
         const s = await swigluCase(g, rng, { M, I: N, K, norm, gateBias: biased, upBias: biased, f16: true });
         assertClose(s.got, s.want, TOL, `f16 swiglu M=${M} I=${N} K=${K} ${norm}`);
+      }
+    }
+  }
+});
+
+Deno.test("f16 x and out (each alone or both, f32 or f16 weights) give the float64 result of the f16-rounded x, with each prologue (Linear and SwiGLU)", async () => {
+  const g = await gpu();
+  if (!g.hasF16) {
+    console.log("skipped: this device lacks shader-f16, so f16 activations cannot be used on it");
+    return;
+  }
+  const rng = new Rng(29);
+  // (x, f16 weights, out): an f16 model's projections; f16 x into f32 out; f32 x into f16 out
+  const kinds: [Act, boolean, Act][] = [["f16", true, "f16"], ["f16", false, "f32"], ["f32", false, "f16"]];
+  // each (M, dtypes, prologue) is a pipeline (see `big`): M alternates between the two ends, one (N, K)
+  // each, so every (prologue, dtypes) pair runs once and each M sees every prologue and dtype
+  let i = 0;
+  for (const norm of NORMS) {
+    for (const [xt, f16, ot] of kinds) {
+      const [M, N, K] = i++ % 2 === 0 ? [1, 7, 12] : [4, 33, 520];
+      const tol = ot === "f16" ? TOL_F16_OUT : TOL;
+      const what = `M=${M} N=${N} K=${K} ${norm} x ${xt} w ${f16 ? "f16" : "f32"} out ${ot}`;
+      for (const epilogue of EPILOGUES) {
+        const l = await linearCase(g, rng, {
+          M,
+          N,
+          K,
+          norm,
+          epilogue,
+          bias: epilogue === "none",
+          f16,
+          xt,
+          ot,
+        });
+        assertCloseAct(l.got, l.want, l.pre, `linear ${epilogue} ${what}`, tol);
+      }
+      if (xt === "f32") continue; // SwiGLU reads the f16 residual stream of an f16 model
+      const s = await swigluCase(g, rng, { M, I: N, K, norm, gateBias: true, upBias: false, f16, xt, ot });
+      assertClose(s.got, s.want, tol, `swiglu ${what}`);
+    }
+  }
+});
+
+Deno.test("accumulate into an f16 residual stream: read f16, add in f32, round once, only its column slice (also 4 output rows per group)", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return;
+  const rng = new Rng(30);
+  for (const [M, N, K, nr] of [[1, 7, 12, null], [4, 33, 520, null], [3, 33, 64, 4]] as const) {
+    for (const norm of NORMS) {
+      for (const epilogue of EPILOGUES) {
+        const ld = N + 13;
+        const off = 5;
+        const x = uploadF16(g, rows(rng, M, K), [M, K]);
+        const { nw, nb } = normParams(rng, K);
+        const w = uploadF16(g, rng.randn(N * K, 1 / Math.sqrt(K)), [N, K]);
+        const b = rng.randn(N);
+        const init = uploadF16(g, rng.randn(M * ld), [M, ld]);
+        const got = await run(
+          g,
+          init.tensor,
+          withNr(nr, (rec) =>
+            decodeLinearForward(
+              rec,
+              init.tensor,
+              x.tensor,
+              w.tensor,
+              upload(g, b),
+              withPrologue(prologueOf(g, norm, nw, nb, EPS), {
+                epilogue,
+                accumulate: true,
+                outColOffset: off,
+                ldOut: ld,
+              }),
+            )),
+        );
+        const y = linearForwardRef(normRef(norm, x.values, nw, nb, M, K, EPS), w.values, b, M, N, K);
+        const act = epilogue === "gelu_new" ? geluRef(y) : y;
+        // columns outside [off, off + N) keep the prior (exactly: f16 in, f16 out)
+        const want = Float64Array.from(init.values);
+        for (let m = 0; m < M; m++) {
+          for (let n = 0; n < N; n++) {
+            want[m * ld + off + n] = init.values[m * ld + off + n]! + act[m * N + n]!;
+          }
+        }
+        for (let i = 0; i < want.length; i++) {
+          const col = i % ld;
+          if (col < off || col >= off + N) assert.equal(got[i], want[i], `prior kept at ${i}`);
+        }
+        assertCloseAct(got, want, y, `f16 += M=${M} N=${N} K=${K} nr=${nr} ${norm} ${epilogue}`, TOL_F16_OUT);
       }
     }
   }
@@ -528,8 +642,15 @@ Deno.test("decodeMatvecApplies says which products fit, and the kernels refuse t
     /must be f32 or f16/,
   );
   refuses(() => decodeLinearForward(rec, t([1, 8]), t([1, 13]), w, null), /not a whole number of rows of 12/);
-  refuses(() => decodeLinearForward(rec, t([1, 8]), t([1, 12], "f16"), w, null), /input t must be f32/);
-  refuses(() => decodeLinearForward(rec, t([1, 9]), t([1, 12]), w, null), /output t must be f32 of 1x8/);
+  refuses(() => decodeLinearForward(rec, t([1, 8]), t([1, 12], "i32"), w, null), /x: t must be f32 or f16/);
+  refuses(
+    () => decodeLinearForward(rec, t([1, 9]), t([1, 12]), w, null),
+    /output t must be f32 or f16 of 1x8/,
+  );
+  refuses(
+    () => decodeSwigluForward(rec, t([1, 8], "i32"), t([1, 12]), w, w),
+    /output t must be f32 or f16 of 1x8/,
+  );
   refuses(() => decodeLinearForward(rec, t([1, 8]), t([1, 12]), w, t([7])), /bias t must be f32 of 8/);
   refuses(
     () => decodeLinearForward(rec, t([1, 10]), t([1, 12]), w, null, { outColOffset: 3, ldOut: 10 }),
@@ -572,6 +693,14 @@ Deno.test("decodeMatvecApplies says which products fit, and the kernels refuse t
   refuses(
     () => decodeLinearForward(noF16, t([1, 8]), t([1, 12]), t([8, 12], "f16"), null),
     /lacks shader-f16/,
+  );
+  refuses(
+    () => decodeLinearForward(noF16, t([1, 8]), t([1, 12], "f16"), w, null),
+    /x: t is f16 .* lacks shader-f16/,
+  );
+  refuses(
+    () => decodeSwigluForward(noF16, t([1, 8], "f16"), t([1, 12]), w, w),
+    /out: t is f16 .* lacks shader-f16/,
   );
   assert.equal(rec.ops.length, 0);
 });

@@ -3,7 +3,7 @@ import { embeddingForward, positionEmbeddingForward } from "../../kernels/embedd
 import { Recorder } from "../../src/gpu/recorder.ts";
 import { splitRows, type Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
 import type { Gpu } from "../../src/gpu/device.ts";
-import { assertClose, download, gpu, poisoned, Rng, upload } from "../_util.ts";
+import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
 import { embeddingForwardRef, positionEmbeddingForwardRef } from "../reference/embedding.ts";
 
 // A lookup copies values: exact for f32 tables, and exact against the f16-rounded table for f16.
@@ -13,8 +13,12 @@ async function run(g: Gpu, out: Tensor, record: (rec: Recorder) => void): Promis
   const rec = new Recorder(g);
   record(rec);
   rec.submit();
-  return await download(g, out);
+  return out.dtype === "f16" ? await downloadF16(g, out) : await download(g, out);
 }
+
+// An f16 output rounds each value once: 2^-11 relative to nearest, and WGSL lets f32 → f16 take either
+// neighbour, so allow one f16 ulp, 2^-10, normwise.
+const TOL_F16_OUT = 2 ** -10;
 
 Deno.test("embeddingForward gathers rows and writes zeros for ids outside the table", async () => {
   const g = await gpu();
@@ -132,6 +136,59 @@ Deno.test("positionEmbeddingForward adds position rows into the hidden state (f3
         positionEmbeddingForwardRef(h, positions, Float32Array.from(half), P, C),
         1e-7,
         "f16 wpe",
+      );
+    }
+  }
+});
+
+Deno.test("embeddingForward writes f16 outputs: exact from f16 tables, one rounding from f32 tables", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return; // the f16 variant is only compiled where shader-f16 exists
+  const rng = new Rng(27);
+  for (const [N, V, C] of [[1, 7, 1], [7, 33, 5], [33, 40, 7]] as const) {
+    const ids = rng.ints(N, V);
+    if (N > 2) {
+      ids[1] = -3; // zeros in f16 too
+      ids[2] = V;
+    }
+    const table16 = uploadF16(g, rng.randn(V * C), [V, C]);
+    const out16 = poisoned(g, [N, C], "f16");
+    const got16 = await run(g, out16, (rec) => embeddingForward(rec, out16, upload(g, ids), table16.tensor));
+    assertClose(got16, embeddingForwardRef(ids, table16.values, V, C), TOL, `f16 -> f16 ${N}x${V}x${C}`);
+    const table32 = rng.randn(V * C); // an f32 table (an f32 checkpoint) feeding f16 activations
+    const out = poisoned(g, [N, C], "f16");
+    const got = await run(
+      g,
+      out,
+      (rec) => embeddingForward(rec, out, upload(g, ids), upload(g, table32, [V, C])),
+    );
+    assertClose(got, embeddingForwardRef(ids, table32, V, C), TOL_F16_OUT, `f32 -> f16 ${N}x${V}x${C}`);
+  }
+});
+
+Deno.test("positionEmbeddingForward adds into an f16 hidden state (f16 and f32 position tables)", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return;
+  const rng = new Rng(28);
+  for (const [N, P, C] of [[1, 3, 1], [7, 9, 5], [33, 40, 7]] as const) {
+    const h = rng.randn(N * C);
+    const positions = Int32Array.from({ length: N }, (_, i) => (i * 5) % P);
+    if (N > 2) positions[1] = -1; // adds nothing: the row keeps its f16 value exactly
+    for (const wpeDtype of ["f16", "f32"] as const) {
+      const wpe = wpeDtype === "f16" ? uploadF16(g, rng.randn(P * C), [P, C]) : (() => {
+        const values = rng.randn(P * C);
+        return { tensor: upload(g, values, [P, C]), values };
+      })();
+      const out = uploadF16(g, h, [N, C]); // added into, so it holds the hidden state rather than poison
+      const got = await run(g, out.tensor, (rec) => {
+        positionEmbeddingForward(rec, out.tensor, wpe.tensor, upload(g, positions));
+      });
+      // f32 sum of the f16 inputs rounded once to f16: one f16 ulp plus the f32 add's 2^-24
+      assertClose(
+        got,
+        positionEmbeddingForwardRef(out.values, positions, wpe.values, P, C),
+        TOL_F16_OUT * 1.01,
+        `f16 h += ${wpeDtype} wpe ${N}x${P}x${C}`,
       );
     }
   }

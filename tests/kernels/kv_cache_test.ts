@@ -2,13 +2,15 @@
  * The KV-cache append writes this step's keys/values at the position held by the decode state (and
  * sets the cache mask there), leaving every other cache element alone and dropping rows past the
  * cache; the decode advance appends the sampled id to the history and moves the position on. Replaying
- * the same recorded ops walks through successive positions.
+ * the same recorded ops walks through successive positions. Keys, values, queries and caches may each
+ * be f16 (activations); an f16 cache is poisoned with f16 NaN so that both the written rows and the
+ * untouched ones are checked.
  */
 import assert from "node:assert/strict";
 import { decodeAdvance, kvCacheAppend, kvCacheAppendRope } from "../../kernels/kv_cache.ts";
 import { Recorder, runOps } from "../../src/gpu/recorder.ts";
-import { readTensor, tensorFrom } from "../../src/gpu/tensor.ts";
-import { assertClose, download, gpu, Rng } from "../_util.ts";
+import { readTensor, type Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
+import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
 import { invFreqRef, ropeRef } from "../reference/rope.ts";
 
 Deno.test("kvCacheAppend writes at state[0] for every batch row, sets the mask, drops rows past maxLen", async () => {
@@ -118,6 +120,140 @@ Deno.test("kvCacheAppendRope rotates q in place and k into the cache (float64 Ro
     assertClose(written, wantWritten, 1e-5, `rotated keys at ${pos}`);
     assert.deepEqual(gotK, untouched, `keys outside the appended rows untouched at ${pos}`);
     assert.deepEqual(await readTensor(g, vc), wantV, `values at ${pos}`);
+    assert.deepEqual(await readTensor(g, mask), wantM, `mask at ${pos}`);
+  }
+});
+
+/** f16 NaN, the poison of `poisoned(g, shape, "f16")`: cache elements never written keep these bits. */
+const F16_POISON = 0x7e00;
+
+/** Splits a (B, maxLen, width) cache into the elements of appended rows and the untouched rest. */
+function appendedRows(
+  cache: ArrayLike<number>,
+  B: number,
+  T: number,
+  width: number,
+  maxLen: number,
+  pos: number,
+): { written: number[]; rest: number[]; src: number[] } {
+  const written: number[] = [], rest: number[] = [], src: number[] = [];
+  for (let b = 0; b < B; b++) {
+    for (let j = 0; j < maxLen; j++) {
+      const t = j - pos;
+      for (let e = 0; e < width; e++) {
+        const x = cache[(b * maxLen + j) * width + e]!;
+        if (t >= 0 && t < T) {
+          written.push(x);
+          src.push((b * T + t) * width + e); // the element of this step's (B, T, width) it came from
+        } else rest.push(x);
+      }
+    }
+  }
+  return { written, rest, src };
+}
+
+// One f16 rounding of the stored value: 2^-11 relative to nearest; WGSL lets f32 → f16 take either
+// neighbour, so allow one f16 ulp, 2^-10.
+const TOL_F16_OUT = 2 ** -10;
+
+Deno.test("kvCacheAppend into f16 caches: f16 keys/values copied exactly, f32 rounded once, the rest untouched", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return;
+  const rng = new Rng(3);
+  const B = 2, T = 3, width = 7, maxLen = 9; // odd width: f16 rows are not 4-byte aligned
+  for (const [pos, inDtype] of [[0, "f16"], [4, "f16"], [7, "f16"], [5, "f32"]] as const) {
+    const kData = rng.randn(B * T * width), vData = rng.randn(B * T * width);
+    const [k, v] = [kData, vData].map((d) =>
+      inDtype === "f16" ? uploadF16(g, d, [B, T, width]) : { tensor: upload(g, d, [B, T, width]), values: d }
+    ) as [{ tensor: Tensor; values: Float32Array }, { tensor: Tensor; values: Float32Array }];
+    const kc = poisoned(g, [B, maxLen, width], "f16"), vc = poisoned(g, [B, maxLen, width], "f16");
+    const mask = tensorFrom(g, new Int32Array(B * maxLen).fill(7));
+    const rec = new Recorder(g);
+    kvCacheAppend(rec, kc, vc, mask, k.tensor, v.tensor, tensorFrom(g, new Uint32Array([pos, 0, 0, 0])), {
+      batch: B,
+      tokens: T,
+      width,
+      maxLen,
+    });
+    rec.submit();
+    const wantM = new Int32Array(B * maxLen).fill(7);
+    for (let b = 0; b < B; b++) {
+      for (let t = 0; t < T && pos + t < maxLen; t++) wantM[b * maxLen + pos + t] = 1;
+    }
+    assert.deepEqual(await readTensor(g, mask), wantM, `mask at ${pos}`);
+    for (const [cache, src, name] of [[kc, k, "keys"], [vc, v, "values"]] as const) {
+      const bits = await readTensor(g, cache) as Uint16Array;
+      const { written, rest, src: from } = appendedRows(
+        await downloadF16(g, cache),
+        B,
+        T,
+        width,
+        maxLen,
+        pos,
+      );
+      const want = from.map((i) => src.values[i]!);
+      // f16 → f16 is a copy (tolerance 0); f32 → f16 rounds once
+      assertClose(written, want, inDtype === "f16" ? 0 : TOL_F16_OUT, `${inDtype} ${name} at ${pos}`);
+      const untouched = appendedRows(bits, B, T, width, maxLen, pos).rest;
+      assert.equal(rest.length, untouched.length);
+      assert.ok(
+        untouched.every((b) => b === F16_POISON),
+        `${name} outside the appended rows untouched at ${pos}`,
+      );
+    }
+  }
+});
+
+Deno.test("kvCacheAppendRope with f16 q/k/v and f16 caches matches the float64 RoPE reference on the rounded inputs", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return;
+  const rng = new Rng(4);
+  const B = 2, T = 3, H = 3, Hkv = 1, D = 6, maxLen = 5; // odd head counts and rows; pos 3 drops a row
+  const width = Hkv * D;
+  const invFreq = invFreqRef(D, 10000);
+  for (const pos of [0, 3]) {
+    const positions = Int32Array.from({ length: B * T }, (_, n) => pos + (n % T) + 17 * Math.floor(n / T));
+    const q = uploadF16(g, rng.randn(B * T * H * D), [B * T, H * D]);
+    const k = uploadF16(g, rng.randn(B * T * width), [B * T, width]);
+    const v = uploadF16(g, rng.randn(B * T * width), [B * T, width]);
+    const kc = poisoned(g, [B, maxLen, width], "f16"), vc = poisoned(g, [B, maxLen, width], "f16");
+    const mask = tensorFrom(g, new Int32Array(B * maxLen).fill(7));
+    const rec = new Recorder(g);
+    kvCacheAppendRope(
+      rec,
+      kc,
+      vc,
+      mask,
+      q.tensor,
+      k.tensor,
+      v.tensor,
+      tensorFrom(g, invFreq),
+      tensorFrom(g, positions),
+      tensorFrom(g, new Uint32Array([pos, 0, 0, 0])),
+      { batch: B, tokens: T, numHeads: H, numKvHeads: Hkv, maxLen },
+    );
+    rec.submit();
+    // f32 cos/sin (1e-5, the RoPE tests' tolerance) then one f16 rounding of the result (≤ 2^-10): 2e-3
+    const tol = 2e-3;
+    assertClose(
+      await downloadF16(g, q.tensor),
+      ropeRef(q.values, invFreq, positions, H),
+      tol,
+      `f16 q at ${pos}`,
+    );
+    const kRot = ropeRef(k.values, invFreq, positions, Hkv);
+    const keys = appendedRows(await downloadF16(g, kc), B, T, width, maxLen, pos);
+    assertClose(keys.written, keys.src.map((i) => kRot[i]!), tol, `f16 rotated keys at ${pos}`);
+    const values = appendedRows(await downloadF16(g, vc), B, T, width, maxLen, pos);
+    assertClose(values.written, values.src.map((i) => v.values[i]!), 0, `f16 values copied at ${pos}`);
+    for (const [cache, name] of [[kc, "keys"], [vc, "values"]] as const) {
+      const rest = appendedRows(await readTensor(g, cache) as Uint16Array, B, T, width, maxLen, pos).rest;
+      assert.ok(rest.every((b) => b === F16_POISON), `${name} outside the appended rows untouched at ${pos}`);
+    }
+    const wantM = new Int32Array(B * maxLen).fill(7);
+    for (let b = 0; b < B; b++) {
+      for (let t = 0; t < T && pos + t < maxLen; t++) wantM[b * maxLen + pos + t] = 1;
+    }
     assert.deepEqual(await readTensor(g, mask), wantM, `mask at ${pos}`);
   }
 });

@@ -8,9 +8,20 @@ import {
   matmulTuning,
 } from "../../kernels/matmul.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
-import { type Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
+import { createTensor, splitRows, Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
 import type { Gpu } from "../../src/gpu/device.ts";
-import { assertClose, download, gpu, poisoned, relError, Rng, upload } from "../_util.ts";
+import { GpuError } from "../../src/errors.ts";
+import {
+  assertClose,
+  download,
+  downloadF16,
+  gpu,
+  poisoned,
+  relError,
+  Rng,
+  upload,
+  uploadF16,
+} from "../_util.ts";
 import {
   conv1dBackwardInputRef,
   conv1dForwardRef,
@@ -23,6 +34,9 @@ const TOL = 1e-5;
 // f16 weights: the reference uses the same f16-rounded weights, so only f32 accumulation differs and the
 // f32 tolerance applies; the 2e-3 bound below is against the unrounded f32 weights (f16 has 11 bits).
 const TOL_F16_VS_F32 = 2e-3;
+// f16 outputs: the f32 result rounded once to f16 (2^-11 relative per element) against the float64
+// reference of the same f16-rounded inputs: 2e-3 normwise. f32 outputs of f16 inputs keep TOL.
+const TOL_F16_OUT = 2e-3;
 
 const CHOICES: (MatmulKernelChoice | null)[] = [
   null,
@@ -95,7 +109,7 @@ async function run(g: Gpu, out: Tensor, record: (rec: Recorder) => void): Promis
   const rec = new Recorder(g);
   record(rec);
   rec.submit();
-  return await download(g, out);
+  return await read(g, out);
 }
 
 Deno.test("linearForward matches the float64 reference for every kernel, odd sizes, with and without bias", async () => {
@@ -371,4 +385,191 @@ Deno.test("mismatched shapes are refused with a message naming the tensor", asyn
     () => linearForward(rec, poisoned(g, [3, 4]), poisoned(g, [3, 6]), w, null, { outColOffset: 1 }),
     /exceed ldOut/,
   );
+});
+
+type Act = "f32" | "f16";
+
+/** An activation of random values in dtype `dt`: the tensor and the values a reference should use. */
+function activation(
+  g: Gpu,
+  data: Float32Array,
+  shape: number[],
+  dt: Act,
+): { tensor: Tensor; values: Float32Array } {
+  return dt === "f16" ? uploadF16(g, data, shape) : { tensor: upload(g, data, shape), values: data };
+}
+
+/** Reads an output of either dtype as f32 values. */
+function read(g: Gpu, t: Tensor): Promise<Float32Array> {
+  return t.dtype === "f16" ? downloadF16(g, t) : download(g, t);
+}
+
+/** The tolerance of an output of dtype `dt` (see TOL and TOL_F16_OUT). */
+const tolOf = (dt: Act) => dt === "f16" ? TOL_F16_OUT : TOL;
+
+Deno.test("f16 activations: x and out f16 or f32 independently, with f32 or f16 weights and bias, on the tiled and matrix-vector paths", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return; // f16 activations need shader-f16
+  const rng = new Rng(18);
+  // (M, N, K): tiled with vec4 A loads, tiled with scalar A loads (K odd), matrix-vector (M ≤ 4, vec4)
+  const shapes: [number, number, number][] = [[33, 7, 20], [7, 33, 33], [3, 36, 20]];
+  // (x, weight, out): f16 x with either weight and either output (projections of an f16 model, its LM
+  // head's f32 logits), and f32 x into an f16 output
+  const kinds: [Act, Act, Act][] = [
+    ["f16", "f32", "f16"],
+    ["f16", "f32", "f32"],
+    ["f16", "f16", "f16"],
+    ["f16", "f16", "f32"],
+    ["f32", "f32", "f16"],
+  ];
+  for (const [M, N, K] of shapes) {
+    for (const [xt, wt, ot] of kinds) {
+      const x = activation(g, rng.randn(M * K), [M, K], xt);
+      const w = activation(g, rng.randn(N * K, 0.5), [N * K], wt); // (N, K) Linear, (K, N) Conv1D
+      const b = rng.randn(N);
+      const what = `x ${xt} w ${wt} out ${ot} ${M}x${N}x${K}`;
+      const out = poisoned(g, [M, N], ot);
+      const got = await run(
+        g,
+        out,
+        (rec) => linearForward(rec, out, x.tensor, w.tensor.reshape([N, K]), upload(g, b)),
+      );
+      assertClose(
+        got,
+        linearForwardRef(x.values, w.values, b, M, N, K),
+        tolOf(ot),
+        `linear ${what}`,
+      );
+      const out2 = poisoned(g, [M, N], ot);
+      const got2 = await run(
+        g,
+        out2,
+        (rec) => conv1dForward(rec, out2, x.tensor, w.tensor.reshape([K, N]), upload(g, b)),
+      );
+      assertClose(
+        got2,
+        conv1dForwardRef(x.values, w.values, b, M, N, K),
+        tolOf(ot),
+        `conv1d ${what}`,
+      );
+    }
+  }
+});
+
+Deno.test("f16 x and f16 out through every kernel variant (tiles, exact, split-K, single-buffered, matrix-vector), accumulating into f16", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return;
+  const rng = new Rng(19);
+  // (M, N, K): matrix-vector in both layouts (K % 8 == 0: also 8 packed halves per weight load); tiled
+  // with K long enough for 3 splits; whole tiles (the "exact" kernel). One pipeline per dtype combination
+  // costs 0.3-1 s to compile on a CPU device, so each variant runs the shapes it applies to.
+  const mv: [number, number, number] = [3, 36, 24];
+  const tiled: [number, number, number] = [33, 65, 36];
+  await forEachKernel(async (choice) => {
+    const shapes: [number, number, number][] = choice.startsWith("matvec")
+      ? [mv]
+      : choice === "null"
+      ? [mv, tiled]
+      : choice === "64x64"
+      ? [tiled, [128, 128, 24]]
+      : [tiled];
+    for (const [M, N, K] of shapes) {
+      const x = uploadF16(g, rng.randn(M * K), [M, K]);
+      const w = uploadF16(g, rng.randn(N * K, 0.5), [N * K]);
+      const b = rng.randn(N);
+      for (
+        const [name, fwd, ref] of [
+          ["linear", linearForward, linearForwardRef],
+          ["conv1d", conv1dForward, conv1dForwardRef],
+        ] as const
+      ) {
+        // out += x w + b on an f16 output: read as f32, added in f32, rounded once
+        const init = uploadF16(g, rng.randn(M * N), [M, N]);
+        const wShape = name === "linear" ? [N, K] : [K, N];
+        await run(
+          g,
+          init.tensor,
+          (rec) =>
+            fwd(rec, init.tensor, x.tensor, w.tensor.reshape(wShape), upload(g, b), { accumulate: true }),
+        );
+        const prod = ref(x.values, w.values, b, M, N, K);
+        assertClose(
+          await downloadF16(g, init.tensor),
+          prod.map((v, i) => v + init.values[i]!),
+          TOL_F16_OUT,
+          `f16 ${name} accumulate ${choice} ${M}x${N}x${K}`,
+        );
+      }
+    }
+  });
+});
+
+Deno.test("f16 x and out in row ranges (splitRows): f16 views at byte offsets, weight ranges writing column slices", async () => {
+  const g = await gpu();
+  if (!g.hasF16) return;
+  const rng = new Rng(20);
+  // a weight in row ranges (an LM head) of at most 100 rows of 72 bytes: each range writes its column
+  // slice (with a 256-byte offset alignment: ranges of 96 rows, 96, 96, 96, 12)
+  const [N, K] = [300, 36];
+  const w = uploadF16(g, rng.randn(N * K, 0.5), [N, K]);
+  const ranges = splitRows(g, w.tensor, K * 2 * 100);
+  assert.ok(ranges.length >= 3);
+  for (const M of [3, 33]) { // matrix-vector and tiled
+    const x = uploadF16(g, rng.randn(M * K), [M, K]);
+    const b = rng.randn(N);
+    for (const ot of ["f32", "f16"] as const) {
+      const out = poisoned(g, [M, N], ot);
+      await run(g, out, (rec) => {
+        for (const { rowStart, tensor } of ranges) {
+          const bias = upload(g, b.subarray(rowStart, rowStart + tensor.shape[0]!));
+          linearForward(rec, out, x.tensor, tensor, bias, { outColOffset: rowStart, ldOut: N });
+        }
+      });
+      assertClose(
+        await read(g, out),
+        linearForwardRef(x.values, w.values, b, M, N, K),
+        tolOf(ot),
+        `weight ranges M=${M} out ${ot}`,
+      );
+    }
+  }
+  // x and out in row ranges of 64 rows, as splitRows makes them: views at byte offsets 64 * 72 and
+  // 64 * 48 (multiples of 256)
+  const [M, N2] = [70, 24];
+  const x = uploadF16(g, rng.randn(M * K), [M, K]);
+  const w2 = uploadF16(g, rng.randn(N2 * K, 0.5), [N2, K]);
+  const out = poisoned(g, [M, N2], "f16");
+  const view = (t: Tensor, r0: number, r1: number, cols: number) =>
+    new Tensor(t.buffer, [r1 - r0, cols], "f16", t.offset + r0 * cols * 2, `${t.label}[${r0}:${r1}]`);
+  await run(g, out, (rec) => {
+    for (const [r0, r1] of [[0, 64], [64, M]] as const) {
+      linearForward(rec, view(out, r0, r1, N2), view(x.tensor, r0, r1, K), w2.tensor, null);
+    }
+  });
+  assertClose(
+    await downloadF16(g, out),
+    linearForwardRef(x.values, w2.values, null, M, N2, K),
+    TOL_F16_OUT,
+    "x and out row ranges",
+  );
+});
+
+Deno.test("activations may be f32 or f16, gradients only f32; f16 on a GPU without shader-f16 is refused", async () => {
+  const g = await gpu();
+  const rec = new Recorder(g);
+  const t = (shape: number[], dtype: "f32" | "f16" | "i32" = "f32") => createTensor(g, shape, dtype, "t");
+  const refuses = (f: () => void, re: RegExp) =>
+    assert.throws(f, (e: unknown) => e instanceof GpuError && re.test(e.message));
+  refuses(() => linearForward(rec, t([3, 4]), t([3, 6], "i32"), t([4, 6]), null), /x: t must be f32 or f16/);
+  refuses(
+    () => conv1dForward(rec, t([3, 4], "i32"), t([3, 6]), t([6, 4]), null),
+    /out: t must be f32 or f16/,
+  );
+  refuses(() => linearBackwardInput(rec, t([3, 6]), t([3, 4], "f16"), t([4, 6])), /gradient t must be f32/);
+  refuses(() => linearBackwardInput(rec, t([3, 6], "f16"), t([3, 4]), t([4, 6])), /gradient t must be f32/);
+  refuses(() => conv1dBackwardInput(rec, t([3, 6]), t([3, 4], "f16"), t([6, 4])), /gradient t must be f32/);
+  const noF16 = new Recorder({ ...g, hasF16: false });
+  refuses(() => linearForward(noF16, t([3, 4]), t([3, 6], "f16"), t([4, 6]), null), /lacks shader-f16/);
+  refuses(() => conv1dForward(noF16, t([3, 4], "f16"), t([3, 6]), t([6, 4]), null), /lacks shader-f16/);
+  assert.equal(rec.ops.length, 0);
 });

@@ -1,6 +1,6 @@
 /**
  * checkActivationsFit: its estimate is byte-exact against what createActivations allocates (golden llama,
- * llama with GQA, gpt2; training from several layers, and inference), and on a device with small limits
+ * llama with GQA, gpt2; training from several layers, and inference; f32 and f16 activations), and on a device with small limits
  * it refuses a batch with a message whose suggested batch size and sequence length do fit.
  */
 import assert from "node:assert/strict";
@@ -19,13 +19,20 @@ Deno.test("the estimate equals the bytes createActivations allocates (exact)", a
     for (
       const [B, T, training, saveFrom] of [[2, 32, true, 1], [3, 17, true, 0], [1, 5, false, 0]] as const
     ) {
-      const est = checkActivationsFit(gpu, config, B, T, training, saveFrom);
-      const before = gpuBytesAllocated;
-      const acts = createActivations(gpu, config, B, T, training, saveFrom);
-      const allocated = gpuBytesAllocated - before;
-      destroyActivations(acts);
-      assert.equal(est.totalBytes, allocated, `${name} ${B}x${T} training=${training} from ${saveFrom}`);
-      assert.equal(est.rows, B * T);
+      for (const dtype of ["f32", "f16"] as const) {
+        const est = checkActivationsFit(gpu, config, B, T, training, saveFrom, dtype);
+        const before = gpuBytesAllocated;
+        const acts = createActivations(gpu, config, B, T, training, saveFrom, dtype);
+        const allocated = gpuBytesAllocated - before;
+        destroyActivations(acts);
+        const what = `${name} ${B}x${T} ${dtype} training=${training} from ${saveFrom}`;
+        assert.equal(est.totalBytes, allocated, what);
+        assert.equal(est.rows, B * T);
+        if (dtype === "f16") {
+          const f32 = checkActivationsFit(gpu, config, B, T, training, saveFrom, "f32").totalBytes;
+          assert.ok(est.totalBytes < 0.8 * f32, `${what}: f16 activations ${est.totalBytes} vs f32 ${f32}`);
+        }
+      }
     }
   }
 });
