@@ -4,7 +4,9 @@
  * non-zero gate, prompt 128, 128 new tokens, greedy. "before" is the replayed decode step recorded with
  * the general layer forward (`decodeTuning.fused = false`: separate norm, RoPE, attention, adapter
  * attention and add dispatches), "after" the fused decode layers (the default), measured one after the
- * other on one card:
+ * other on one card. `DECODE_BENCH_COMPARE=act` compares instead f16 weights with f32 activations
+ * ("before", `activationTuning.f16 = false`) and f16 activations with an f16 KV cache ("after"), both
+ * fused, f16 rows only (the greedy tokens may then differ by f16 rounding):
  *
  * | column | what |
  * | --- | --- |
@@ -28,7 +30,7 @@ import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { runOps } from "../src/gpu/recorder.ts";
 import { profileOps, timeOps } from "../src/gpu/timing.ts";
 import { decodeStepOps, generate } from "../src/models/generate.ts";
-import { decodeTuning } from "../src/models/transformer.ts";
+import { activationTuning, decodeTuning } from "../src/models/transformer.ts";
 import { createRandomModel, modelConfigFor, type RandomModelName } from "../src/models/random.ts";
 import type { Model } from "../src/models/model.ts";
 
@@ -40,6 +42,8 @@ const PROMPT = full ? 128 : 16, NEW = full ? 128 : 16;
 const names: RandomModelName[] = full ? ["tinyllama-1.1B", "smollm2-135M", "gpt2-124M"] : ["gpt2-124M"];
 const dtypes: ("f32" | "f16")[] = gpu.hasF16 ? ["f16", "f32"] : ["f32"];
 const only = Deno.env.get("DECODE_BENCH_MODELS")?.split(",");
+// DECODE_BENCH_COMPARE=act: before = f16 weights with f32 activations, after = f16 activations (f16 rows only)
+const compareActivations = Deno.env.get("DECODE_BENCH_COMPARE") === "act";
 console.log(
   `# decode bench: ${report.description}; prompt ${PROMPT}, ${NEW} new tokens, greedy, adapter on all layers`,
 );
@@ -49,8 +53,14 @@ function median(x: number[]): number {
   return s[Math.floor(s.length / 2)]!;
 }
 
-async function measure(model: Model, prompt: number[], fused: boolean) {
-  decodeTuning.fused = fused;
+/** Sets the switches of the "before" (false) or "after" (true) side. */
+function setSide(after: boolean): void {
+  decodeTuning.fused = compareActivations || after;
+  activationTuning.f16 = !compareActivations || after;
+}
+
+async function measure(model: Model, prompt: number[], after: boolean) {
+  setSide(after);
   const replay = true;
   await generate(model, prompt, { maxNewTokens: 16, replay }); // warm-up: pipelines, bind groups, clocks
   await generate(model, prompt, { maxNewTokens: NEW, chunk: NEW, replay });
@@ -81,6 +91,7 @@ const rows: string[] = [];
 for (const name of names) {
   if (only && !only.includes(name)) continue;
   for (const dtype of dtypes) {
+    if (compareActivations && dtype !== "f16") continue;
     let config = modelConfigFor(name);
     if (!full) config = { ...config, numLayers: 2 };
     const t0 = performance.now();
@@ -119,12 +130,15 @@ for (const name of names) {
     const dispatches = ops.filter((o) => o.kind === "dispatch").length;
     if (dtype === dtypes[0]) {
       // where one step's GPU time goes (one pass per dispatch: adds per-pass overhead), before and after
-      for (const fused of [false, true]) {
-        decodeTuning.fused = fused;
+      for (const after of [false, true]) {
+        setSide(after);
         const prof = await profileOps(gpu, decodeStepOps(model, PROMPT, NEW));
         const total = prof.reduce((a, r) => a + r.ms, 0);
+        const side = compareActivations
+          ? (after ? "f16 activations" : "f32 activations")
+          : (after ? "fused" : "general");
         console.log(
-          `profile of one step, ${name} ${dtype} ${fused ? "fused" : "general"} (one pass per dispatch, sum ${
+          `profile of one step, ${name} ${dtype} ${side} (one pass per dispatch, sum ${
             total.toFixed(3)
           } ms):`,
         );
@@ -144,6 +158,14 @@ for (const name of names) {
     rows.push(row);
   }
 }
+setSide(true);
+console.log(
+  `\nbefore / after: ${
+    compareActivations
+      ? "f16 weights with f32 activations / f16 activations"
+      : "general layers / fused decode layers"
+  }`,
+);
 console.log(
   `\n| model | dtype | tok/s before | tok/s after | speed-up | stream tok/s before / after | ttft ms before / after | step GPU ms before / after | step host ms | dispatches/step before / after | same tokens |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
