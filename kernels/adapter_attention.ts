@@ -33,12 +33,6 @@ import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
 
-/** The `enable f16;` line (with its newline) when any of the types is f16, else nothing: f32 WGSL unchanged. */
-function enableLine(...types: ActivationType[]): string {
-  const e = enableF16(...types);
-  return e ? `${e}\n` : "";
-}
-
 /** How the gate multiplies each head's adapter output. */
 export type GateKind = "scalar" | "per-head" | "per-head-tanh";
 
@@ -174,7 +168,7 @@ function forwardKernel(D: number, qt: ActivationType, ot: ActivationType): Kerne
     { D, qt, ot },
     ["read", "read", "read", "read", "write", "uniform"],
     () => `
-${enableLine(qt, ot)}${PARAMS}
+${enableF16(qt, ot)}${PARAMS}
 @group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> ka: array<f32>;
 @group(0) @binding(2) var<storage, read> va: array<f32>;
@@ -256,7 +250,7 @@ function partialsKernel(D: number, LMAX: number, RC: number, qt: ActivationType)
     { D, LMAX, RC, qt },
     ["read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
-${enableLine(qt)}${PARAMS}
+${enableF16(qt)}${PARAMS}
 @group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> ka: array<f32>;
 @group(0) @binding(2) var<storage, read> va: array<f32>;

@@ -46,12 +46,6 @@ import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
 
-/** The `enable f16;` line (with its newline) when any of the types is f16, else nothing: f32 WGSL unchanged. */
-function enableLine(...types: ActivationType[]): string {
-  const e = enableF16(...types);
-  return e ? `${e}\n` : "";
-}
-
 /** Options shared by {@link attentionForward} and {@link attentionBackward}. */
 export interface AttentionOptions {
   /** H: query heads. */
@@ -241,7 +235,7 @@ function forwardKernel(D: number, R: number, ty: ActTypes): Kernel {
     "write",
     "uniform",
   ], () => `
-${enableLine(qt, kt, vt, ot)}${PARAMS}
+${enableF16(qt, kt, vt, ot)}${PARAMS}
 @group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> k: array<${kt}>;
 @group(0) @binding(2) var<storage, read> v: array<${vt}>;
@@ -468,7 +462,7 @@ function forwardTiledKernel(D: number, ty: ActTypes): Kernel {
     "write",
     "uniform",
   ], () => `
-${enableLine(qt, kt, vt, ot)}${PARAMS}
+${enableF16(qt, kt, vt, ot)}${PARAMS}
 @group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> k: array<${kt}>;
 @group(0) @binding(2) var<storage, read> v: array<${vt}>;
@@ -614,7 +608,7 @@ function dkdvTiledKernel(D: number, ty: BwdTypes): Kernel {
     { D, tiled: 1, ...ty },
     ["read", "read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
-${enableLine(qt, kt, vt)}${PARAMS}
+${enableF16(qt, kt, vt)}${PARAMS}
 @group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> k: array<${kt}>;
 @group(0) @binding(2) var<storage, read> v: array<${vt}>;
@@ -896,7 +890,7 @@ function rowDotKernel(D: number, ot: ActivationType): Kernel {
     { D, ot },
     ["read", "read", "read", "write", "uniform"],
     () => `
-${enableLine(ot)}struct P { rows: u32, T: u32, H: u32, stride: u32 }
+${enableF16(ot)}struct P { rows: u32, T: u32, H: u32, stride: u32 }
 @group(0) @binding(0) var<storage, read> dout: array<f32>;
 @group(0) @binding(1) var<storage, read> o: array<${ot}>;
 @group(0) @binding(2) var<storage, read> lse: array<f32>;
@@ -935,7 +929,7 @@ function dkdvKernel(D: number, ty: BwdTypes): Kernel {
     { D, ...ty },
     ["read", "read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
-${enableLine(qt, kt, vt)}${PARAMS}
+${enableF16(qt, kt, vt)}${PARAMS}
 @group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> k: array<${kt}>;
 @group(0) @binding(2) var<storage, read> v: array<${vt}>;
@@ -1028,7 +1022,7 @@ function dqKernel(D: number, ty: BwdTypes): Kernel {
     { D, ...ty },
     ["read", "read", "read", "read", "read", "read", "write", "uniform"],
     () => `
-${enableLine(qt, kt, vt)}${PARAMS}
+${enableF16(qt, kt, vt)}${PARAMS}
 @group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> k: array<${kt}>;
 @group(0) @binding(2) var<storage, read> v: array<${vt}>;

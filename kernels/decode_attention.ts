@@ -51,12 +51,6 @@ import { GpuError } from "../src/errors.ts";
 import type { AttentionOptions } from "./attention.ts";
 import { adapterAttentionForward, type GateKind } from "./adapter_attention.ts";
 
-/** The `enable f16;` line (with its newline) when any of the types is f16, else nothing: f32 WGSL unchanged. */
-function enableLine(...types: ActivationType[]): string {
-  const e = enableF16(...types);
-  return e ? `${e}\n` : "";
-}
-
 /** The adaption prompt of one layer, for {@link decodeAttentionForward}. */
 export interface DecodeAttentionAdapter {
   /** Adapter keys `(L, Hkv, D)` f32. */
@@ -241,7 +235,7 @@ function decodeKernel(D: number, into: boolean, ty: DecodeTypes): Kernel {
     { D, into, ...ty },
     bindings,
     () => `
-${enableLine(qt, kt, vt, ot, dt)}struct P {
+${enableF16(qt, kt, vt, ot, dt)}struct P {
   H: u32, Hkv: u32, kvStride: u32, kStart: u32,
   kEnd: u32, useMask: u32, L: u32, gmode: u32,
   scale: f32, ascale: f32, _a: u32, _b: u32,

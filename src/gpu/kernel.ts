@@ -192,8 +192,8 @@ export function activationType(gpu: Gpu, t: { dtype: string; label: string }, wh
  * The WGSL `enable f16;` directive when any of the given element types is f16, else nothing.
  *
  * @param types WGSL element types used by a kernel.
- * @returns The directive line or `""`.
+ * @returns The directive line (with its newline) or `""`, so f32 WGSL stays unchanged.
  */
 export function enableF16(...types: string[]): string {
-  return types.includes("f16") ? "enable f16;" : "";
+  return types.includes("f16") ? "enable f16;\n" : "";
 }

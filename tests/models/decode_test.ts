@@ -8,27 +8,18 @@
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
-import { addAdaptionPrompt, forward, generate, loadModel, type Model } from "../../mod.ts";
+import { forward, generate, loadModel, type Model } from "../../mod.ts";
 import { createDecoder, createKvCache, generateStream } from "../../src/models/generate.ts";
 import { activationsFor, decodeFusable, decodeTuning } from "../../src/models/transformer.ts";
 import { runningAdapter } from "../../src/models/model.ts";
 import { assertClose, Rng } from "../_util.ts";
+import { addGatedAdapter } from "./_gated_adapter.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
 
 async function modelWithAdapter(name: string): Promise<Model> {
   const model = await loadModel(join(ROOT, name, "model"), { maxSeqLen: 64 });
-  addAdaptionPrompt(model, { adapterLen: 3, adapterLayers: 2, seed: 5 });
-  // give the gate a non-zero value so the adapter matters
-  const state = model.adapters.get("default")!;
-  const values = new Float32Array(state.size);
-  const rng = new Rng(9);
-  for (const s of state.slots) {
-    for (let i = 0; i < 3 * model.config.hiddenSize; i++) values[s.promptOffset + i] = rng.normal();
-    values[s.gateOffset] = 0.7;
-  }
-  model.gpu.device.queue.writeBuffer(state.params.buffer, 0, values);
-  state.version++;
+  addGatedAdapter(model);
   return model;
 }
 

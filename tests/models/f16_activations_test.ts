@@ -10,12 +10,13 @@
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
-import { addAdaptionPrompt, forward, loadAdapter, loadModel, type Model } from "../../mod.ts";
+import { forward, loadAdapter, loadModel, type Model } from "../../mod.ts";
 import { lossAndGradients } from "../../src/models/run.ts";
 import { activationsFor, activationTuning } from "../../src/models/transformer.ts";
 import { createDecoder, createKvCache } from "../../src/models/generate.ts";
 import { gpuBytesAllocated } from "../../src/gpu/tensor.ts";
 import { assertClose, relError, Rng } from "../_util.ts";
+import { addGatedAdapter } from "./_gated_adapter.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
 
@@ -73,16 +74,8 @@ for (const name of ["llama_gqa_pad", "gpt2_basic"]) {
 
   Deno.test(`${name} f16: prefill + steps over the f16 KV cache = the full f16 forward`, async () => {
     const model = await f16Model(name);
-    addAdaptionPrompt(model, { adapterLen: 3, adapterLayers: 2, seed: 5 });
-    const state = model.adapters.get("default")!;
-    const values = new Float32Array(state.size);
+    addGatedAdapter(model);
     const rng = new Rng(9);
-    for (const s of state.slots) {
-      for (let i = 0; i < 3 * model.config.hiddenSize; i++) values[s.promptOffset + i] = rng.normal();
-      values[s.gateOffset] = 0.7;
-    }
-    model.gpu.device.queue.writeBuffer(state.params.buffer, 0, values);
-    state.version++;
     const V = model.config.vocabSize;
     const T0 = 5, steps = 4, T = T0 + steps;
     const ids = Array.from(rng.ints(T, V));
