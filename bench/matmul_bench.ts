@@ -10,7 +10,8 @@
  * warm-up on the same product: short timed windows after an idle gap measured the GPU still at its idle
  * clock (on the H200, 4096³ read 29 TFLOP/s in one case and 7.9 in the next, while wall time disagreed).
  * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / matrix-vector variant at the model shapes
- * (`=matvec`: the matrix-vector variants only)
+ * (`=matvec`: the matrix-vector variants only; `=prefill`: the products of a 128-token prefill, M = 128,
+ * with f32 and with f16 weights and activations)
  * (the data behind the heuristic in kernels/matmul.ts).
  *
  * Run: `deno bench --allow-read --allow-write --allow-env bench/matmul_bench.ts`
@@ -149,7 +150,7 @@ function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; time
 }
 
 const tuneMode = Deno.env.get("PROMPTGATE_BENCH_TUNE");
-const tune = (tuneMode === "1" || tuneMode === "matvec") && "matmulTuning" in mm &&
+const tune = (tuneMode === "1" || tuneMode === "matvec" || tuneMode === "prefill") && "matmulTuning" in mm &&
   "splitK" in mm.matmulTuning;
 if (tune) {
   // every variant at the model shapes: tiles (double-buffered), one single-buffered, split-K; matvec threads
@@ -177,7 +178,31 @@ if (tune) {
     { label: `matvec t${t}`, force: "matvec" as const, threads: t },
     { label: `matvec t${t} vec4<f16>`, force: "matvec" as const, threads: t, packed: false },
   ]);
-  const tuneCases: [Case, Variant[], DType[]][] = full
+  const prefill: Variant[] = [
+    ...skinny,
+    ...[2, 4, 8, 16].map((s) => ({ label: `32x32 splitK${s}`, force: "32x32" as const, splitK: s })),
+    { label: "64x64 splitK16", force: "64x64", splitK: 16 },
+  ];
+  const P = 128; // prompt tokens
+  const prefillCases: [Case, Variant[], DType[]][] = [
+    ["tinyllama q_proj", "linear", 2048, 2048],
+    ["tinyllama k_proj", "linear", 256, 2048],
+    ["tinyllama gate_proj", "linear", 5632, 2048],
+    ["tinyllama down_proj", "linear", 2048, 5632],
+    ["smollm2 q_proj", "linear", 576, 576],
+    ["smollm2 k_proj", "linear", 192, 576],
+    ["smollm2 gate_proj", "linear", 1536, 576],
+    ["smollm2 down_proj", "linear", 576, 1536],
+    ["gpt2 c_attn", "conv1d", 2304, 768],
+    ["gpt2 attn c_proj", "conv1d", 768, 768],
+    ["gpt2 c_fc", "conv1d", 3072, 768],
+    ["gpt2 mlp c_proj", "conv1d", 768, 3072],
+  ].map(([name, op, N, K]) => [
+    { name: `${name} prefill`, op: op as Op, M: P, N: N as number, K: K as number },
+    prefill,
+    ["f32", "f16"],
+  ]);
+  const tuneCases: [Case, Variant[], DType[]][] = tuneMode === "prefill" ? prefillCases : full
     ? [
       [{ name: "square 4096", op: "linear", M: 4096, N: 4096, K: 4096 }, big, ["f32", "f16"]],
       [{ name: "tinyllama q_proj", op: "linear", M: 2048, N: 2048, K: 2048 }, big, ["f32"]],
@@ -201,7 +226,7 @@ if (tune) {
       [{ name: "decode 512x256", op: "linear", M: 1, N: 512, K: 256 }, mv, ["f32"]],
     ];
   const tuneRows: Record<string, string | number>[] = [];
-  for (const [c, variants, dts] of tuneCases.filter(([c]) => tuneMode === "1" || c.M <= 4)) {
+  for (const [c, variants, dts] of tuneCases.filter(([c]) => tuneMode !== "matvec" || c.M <= 4)) {
     for (const dtype of dts.filter((d) => dtypes.includes(d))) {
       const row: Record<string, string | number> = {
         case: c.name,
@@ -217,7 +242,8 @@ if (tune) {
         mm.matmulTuning.matvecPacked = v.packed ?? null;
         try {
           const rec = new Recorder(gpu);
-          const tensors = record(rec, c, dtype);
+          // prefill: an f16 model's products take f16 activations too
+          const tensors = record(rec, c, dtype, tuneMode === "prefill" ? dtype : "f32");
           const { ms } = await measure(rec.take());
           row[v.label] = c.M <= 4
             ? Number((c.N * c.K * (dtype === "f16" ? 2 : 4) / ms / 1e6).toPrecision(4)) // GB/s of weight
@@ -237,6 +263,7 @@ if (tune) {
   }
   console.log("variants (GFLOP/s, or GB/s of weight for M = 1):");
   console.table(tuneRows);
+  if (tuneMode === "prefill") cases.length = 0; // the prefill sweep stands alone
 }
 
 const rows: Record<string, string | number>[] = [];
