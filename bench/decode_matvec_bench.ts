@@ -1,12 +1,13 @@
 /**
  * Fused decode products (kernels/decode_matvec.ts) against the unfused sequences they replace, at the
- * decode shapes of TinyLlama-1.1B (C 2048, I 5632, Hkv*D 256) and gpt2-124M (C 768, I 3072), M = 1 and
- * M = 4 rows, f32 and f16 weights:
+ * decode shapes of TinyLlama-1.1B (C 2048, I 5632, Hkv*D 256), gpt2-124M (C 768, I 3072) and, for the
+ * one-dispatch q/k/v, SmolLM2-135M (C 576, Hkv*D 192), M = 1 and M = 4 rows, f32 and f16 weights:
  *
  * | case | unfused | fused |
  * | --- | --- | --- |
  * | llama q_proj | rmsnormForward, linearForward | decodeLinearForward (rms) |
  * | llama q,k,v | rmsnormForward, 3 linearForward | 3 decodeLinearForward (rms) |
+ * | llama / smollm2 qkv one dispatch | 3 decodeLinearForward (rms) | decodeQkvForward (rms) |
  * | llama mlp in | rmsnormForward, 2 linearForward, swigluForward | decodeSwigluForward (rms) |
  * | llama down_proj | linearForward (accumulate) | decodeLinearForward (accumulate) |
  * | gpt2 q,k,v | layernormForward, 3 linearForward (bias) | 3 decodeLinearForward (layer) |
@@ -32,7 +33,12 @@ import { timeOpsWarm } from "../src/gpu/timing.ts";
 import { linearForward } from "../kernels/matmul.ts";
 import { layernormForward, rmsnormForward } from "../kernels/norm.ts";
 import { geluForward, swigluForward } from "../kernels/activation.ts";
-import { decodeLinearForward, decodeSwigluForward, type MatvecPrologue } from "../kernels/decode_matvec.ts";
+import {
+  decodeLinearForward,
+  decodeQkvForward,
+  decodeSwigluForward,
+  type MatvecPrologue,
+} from "../kernels/decode_matvec.ts";
 
 const gpu = await getGpu();
 const full = benchFull(gpu);
@@ -61,6 +67,7 @@ interface Case {
 
 const llama = full ? { C: 2048, I: 5632, KV: 256 } : { C: 64, I: 160, KV: 16 };
 const gpt2 = full ? { C: 768, I: 3072 } : { C: 64, I: 256 };
+const smollm2 = full ? { C: 576, KV: 192 } : { C: 64, KV: 16 };
 const f32t = (shape: number[], scale = 0.05) => randomTensor(shape, "f32", scale);
 
 /** Norm weights and the stats the unfused norm saves. */
@@ -102,6 +109,22 @@ const cases: Case[] = [
       }
     },
   },
+  // the same three products as three decodeLinearForward dispatches ("unfused") and as one
+  ...([["llama", llama], ["smollm2", smollm2]] as const).map(([family, shape]): Case => ({
+    name: `${family} q,k,v: 3 dispatches vs decodeQkvForward`,
+    weights: shape.C * (shape.C + 2 * shape.KV),
+    record: (u, f, M, dtype) => {
+      const { C, KV } = shape;
+      const x = f32t([M, C], 1);
+      const prologue: MatvecPrologue = { kind: "rms", weight: norm(C, M).w, eps: EPS };
+      const ws = [C, KV, KV].map((N) => randomTensor([N, C], dtype));
+      const outs = () => [C, KV, KV].map((N) => createTensor(gpu, [M, N]));
+      const [q, k, v] = outs() as [Tensor, Tensor, Tensor];
+      ws.forEach((w, i) => decodeLinearForward(u, [q, k, v][i]!, x, w, null, { prologue }));
+      const [fq, fk, fv] = outs() as [Tensor, Tensor, Tensor];
+      decodeQkvForward(f, fq, fk, fv, x, ws[0]!, ws[1]!, ws[2]!, null, null, null, { prologue });
+    },
+  })),
   {
     name: "llama rmsnorm + gate,up + swiglu",
     weights: 2 * llama.I * llama.C,

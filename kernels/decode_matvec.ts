@@ -4,7 +4,11 @@
  * latency (about 5-10 µs on an H100), so the norm before a projection, the activation after it, and the
  * gate/up pair of a llama MLP are folded into the product itself:
  * - `decodeLinearForward`: `out (+)= act(norm(x) Wᵀ + b)`, one dispatch instead of up to three;
- * - `decodeSwigluForward`: `out = silu(norm(x) Wgᵀ + bg) * (norm(x) Wuᵀ + bu)`, one instead of four.
+ * - `decodeSwigluForward`: `out = silu(norm(x) Wgᵀ + bg) * (norm(x) Wuᵀ + bu)`, one instead of four;
+ * - `decodeQkvForward`: q, k and v of one norm(x), one instead of three where the device's storage-binding
+ *   limit allows (the small k/v products of GQA models are latency-bound on their own). Its workgroups are
+ *   spread over the concatenated output rows, each within one of the three products, so the choice of
+ *   weight, bias and output binding is uniform per workgroup: three code paths behind one branch.
  * Weights are HF `Linear` `(N, K)` ("nk"), f32 or f16 (read as vec4 / vec4<f16>); K must be a multiple of 4.
  *
  * The kernel is the "nk" matrix-vector kernel of kernels/matmul.ts (`matvecNkKernel`): T = 32-256
@@ -35,7 +39,8 @@
  *
  * Sizes travel in the uniform, and so do the bias / accumulate / gelu_new choices (a uniform branch in
  * the epilogue); the WGSL changes with the options in the kernel key (rows of x, threads per output row,
- * output rows per group, weight and activation dtypes, prologue, SwiGLU), one pipeline per combination.
+ * output rows per group, weight and activation dtypes, prologue, SwiGLU, q/k/v and whether its biases
+ * are bound), one pipeline per combination.
  *
  * @module
  */
@@ -96,6 +101,11 @@ interface MatvecOptions {
   prologue: "none" | "rms" | "layer";
   /** Two weights (gate, up) and `silu(gate) * up`. */
   swiglu: boolean;
+  /**
+   * q, k and v of one x in one dispatch (see {@link decodeQkvForward}): three weights, outputs (`ot` is
+   * q's, `kt` and `vt` those of k and v) and, with `bias`, three bias bindings; null for one product.
+   */
+  qkv: { kt: ActivationType; vt: ActivationType; bias: boolean } | null;
 }
 
 /**
@@ -106,9 +116,20 @@ const FLAG_BIAS = 1;
 const FLAG_UP_BIAS = 2;
 const FLAG_ACCUMULATE = 4;
 const FLAG_GELU = 8;
+/** qkv: bits of the q, k and v biases (each absent one is bound to a present one, never read). */
+const QKV_BIAS_FLAGS = [1, 2, 4] as const;
+/** qkv: the three products, in output-row (workgroup) order: output, weight and bias binding names. */
+const QKV_STREAMS = [["outQ", "wq", "bq"], ["outK", "wk", "bk"], ["outV", "wv", "bv"]] as const;
 
 /** The storage bindings of a variant, in binding order (the uniform follows). */
 function bindingNames(o: MatvecOptions): string[] {
+  if (o.qkv) {
+    const names = ["outQ", "outK", "outV", "a", "wq", "wk", "wv"];
+    if (o.qkv.bias) names.push("bq", "bk", "bv");
+    if (o.prologue !== "none") names.push("nw");
+    if (o.prologue === "layer") names.push("nb");
+    return names;
+  }
   // the biases are always bound (x stands in for an absent one, never read: its flag is off)
   const names = ["out", "a", "wg"];
   if (o.swiglu) names.push("wu");
@@ -148,7 +169,7 @@ const MIN_GROUPS = 96;
  */
 function plan(
   rec: Recorder,
-  o: Omit<MatvecOptions, "threads" | "nr">,
+  o: Omit<MatvecOptions, "threads" | "nr" | "qkv">,
   N: number,
   K: number,
 ): { threads: number; nr: number } {
@@ -187,9 +208,12 @@ function plan(
  */
 function decodeMatvecKernel(o: MatvecOptions): Kernel {
   const names = bindingNames(o);
-  const kinds: ("read" | "write" | "uniform")[] = names.map((n) => n === "out" ? "write" : "read");
+  const outputs = o.qkv ? ["outQ", "outK", "outV"] : ["out"];
+  const kinds: ("read" | "write" | "uniform")[] = names.map((n) => outputs.includes(n) ? "write" : "read");
   kinds.push("uniform");
-  return defineKernel("decode_matvec", { ...o }, kinds, () => {
+  const { qkv, ...single } = o;
+  const key = qkv ? { ...single, qkv: true, kt: qkv.kt, vt: qkv.vt, bias: qkv.bias } : single;
+  return defineKernel("decode_matvec", key, kinds, () => {
     const L: string[] = [];
     const emit = (s: string) => L.push(s);
     const ms = [...Array(o.rows).keys()];
@@ -206,28 +230,38 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
       o.xt === "f32" ? `a[x${m} + ${kk}]` : `vec4<f32>(a[x${m} + ${kk}])`;
     const slot = (grp: string) => `${groups.indexOf(grp) * WG}u`;
 
-    const enable = enableF16(o.f16 ? "f16" : "f32", o.xt, o.ot);
+    // the element type of each output binding
+    const outType: Record<string, ActivationType> = qkv
+      ? { outQ: o.ot, outK: qkv.kt, outV: qkv.vt }
+      : { out: o.ot };
+    const enable = enableF16(o.f16 ? "f16" : "f32", o.xt, ...Object.values(outType));
     if (enable) emit(enable);
     emit(`struct P {`);
-    emit(`  N: u32, K: u32, K4: u32, ldc: u32, cOff: u32, groupsX: u32, tiles: u32, eps: f32,`);
-    emit(`  flags: u32, // 1 bias, 2 up bias, 4 accumulate, 8 gelu_new`);
+    if (qkv) {
+      // workgroups [0, tilesQ) compute q, [tilesQ, tilesQK) k, [tilesQK, tiles) v
+      emit(`  Nq: u32, Nk: u32, Nv: u32, K: u32, K4: u32, groupsX: u32, tiles: u32, tilesQ: u32,`);
+      emit(`  tilesQK: u32, eps: f32, flags: u32, // 1 q bias, 2 k bias, 4 v bias`);
+    } else {
+      emit(`  N: u32, K: u32, K4: u32, ldc: u32, cOff: u32, groupsX: u32, tiles: u32, eps: f32,`);
+      emit(`  flags: u32, // 1 bias, 2 up bias, 4 accumulate, 8 gelu_new`);
+    }
     emit(`}`);
     names.forEach((name, i) => {
-      const type = name === "out"
-        ? `array<${o.ot}>`
-        : name === "bias" || name === "biasUp"
+      const type = name in outType
+        ? `array<${outType[name]}>`
+        : name === "bias" || name === "biasUp" || name === "bq" || name === "bk" || name === "bv"
         ? "array<f32>"
-        : name === "wg" || name === "wu"
+        : name === "wg" || name === "wu" || name === "wq" || name === "wk" || name === "wv"
         ? `array<${wElem}>`
         : name === "a"
         ? `array<vec4<${o.xt}>>`
         : "array<vec4<f32>>";
-      const access = name === "out" ? "read_write" : "read";
+      const access = name in outType ? "read_write" : "read";
       emit(`@group(0) @binding(${i}) var<storage, ${access}> ${name}: ${type};`);
     });
     emit(`@group(0) @binding(${names.length}) var<uniform> p: P;`);
     emit(`var<workgroup> red: array<vec4<f32>, ${WG * groups.length}>;`);
-    if (!swiglu) {
+    if (!swiglu && !qkv) {
       // gelu_new as kernels/activation.ts computes it (tanh argument clamped: some drivers give NaN past ~44)
       emit(`const K0: f32 = 0.7978845608028654;`);
       emit(`const K1: f32 = 0.044715;`);
@@ -236,11 +270,21 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
     emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
     emit(`  let g = wid.x + wid.y * p.groupsX; // folded into y past 65535 workgroups`);
     emit(`  if (g >= p.tiles) { return; }`);
+    if (qkv) {
+      // the product of this workgroup (0 q, 1 k, 2 v), its rows and its tile within them: uniform over
+      // the workgroup, so the branches on it below do not diverge
+      emit(`  let seg = select(select(2u, 1u, g < p.tilesQK), 0u, g < p.tilesQ);`);
+      emit(`  let N = select(select(p.Nv, p.Nk, seg == 1u), p.Nq, seg == 0u);`);
+      emit(`  let t = g - select(select(p.tilesQK, p.tilesQ, seg == 1u), 0u, seg == 0u);`);
+    } else {
+      emit(`  let N = p.N;`);
+      emit(`  let t = g;`);
+    }
     emit(`  let tid = lid.x;`);
     emit(`  let lane = tid % ${T}u;`);
-    emit(`  let n0 = (g * ${R}u + tid / ${T}u) * ${o.nr}u;`);
+    emit(`  let n0 = (t * ${R}u + tid / ${T}u) * ${o.nr}u;`);
     // rows past N read row N - 1 (their results are not stored)
-    for (const r of rs) emit(`  let wrow${r} = min(n0 + ${r}u, p.N - 1u) * p.K4;`);
+    for (const r of rs) emit(`  let wrow${r} = min(n0 + ${r}u, N - 1u) * p.K4;`);
     for (const m of ms) emit(`  let x${m} = ${m}u * p.K4;`);
 
     if (pro === "layer") {
@@ -273,12 +317,13 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
     }
     if (pro !== "none") { for (const m of ms) emit(`  var q${m} = vec4<f32>(0.0);`); }
 
-    // the weight vec4s (of NR rows, and of the up weight) at vec4 index kk: the loads come first, so
-    // that all U * NR loads of an iteration are in flight before the first multiply waits on one
-    const load = (kk: string, w: string) => {
+    // the weight vec4s (of NR rows of weight binding wg, and of the up weight) at vec4 index kk: the
+    // loads come first, so that all U * NR loads of an iteration are in flight before the first multiply
+    // waits on one
+    const load = (kk: string, w: string, wg: string) => {
       const s: string[] = [];
       for (const r of rs) {
-        s.push(`let ${w}_${r} = vec4<f32>(wg[wrow${r} + ${kk}]);`);
+        s.push(`let ${w}_${r} = vec4<f32>(${wg}[wrow${r} + ${kk}]);`);
         if (swiglu) s.push(`let ${w}u_${r} = vec4<f32>(wu[wrow${r} + ${kk}]);`);
       }
       return s;
@@ -309,23 +354,36 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
       }
       return s;
     };
-    emit(`  var k = lane;`);
-    emit(`  loop {`);
-    emit(`    if (k + ${(U - 1) * T}u >= p.K4) { break; }`);
-    for (let u = 0; u < U; u++) for (const s of load(`k + ${u * T}u`, `w${u}`)) emit(`    ${s}`);
-    for (let u = 0; u < U; u++) {
-      emit(`    {`);
-      for (const s of body(`k + ${u * T}u`, `w${u}`)) emit(`      ${s}`);
-      emit(`    }`);
-    }
-    emit(`    k += ${U * T}u;`);
-    emit(`  }`);
-    emit(`  loop {`);
-    emit(`    if (k >= p.K4) { break; }`);
-    for (const s of load("k", "wr")) emit(`    ${s}`);
-    for (const s of body("k", "wr")) emit(`    ${s}`);
-    emit(`    k += ${T}u;`);
-    emit(`  }`);
+    // the reduction over k of weight binding wg, indented by `ind`
+    const loops = (ind: string, wg: string) => {
+      emit(`${ind}var k = lane;`);
+      emit(`${ind}loop {`);
+      emit(`${ind}  if (k + ${(U - 1) * T}u >= p.K4) { break; }`);
+      for (let u = 0; u < U; u++) for (const s of load(`k + ${u * T}u`, `w${u}`, wg)) emit(`${ind}  ${s}`);
+      for (let u = 0; u < U; u++) {
+        emit(`${ind}  {`);
+        for (const s of body(`k + ${u * T}u`, `w${u}`)) emit(`${ind}    ${s}`);
+        emit(`${ind}  }`);
+      }
+      emit(`${ind}  k += ${U * T}u;`);
+      emit(`${ind}}`);
+      emit(`${ind}loop {`);
+      emit(`${ind}  if (k >= p.K4) { break; }`);
+      for (const s of load("k", "wr", wg)) emit(`${ind}  ${s}`);
+      for (const s of body("k", "wr")) emit(`${ind}  ${s}`);
+      emit(`${ind}  k += ${T}u;`);
+      emit(`${ind}}`);
+    };
+    // qkv: one code path per weight binding (WGSL cannot choose a binding at run time)
+    const perStream = (f: (ind: string, s: number) => void) => {
+      for (let s = 0; s < 3; s++) {
+        emit(s === 0 ? `  if (seg == 0u) {` : s === 1 ? `  } else if (seg == 1u) {` : `  } else {`);
+        f("    ", s);
+      }
+      emit(`  }`);
+    };
+    if (qkv) perStream((ind, s) => loops(ind, QKV_STREAMS[s]![1]));
+    else loops("  ", "wg");
 
     // pack the per-thread sums (component m = row m of x, or r = output row) and reduce them over the
     // T threads of the group
@@ -353,51 +411,80 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
       emit(`  workgroupBarrier();`);
     }
 
-    emit(`  if (lane == 0u) {`);
+    emit(`  if (lane != 0u) { return; }`);
     if (pro !== "none") {
       // rmsnormForward: 1 / sqrt(sum x² / C + eps); layernormForward: 1 / sqrt(sum (x - mean)² / C + eps)
-      emit(`    let rstd = 1.0 / sqrt(red[${slot("Q")} + tid] / f32(p.K) + p.eps);`);
+      emit(`  let rstd = 1.0 / sqrt(red[${slot("Q")} + tid] / f32(p.K) + p.eps);`);
     }
     if (pro === "layer") {
-      emit(`    let tb = red[${slot("TB")} + tid];`);
-      if (swiglu) emit(`    let tbu = red[${slot("TBU")} + tid];`);
+      emit(`  let tb = red[${slot("TB")} + tid];`);
+      if (swiglu) emit(`  let tbu = red[${slot("TBU")} + tid];`);
     }
-    // one vec4 of outputs (component m = row m of x) of output row n, before the activation
-    const value = (name: string, grp: string, tb: string, r: number, biasName: string, flag: number) => {
+    // one vec4 of outputs (component m = row m of x) of output row n, before the activation; `bias`
+    // null: no bias binding
+    const value = (
+      ind: string,
+      name: string,
+      grp: string,
+      tb: string,
+      r: number,
+      bias: { name: string; flag: number } | null,
+    ) => {
       let v = `red[${slot(grp)} + tid]`;
       if (pro !== "none") v = `${v} * rstd`;
       if (pro === "layer") v = `${v} + ${tb}.${"xyzw"[r]}`;
-      emit(`        var ${name} = ${v};`);
-      emit(`        if ((p.flags & ${flag}u) != 0u) { ${name} += ${biasName}[n]; }`);
+      emit(`${ind}var ${name} = ${v};`);
+      if (bias) emit(`${ind}if ((p.flags & ${bias.flag}u) != 0u) { ${name} += ${bias.name}[n]; }`);
     };
-    for (const r of rs) {
-      emit(`    {`);
-      emit(`      let n = n0 + ${r}u;`);
-      emit(`      if (n < p.N) {`);
-      value("y", `S${r}`, "tb", r, "bias", FLAG_BIAS);
-      if (swiglu) {
-        value("yu", `SU${r}`, "tbu", r, "biasUp", FLAG_UP_BIAS);
-        emit(`        y = y / (1.0 + exp(-y)) * yu; // silu(gate) * up, as swigluForward`);
-      } else {
-        emit(`        if ((p.flags & ${FLAG_GELU}u) != 0u) {`);
-        emit(
-          `          y = 0.5 * y * (1.0 + tanh(clamp(K0 * (y + K1 * y * y * y), vec4<f32>(-15.0), vec4<f32>(15.0))));`,
-        );
-        emit(`        }`);
+    // the NR output rows of the group into binding `out` (row length `ldc`, first column `cOff`)
+    const store = (
+      ind: string,
+      out: string,
+      ldc: string,
+      cOff: string,
+      bias: { name: string; flag: number } | null,
+    ) => {
+      for (const r of rs) {
+        emit(`${ind}{`);
+        emit(`${ind}  let n = n0 + ${r}u;`);
+        emit(`${ind}  if (n < N) {`);
+        const i4 = `${ind}    `;
+        value(i4, "y", `S${r}`, "tb", r, bias);
+        if (swiglu) {
+          value(i4, "yu", `SU${r}`, "tbu", r, { name: "biasUp", flag: FLAG_UP_BIAS });
+          emit(`${i4}y = y / (1.0 + exp(-y)) * yu; // silu(gate) * up, as swigluForward`);
+        } else if (!qkv) {
+          emit(`${i4}if ((p.flags & ${FLAG_GELU}u) != 0u) {`);
+          emit(
+            `${i4}  y = 0.5 * y * (1.0 + tanh(clamp(K0 * (y + K1 * y * y * y), vec4<f32>(-15.0), vec4<f32>(15.0))));`,
+          );
+          emit(`${i4}}`);
+        }
+        for (const m of ms) {
+          const idx = `${m}u * ${ldc} + ${cOff}n`;
+          const v = `y.${"xyzw"[m]}`;
+          // f16: read as f32, add in f32, round once
+          const f16 = outType[out] === "f16";
+          const set = f16 ? `${out}[${idx}] = f16(${v});` : `${out}[${idx}] = ${v};`;
+          if (qkv) {
+            emit(`${i4}${set}`);
+            continue;
+          }
+          const add = f16 ? `${out}[${idx}] = f16(f32(${out}[${idx}]) + ${v});` : `${out}[${idx}] += ${v};`;
+          emit(`${i4}if ((p.flags & ${FLAG_ACCUMULATE}u) != 0u) { ${add} } else { ${set} }`);
+        }
+        emit(`${ind}  }`);
+        emit(`${ind}}`);
       }
-      for (const m of ms) {
-        const idx = `${m}u * p.ldc + p.cOff + n`;
-        const v = `y.${"xyzw"[m]}`;
-        // f16: read as f32, add in f32, round once
-        const [add, set] = o.ot === "f32"
-          ? [`out[${idx}] += ${v};`, `out[${idx}] = ${v};`]
-          : [`out[${idx}] = f16(f32(out[${idx}]) + ${v});`, `out[${idx}] = f16(${v});`];
-        emit(`        if ((p.flags & ${FLAG_ACCUMULATE}u) != 0u) { ${add} } else { ${set} }`);
-      }
-      emit(`      }`);
-      emit(`    }`);
+    };
+    if (qkv) {
+      perStream((ind, s) => {
+        const [out, , bias] = QKV_STREAMS[s]!;
+        store(ind, out, "N", "", qkv.bias ? { name: bias, flag: QKV_BIAS_FLAGS[s]! } : null);
+      });
+    } else {
+      store("  ", "out", "p.ldc", "p.cOff + ", { name: "bias", flag: FLAG_BIAS });
     }
-    emit(`  }`);
     emit(`}`);
     return L.join("\n");
   });
@@ -569,6 +656,7 @@ export function decodeLinearForward(
     ot,
     prologue: opts.prologue?.kind ?? "none",
     swiglu: false,
+    qkv: null,
   };
   const o: MatvecOptions = { ...base, ...plan(rec, base, N, K) };
   const flags = (bias ? FLAG_BIAS : 0) | (opts.accumulate ? FLAG_ACCUMULATE : 0) |
@@ -631,11 +719,124 @@ export function decodeSwigluForward(
     ot,
     prologue: opts.prologue?.kind ?? "none",
     swiglu: true,
+    qkv: null,
   };
   const o: MatvecOptions = { ...base, ...plan(rec, base, I, K) };
   const flags = (gateBias ? FLAG_BIAS : 0) | (upBias ? FLAG_UP_BIAS : 0);
   const buffers = [out, x, wGate, wUp, gateBias ?? x, upBias ?? x, ...pro];
   record(rec, o, buffers, I, K, I, 0, opts.prologue?.eps ?? 0, flags);
+}
+
+/**
+ * The storage buffers {@link decodeQkvForward}'s single dispatch binds: q, k, v, x, the three weights,
+ * the three biases when any is present, and the norm's weight (and bias).
+ */
+function qkvBindings(biased: boolean, prologue: MatvecPrologue | undefined): number {
+  return 7 + (biased ? 3 : 0) + prologueTensors(prologue).length;
+}
+
+/**
+ * Records the q, k and v projections of a decode step: `q = x̂ Wqᵀ + bq`, `k = x̂ Wkᵀ + bk`,
+ * `v = x̂ Wvᵀ + bv`, with `x̂` x after the optional norm prologue, as three {@link decodeLinearForward}
+ * calls would, in one dispatch where it can. The workgroups are spread over the concatenated output rows
+ * Nq + Nk + Nv (each product gets whole workgroups, so a workgroup's choice of weight, bias and output is
+ * uniform); the small k/v products, latency-bound on their own, run beside q's. One dispatch when the
+ * three weights have one dtype and the bindings fit the device's `maxStorageBuffersPerShaderStage`: 7
+ * (q, k, v, x, Wq, Wk, Wv), plus 3 when any bias is present, plus the norm's weight (rms) or weight and
+ * bias (layer). Under WebGPU's default of 8 that is a bias-free llama with RMSNorm (8) or no prologue
+ * (7); LayerNorm without biases (9), RMSNorm with biases (11, e.g. qwen2) and gpt2 (LayerNorm and
+ * biases, 12) take the three dispatches there. Devices that raise the limit (the GPU is created with the
+ * adapter's maximum, e.g. 32 on Mesa lavapipe) fuse all of them. Mixed weight dtypes take the three
+ * dispatches too. x, q, k and v may each be f32 or f16.
+ *
+ * @param rec The recorder.
+ * @param q Output, (M, Nq) f32 or f16; q, k and v must not overlap each other or any input.
+ * @param k Output, (M, Nk) f32 or f16.
+ * @param v Output, (M, Nv) f32 or f16.
+ * @param x Input, (M, K) f32 or f16 with 1 ≤ M ≤ 4.
+ * @param wq Query weight, (Nq, K) f32 or f16 (HF Linear), K a multiple of 4.
+ * @param wk Key weight, (Nk, K).
+ * @param wv Value weight, (Nv, K).
+ * @param bq Query bias, (Nq) f32, or null.
+ * @param bk Key bias, (Nk) f32, or null.
+ * @param bv Value bias, (Nv) f32, or null.
+ * @param opts `prologue`: RMSNorm or LayerNorm of each row of x first (f32 statistics).
+ * @throws {GpuError} when a product is not one the fused kernel takes (see {@link decodeMatvecApplies}),
+ *   the weights differ in K, a tensor has the wrong dtype or size, or an output overlaps another tensor.
+ * @example input_layernorm, q_proj, k_proj and v_proj of one token
+ * ```ts ignore
+ * decodeQkvForward(rec, q, k, v, hidden, layer.q.weight, layer.k.weight, layer.v.weight, null, null, null, {
+ *   prologue: { kind: "rms", weight: layer.norm1.weight, eps: config.normEps },
+ * });
+ * ```
+ */
+export function decodeQkvForward(
+  rec: Recorder,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  x: Tensor,
+  wq: Tensor,
+  wk: Tensor,
+  wv: Tensor,
+  bq: Tensor | null,
+  bk: Tensor | null,
+  bv: Tensor | null,
+  opts: { prologue?: MatvecPrologue } = {},
+): void {
+  // x: (M, K), wq: (Nq, K), wk: (Nk, K), wv: (Nv, K), q: (M, Nq), k: (M, Nk), v: (M, Nv)
+  const what = "decodeQkvForward";
+  const [Nq, K, M, xt] = checkProduct(rec, what, x, wq);
+  const products = [[q, wq, bq], [k, wk, bk], [v, wv, bv]] as const;
+  const ns = products.map(([out, w, b]) => {
+    const [N, Kw] = checkProduct(rec, what, x, w);
+    if (Kw !== K) {
+      fail(what, `weight ${w.label} [${w.shape}] must have K = ${K} as ${wq.label} [${wq.shape}]`);
+    }
+    checkOutput(rec, what, out, M, N);
+    if (b) checkVector(what, b, N, "bias");
+    return N;
+  });
+  const [, Nk, Nv] = ns as [number, number, number];
+  checkPrologue(what, opts.prologue, K);
+  const pro = prologueTensors(opts.prologue);
+  const inputs = [x, wq, wk, wv, bq, bk, bv, ...pro];
+  checkNoOverlap(what, q, [...inputs, k, v]);
+  checkNoOverlap(what, k, [...inputs, v]);
+  checkNoOverlap(what, v, inputs);
+  const biases = [bq, bk, bv];
+  const present = biases.find((b) => b !== null) ?? null;
+  const fused = wk.dtype === wq.dtype && wv.dtype === wq.dtype &&
+    qkvBindings(present !== null, opts.prologue) <= rec.gpu.limits.maxStorageBuffersPerShaderStage;
+  if (!fused) {
+    for (const [out, w, b] of products) decodeLinearForward(rec, out, x, w, b, opts);
+    return;
+  }
+  if (Nq + Nk + Nv === 0) return;
+  const base: Omit<MatvecOptions, "threads" | "nr"> = {
+    rows: M,
+    f16: wq.dtype === "f16",
+    xt,
+    ot: activationType(rec.gpu, q, `${what} q`),
+    prologue: opts.prologue?.kind ?? "none",
+    swiglu: false,
+    qkv: {
+      kt: activationType(rec.gpu, k, `${what} k`),
+      vt: activationType(rec.gpu, v, `${what} v`),
+      bias: present !== null,
+    },
+  };
+  // the plan of one product of all the rows: threads and rows per group are the same for the three
+  const o: MatvecOptions = { ...base, ...plan(rec, base, Nq + Nk + Nv, K) };
+  const rowsPerTile = (WG / o.threads) * o.nr;
+  const [tq, tk, tv] = [Nq, Nk, Nv].map((N) => Math.ceil(N / rowsPerTile)) as [number, number, number];
+  const tiles = tq + tk + tv;
+  const { groups, stride } = grid1d(tiles, 1);
+  let flags = 0;
+  biases.forEach((b, i) => flags |= b ? QKV_BIAS_FLAGS[i]! : 0);
+  const buffers = [q, k, v, x, wq, wk, wv, ...(present ? biases.map((b) => b ?? present) : []), ...pro];
+  const params = [Nq, Nk, Nv, K, K / 4, stride, tiles, tq, tq + tk, f32(opts.prologue?.eps ?? 0), flags];
+  rec.dispatch(decodeMatvecKernel(o), buffers, params, groups);
 }
 
 function record(

@@ -13,9 +13,9 @@
  *   gpt2:  o = attn Woᵀ + bo + adp
  *
  * Decode (one token per batch row, no training) has its own forward, {@link selfAttentionDecode}: the
- * norm folded into the q/k/v matrix-vector products, RoPE folded into the cache append, the adapter folded
- * into the attention kernel, and the output projection added straight into the residual stream — five
- * dispatches where the general forward records eleven.
+ * norm folded into the q/k/v matrix-vector products (one dispatch for the three where the device's
+ * storage-binding limit allows, see `decodeQkvForward`), RoPE folded into the cache append, the adapter
+ * folded into the attention kernel, and the output projection added straight into the residual stream.
  *
  * @module
  */
@@ -29,7 +29,7 @@ import { addBiasRows, addInto } from "../../kernels/activation.ts";
 import { copyElements } from "../../kernels/fill.ts";
 import { kvCacheAppend, kvCacheAppendRope } from "../../kernels/kv_cache.ts";
 import { decodeAttentionForward } from "../../kernels/decode_attention.ts";
-import { decodeLinearForward, type MatvecPrologue } from "../../kernels/decode_matvec.ts";
+import { decodeLinearForward, decodeQkvForward, type MatvecPrologue } from "../../kernels/decode_matvec.ts";
 import { gateView, promptView } from "../adapters/state.ts";
 import type { AdapterState } from "../adapters/state.ts";
 import type { Activations, LayerActivations } from "./activations.ts";
@@ -207,9 +207,9 @@ function appendToCache(ctx: LayerContext): void {
 /**
  * Records the self-attention of one layer for a decode step (one token per batch row, inference):
  * `x += SelfAttention(norm(x))` in place on the residual stream `x` (B, C), the norm applied inside the
- * q/k/v matrix-vector products (`prologue`), RoPE inside the cache append (replayed steps), the adapter
- * inside the attention kernel (llama: added before o_proj; gpt2: added into `x`), and o_proj added into
- * `x`. Needs `ctx.cache` and single-range q/k/v/o weights the fused kernels take (see
+ * q/k/v matrix-vector products (`prologue`; one dispatch for the three where the bindings fit), RoPE
+ * inside the cache append (replayed steps), the adapter inside the attention kernel (llama: added before
+ * o_proj; gpt2: added into `x`), and o_proj added into `x`. Needs `ctx.cache` and single-range q/k/v/o weights the fused kernels take (see
  * `decodeFusable` in transformer.ts).
  *
  * @param ctx The layer context (decode).
@@ -220,10 +220,8 @@ export function selfAttentionDecode(ctx: LayerContext, x: Tensor, prologue: Matv
   const { rec, model, acts, la, w } = ctx;
   const c = model.config;
   const { kv } = ctx.cache!;
-  // (B, C) -> (B, H*D), (B, Hkv*D) x2
-  decodeLinearForward(rec, la.q, x, w.q.w, w.q.b, { prologue });
-  decodeLinearForward(rec, la.k, x, w.k.w, w.k.b, { prologue });
-  decodeLinearForward(rec, la.v, x, w.v.w, w.v.b, { prologue });
+  // (B, C) -> (B, H*D), (B, Hkv*D) x2: one dispatch where the bindings fit, else three
+  decodeQkvForward(rec, la.q, la.k, la.v, x, w.q.w, w.k.w, w.v.w, w.q.b, w.k.b, w.v.b, { prologue });
   if (model.layout.rope && kv.position) {
     kvCacheAppendRope(
       rec,

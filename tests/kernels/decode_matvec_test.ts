@@ -12,6 +12,7 @@ import {
   decodeLinearForward,
   decodeMatvecApplies,
   decodeMatvecTuning,
+  decodeQkvForward,
   decodeSwigluForward,
   type MatvecEpilogue,
   type MatvecPrologue,
@@ -701,6 +702,210 @@ Deno.test("decodeMatvecApplies says which products fit, and the kernels refuse t
   refuses(
     () => decodeSwigluForward(noF16, t([1, 8], "f16"), t([1, 12]), w, w),
     /out: t is f16 .* lacks shader-f16/,
+  );
+  assert.equal(rec.ops.length, 0);
+});
+
+/** A q, k or v product of {@link qkvCase}: rows, weight dtype, bias, output dtype. */
+interface QkvPart {
+  N: number;
+  f16: boolean;
+  bias: boolean;
+  ot: Act;
+}
+
+/**
+ * One q/k/v case: `decodeQkvForward` into poisoned outputs, the same three products by
+ * `decodeLinearForward`, and the float64 references; returns the dispatches the fused call recorded.
+ */
+async function qkvCase(
+  g: Gpu,
+  rng: Rng,
+  c: { M: number; K: number; norm: Norm; xt: Act; parts: [QkvPart, QkvPart, QkvPart]; nr?: Nr },
+  what: string,
+): Promise<number> {
+  const { M, K, norm } = c;
+  const { t: xT, x } = input(g, rows(rng, M, K), M, K, c.xt);
+  const { nw, nb } = normParams(rng, K);
+  const pro = prologueOf(g, norm, nw, nb, EPS);
+  const parts = c.parts.map((p) => {
+    const w32 = rng.randn(p.N * K, 1 / Math.sqrt(K));
+    const h = f16Round(w32);
+    const b = p.bias ? rng.randn(p.N) : null;
+    return {
+      ...p,
+      w: p.f16 ? tensorFrom(g, h.bits, [p.N, K]) : upload(g, w32, [p.N, K]),
+      wValues: p.f16 ? h.values : w32,
+      b,
+      bT: b ? upload(g, b) : null,
+      fused: poisoned(g, [M, p.N], p.ot),
+      single: poisoned(g, [M, p.N], p.ot),
+    };
+  });
+  const [q, k, v] = parts as [typeof parts[0], typeof parts[0], typeof parts[0]];
+  const rec = new Recorder(g);
+  withNr(
+    c.nr,
+    (r) =>
+      decodeQkvForward(
+        r,
+        q.fused,
+        k.fused,
+        v.fused,
+        xT,
+        q.w,
+        k.w,
+        v.w,
+        q.bT,
+        k.bT,
+        v.bT,
+        withPrologue(pro, {}),
+      ),
+  )(
+    rec,
+  );
+  const dispatches = rec.ops.length;
+  for (const p of parts) decodeLinearForward(rec, p.single, xT, p.w, p.bT, withPrologue(pro, {}));
+  rec.submit();
+  const xn = normRef(norm, x, nw, nb, M, K, EPS);
+  for (const [i, p] of parts.entries()) {
+    const read = (t: Tensor) => t.dtype === "f16" ? downloadF16(g, t) : download(g, t);
+    const got = await read(p.fused);
+    const tol = p.ot === "f16" ? TOL_F16_OUT : TOL;
+    const name = `${"qkv"[i]} (N=${p.N} w ${p.f16 ? "f16" : "f32"} bias=${p.bias} out ${p.ot}) ${what}`;
+    assertClose(got, linearForwardRef(xn, p.wValues, p.b, M, p.N, K), tol, `${name} vs float64`);
+    // the same f32 sums in another order (the plans differ): within f32 rounding, or one f16 rounding step
+    assertClose(got, await read(p.single), tol, `${name} vs decodeLinearForward`);
+  }
+  return dispatches;
+}
+
+Deno.test("decodeQkvForward equals norm → q, k, v Linear in float64 and three decodeLinearForward calls, in one dispatch: M = 1 and 4, each prologue, with and without biases, f32 and f16 weights and activations, odd sizes", async () => {
+  const g = await gpu();
+  const rng = new Rng(31);
+  const part = (N: number, f16: boolean, bias: boolean, ot: Act): QkvPart => ({ N, f16, bias, ot });
+  // (Nq, Nk, Nv, K): odd row counts, q's last workgroup partly empty; a k or v of one row; GQA shapes
+  const shapes = [[33, 7, 9, 520], [7, 1, 4, 12], [130, 33, 33, 64], [64, 16, 16, 2056]] as const;
+  let i = 0;
+  for (const M of [1, 4]) {
+    for (const norm of NORMS) {
+      for (const f16 of g.hasF16 ? [false, true] : [false]) {
+        // activations: an f16 model's (f16 x and outputs), else f32; one case mixes them
+        const acts: [Act, Act, Act][] = f16
+          ? [["f16", "f16", "f16"], ["f16", "f32", "f16"]]
+          : [["f32", "f32", "f32"]];
+        for (const [xt, qt, kvt] of acts) {
+          const [Nq, Nk, Nv, K] = shapes[i % shapes.length]!;
+          // biases: none (llama), all three (qwen2, gpt2), or only k's (an absent one's binding is a stand-in)
+          const bias = [[false, false, false], [true, true, true], [false, true, false]][i % 3]!;
+          i++;
+          const what = `M=${M} K=${K} ${norm} x ${xt}`;
+          const parts: [QkvPart, QkvPart, QkvPart] = [
+            part(Nq, f16, bias[0]!, qt),
+            part(Nk, f16, bias[1]!, kvt),
+            part(Nv, f16, bias[2]!, kvt),
+          ];
+          const dispatches = await qkvCase(g, rng, { M, K, norm, xt, parts }, what);
+          assert.equal(dispatches, 1, `one dispatch on this device (storage buffers ≤ 12 fit) ${what}`);
+        }
+      }
+    }
+  }
+});
+
+Deno.test("decodeQkvForward with 2 and 4 output rows per thread group and every thread count: each workgroup stays within one of q, k, v", async () => {
+  const g = await gpu();
+  const rng = new Rng(32);
+  const parts = (Nq: number, Nk: number, Nv: number): [QkvPart, QkvPart, QkvPart] =>
+    [Nq, Nk, Nv].map((N) => ({ N, f16: false, bias: true, ot: "f32" as const })) as [
+      QkvPart,
+      QkvPart,
+      QkvPart,
+    ];
+  for (const [nr, M, norm] of [[2, 3, "rms"], [4, 2, "layer"], [4, 1, "none"]] as const) {
+    await qkvCase(
+      g,
+      rng,
+      { M, K: 64, norm, xt: "f32", parts: parts(37, 5, 11), nr },
+      `nr≤${nr} M=${M} ${norm}`,
+    );
+  }
+  try {
+    for (const threads of [32, 64, 128, 256] as const) {
+      decodeMatvecTuning.threads = threads;
+      await qkvCase(
+        g,
+        rng,
+        { M: 2, K: 520, norm: "rms", xt: "f32", parts: parts(9, 3, 3) },
+        `threads=${threads}`,
+      );
+    }
+  } finally {
+    decodeMatvecTuning.threads = null;
+  }
+});
+
+Deno.test("decodeQkvForward records three decodeLinearForward dispatches where its bindings exceed maxStorageBuffersPerShaderStage (8 here) or the weight dtypes differ", async () => {
+  const g = await gpu();
+  const rng = new Rng(33);
+  // WebGPU's default limit on the same device (pipelines and buffers shared): a plain copy of the limits
+  // (WebIDL getters cannot be called on another object), one of them lowered
+  const limits: Record<string, number> = {};
+  for (const key in g.limits) limits[key] = (g.limits as unknown as Record<string, number>)[key]!;
+  limits.maxStorageBuffersPerShaderStage = 8;
+  const g8: Gpu = { ...g, limits: limits as unknown as GPUSupportedLimits };
+  const f32Parts = (bias: boolean): [QkvPart, QkvPart, QkvPart] =>
+    [20, 4, 4].map((N) => ({ N, f16: false, bias, ot: "f32" as const })) as [QkvPart, QkvPart, QkvPart];
+  // llama: q, k, v, x, 3 weights and the RMSNorm weight = 8 bindings, one dispatch; with biases 11, with
+  // a LayerNorm 9 (+3 with biases): three
+  const cases: [Norm, boolean, number][] = [
+    ["rms", false, 1],
+    ["none", false, 1],
+    ["rms", true, 3],
+    ["layer", false, 3],
+    ["layer", true, 3],
+  ];
+  for (const [norm, bias, want] of cases) {
+    const what = `limit 8, ${norm} bias=${bias}`;
+    const got = await qkvCase(g8, rng, { M: 2, K: 12, norm, xt: "f32", parts: f32Parts(bias) }, what);
+    assert.equal(got, want, `dispatches with ${what}`);
+  }
+  if (!g.hasF16) return;
+  const mixed: [QkvPart, QkvPart, QkvPart] = [
+    { N: 20, f16: true, bias: false, ot: "f32" },
+    { N: 4, f16: false, bias: false, ot: "f32" },
+    { N: 4, f16: true, bias: false, ot: "f32" },
+  ];
+  const got = await qkvCase(g, rng, { M: 1, K: 12, norm: "rms", xt: "f32", parts: mixed }, "mixed weights");
+  assert.equal(got, 3, "mixed weight dtypes: three dispatches");
+});
+
+Deno.test("decodeQkvForward refuses mismatched K, wrong output sizes, bad biases and overlapping outputs with a GpuError", async () => {
+  const g = await gpu();
+  const rec = new Recorder(g);
+  const t = (shape: number[], dtype: "f32" | "f16" | "i32" = "f32") => createTensor(g, shape, dtype, "t");
+  const x = t([1, 12]);
+  const wq = t([8, 12]), wk = t([4, 12]), wv = t([4, 12]);
+  const refuses = (f: () => void, re: RegExp) =>
+    assert.throws(f, (e: unknown) => e instanceof GpuError && re.test(e.message));
+  refuses(
+    () => decodeQkvForward(rec, t([1, 8]), t([1, 4]), t([1, 4]), x, wq, t([4, 8]), wv, null, null, null),
+    /decodeQkvForward: .*(K = 12|whole number of rows)/,
+  );
+  refuses(
+    () => decodeQkvForward(rec, t([1, 8]), t([1, 5]), t([1, 4]), x, wq, wk, wv, null, null, null),
+    /output t must be f32 or f16 of 1x4/,
+  );
+  refuses(
+    () => decodeQkvForward(rec, t([1, 8]), t([1, 4]), t([1, 4]), x, wq, wk, wv, null, t([5]), null),
+    /bias t must be f32 of 4/,
+  );
+  const k = t([1, 4]);
+  refuses(() => decodeQkvForward(rec, t([1, 8]), k, k, x, wq, wk, wv, null, null, null), /overlaps input/);
+  refuses(
+    () =>
+      decodeQkvForward(rec, t([1, 8]), t([1, 4]), t([1, 4]), x, wq, wk, t([4, 12], "i32"), null, null, null),
+    /must be f32 or f16/,
   );
   assert.equal(rec.ops.length, 0);
 });
