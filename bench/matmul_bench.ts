@@ -14,7 +14,14 @@
  * with f32 and with f16 weights and activations)
  * (the data behind the heuristic in kernels/matmul.ts).
  *
- * Run: `deno bench --allow-read --allow-write --allow-env bench/matmul_bench.ts`
+ * `PROMPTGATE_MATMUL_F16_PACKED` compares the tiled kernel's loads of f16 operands in one run: `both` times
+ * every row with an f16 operand (M > 4) twice, with vec4<f16> loads and with packed loads (8 halves per
+ * 16-byte load, `matmulTuning.f16Packed`), column `f16 loads`; `all` adds packed loads at K step 8 beside
+ * the default 16; `0` / `1` forces one. `PROMPTGATE_MATMUL_CASES` (a regular expression matched against
+ * "case op", e.g. `^(?!.*decode)`) keeps only the cases it matches.
+ *
+ * Run: `deno bench --allow-read --allow-write --allow-env bench/matmul_bench.ts` (`deno run` skips the
+ * Deno.bench wall-time entries at the end)
  *
  * @module
  */
@@ -142,7 +149,38 @@ function record(rec: Recorder, c: Case, dtype: DType, act: DType = "f32"): Tenso
   return bias ? [w, input, out, bias] : [w, input, out];
 }
 
+const caseFilter = Deno.env.get("PROMPTGATE_MATMUL_CASES");
+if (caseFilter) {
+  const re = new RegExp(caseFilter);
+  cases.splice(0, cases.length, ...cases.filter((c) => re.test(`${c.name} ${c.op}`)));
+}
+
 const dtypes: DType[] = gpu.hasF16 ? ["f32", "f16"] : ["f32"];
+
+/** A way of loading f16 operands in the tiled kernel (`matmulTuning.f16Packed` / `f16PackedK`). */
+interface F16Loads {
+  label: string;
+  packed: boolean | null;
+  k: 8 | 16 | null;
+}
+const VEC4_F16: F16Loads = { label: "vec4<f16>", packed: false, k: null };
+const PACKED: F16Loads = { label: "packed", packed: true, k: null };
+const packedMode = Deno.env.get("PROMPTGATE_MATMUL_F16_PACKED");
+// an older module (PROMPTGATE_MATMUL_MODULE) without the switch has only its own loads
+const f16Loads: F16Loads[] = !("f16Packed" in mm.matmulTuning) || packedMode === undefined
+  ? [{ label: "", packed: null, k: null }]
+  : packedMode === "both"
+  ? [VEC4_F16, PACKED]
+  : packedMode === "all"
+  ? [VEC4_F16, { label: "packed K16", packed: true, k: 16 }, { label: "packed K8", packed: true, k: 8 }]
+  : [packedMode === "1" ? PACKED : VEC4_F16];
+
+/** Sets the f16 loads of the tiled kernel (a no-op on a module without the switch). */
+function setF16Loads(l: F16Loads): void {
+  if (!("f16Packed" in mm.matmulTuning)) return;
+  mm.matmulTuning.f16Packed = l.packed;
+  mm.matmulTuning.f16PackedK = l.k;
+}
 
 /** Median ms of `ops` after a warm-up (see `timeOpsWarm`). */
 function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; timestamps: boolean }> {
@@ -273,24 +311,34 @@ for (const c of cases) {
   const configs = dtypes.map((d) => [d, "f32"] as [DType, DType]);
   if (gpu.hasF16 && forward) configs.push(["f16", "f16"]);
   for (const [dtype, act] of configs) {
-    const rec = new Recorder(gpu);
-    const tensors = record(rec, c, dtype, act);
-    const ops = rec.take();
-    const flops = 2 * c.M * c.N * c.K;
-    const { ms, timestamps } = await measure(ops);
-    const weightBytes = c.N * c.K * (dtype === "f16" ? 2 : 4);
-    rows.push({
-      case: c.name,
-      op: c.op,
-      "M x N x K": `${c.M}x${c.N}x${c.K}`,
-      w: dtype,
-      act,
-      "GPU ms": Number(ms.toFixed(4)),
-      "GFLOP/s": Math.round(flops / ms / 1e6),
-      "weight GB/s": c.M <= 4 ? Number((weightBytes / ms / 1e6).toPrecision(4)) : "",
-      clock: timestamps ? "timestamps" : "wall",
-    });
-    for (const t of tensors) t.buffer.destroy();
+    // the f16 loads only matter to the tiled kernel (M > 4) with an f16 operand
+    const loads = c.M > 4 && (dtype === "f16" || act === "f16") ? f16Loads : [f16Loads[0]!];
+    for (const l of loads) {
+      setF16Loads(l);
+      try {
+        const rec = new Recorder(gpu);
+        const tensors = record(rec, c, dtype, act);
+        const ops = rec.take();
+        const flops = 2 * c.M * c.N * c.K;
+        const { ms, timestamps } = await measure(ops);
+        const weightBytes = c.N * c.K * (dtype === "f16" ? 2 : 4);
+        rows.push({
+          case: c.name,
+          op: c.op,
+          "M x N x K": `${c.M}x${c.N}x${c.K}`,
+          w: dtype,
+          act,
+          ...(packedMode === undefined ? {} : { "f16 loads": loads.length > 1 ? l.label : "" }),
+          "GPU ms": Number(ms.toFixed(4)),
+          "GFLOP/s": Math.round(flops / ms / 1e6),
+          "weight GB/s": c.M <= 4 ? Number((weightBytes / ms / 1e6).toPrecision(4)) : "",
+          clock: timestamps ? "timestamps" : "wall",
+        });
+        for (const t of tensors) t.buffer.destroy();
+      } finally {
+        setF16Loads({ label: "", packed: null, k: null });
+      }
+    }
   }
 }
 console.log(
@@ -305,11 +353,11 @@ if (jsonOut) Deno.writeTextFileSync(jsonOut, JSON.stringify(rows));
 // Deno.bench entries: wall time of submitting a few recorded products and waiting for them.
 const benchCases = full
   ? [
-    cases.find((c) => c.name === "square 4096")!,
-    cases.find((c) => c.name === "tinyllama down_proj decode")!,
+    cases.find((c) => c.name === "square 4096"),
+    cases.find((c) => c.name === "tinyllama down_proj decode"),
   ]
-  : [cases[1]!, cases.find((c) => c.M === 1)!];
-for (const c of benchCases) {
+  : [cases[1], cases.find((c) => c.M === 1)];
+for (const c of benchCases.filter((c) => c !== undefined)) {
   for (const dtype of dtypes) {
     const rec = new Recorder(gpu);
     record(rec, c, dtype);

@@ -16,7 +16,10 @@
  *   barrier per K step); each thread keeps its outputs in named vec4 accumulators and prefetches the next
  *   tile into registers while the current one is multiplied. Edges are handled at tile loading only
  *   (rows/columns past the end are clamped, k past the end loads zeros); when M, N and K are whole tiles
- *   an "exact" variant drops every clamp, select and store guard.
+ *   an "exact" variant drops every clamp, select and store guard. With `matmulTuning.f16Packed` (off by
+ *   default until measured) an f16 operand whose contiguous dimension, leading dimension and offset are
+ *   multiples of 8 is bound as `array<vec4<u32>>` and read 8 halves (16 bytes) per load, unpacked with
+ *   `unpack2x16float` into the same f32 tiles, at K step 16 where workgroup memory allows (else 8).
  * - split-K for products with few output tiles and a long K (k_proj, gpt2 mlp c_proj): workgroups write
  *   partial sums of their K range to a workspace and a second dispatch adds them (with bias/accumulate).
  * - matrix-vector kernels for M ≤ 4 (decode): "nk" has 32-128 threads per output row with 4 independent
@@ -24,7 +27,8 @@
  * The shape heuristic (`planTiled`, `matvecThreads`) is fitted to H200 measurements in bench/RESULTS.md.
  * Sizes, leading dimensions and column offsets travel in the uniform, so one pipeline serves every shape;
  * the WGSL changes only with the options in the kernel key (tile, layout, weight dtype, activation dtypes,
- * vec4 loads, bias, accumulate).
+ * vec4 or packed loads, K step, bias, accumulate). Packed loads' leading dimensions and offsets travel in
+ * units of 8 halves.
  *
  * @module
  */
@@ -56,7 +60,12 @@ export type MatmulKernelChoice = MatmulTile | "matvec";
  * forces the tiled kernel to split K over that many workgroups (partial sums reduced by a second
  * dispatch); `doubleBuffer` forces the workgroup tiles single- or double-buffered; `matvecThreads` forces
  * the threads that reduce one output of the matrix-vector kernel; `matvecPacked: false` reads f16 weights
- * as vec4<f16> instead of 8 halves per 16-byte load. `null` lets the shape heuristic choose.
+ * as vec4<f16> instead of 8 halves per 16-byte load. `f16Packed: true` makes the tiled kernel read each
+ * f16 operand (A, B or both) whose contiguous dimension, leading dimension and offset are multiples of 8
+ * as vec4<u32> (8 halves, 16 bytes per load, unpacked with `unpack2x16float`) instead of vec4<f16>
+ * (8 bytes); `f16PackedK` is its K step then (16: two threads cover 32 contiguous bytes of an "nk" row,
+ * as with f32; 8: half the slots, one 16-byte load per row), 16 where workgroup memory allows by default.
+ * `null` lets the shape heuristic choose (`f16Packed`: off, the measured default).
  */
 export const matmulTuning: {
   force: MatmulKernelChoice | null;
@@ -64,9 +73,19 @@ export const matmulTuning: {
   doubleBuffer: boolean | null;
   matvecThreads: 32 | 64 | 128 | 256 | null;
   matvecPacked: boolean | null;
-} = { force: null, splitK: null, doubleBuffer: null, matvecThreads: null, matvecPacked: null };
+  f16Packed: boolean | null;
+  f16PackedK: 8 | 16 | null;
+} = {
+  force: null,
+  splitK: null,
+  doubleBuffer: null,
+  matvecThreads: null,
+  matvecPacked: null,
+  f16Packed: null,
+  f16PackedK: null,
+};
 
-/** K step of the tiled kernel. */
+/** K step of the tiled kernel (vec4 loads; the packed f16 loads may use 16, see `matmulTuning`). */
 const BK = 8;
 
 /** Threads and per-thread outputs of each tile: rows = wy * rm, columns = wx * rn. */
@@ -109,6 +128,12 @@ interface TiledOptions extends GemmOptions {
   db: boolean;
   /** Writes raw partial sums of its K range to a workspace (split-K); bias/accumulate come later. */
   split: boolean;
+  /** K step: BK, or 16 with packed f16 loads. */
+  bk: number;
+  /** A (f16) is read as vec4<u32>, 8 halves per load (K, lda and the A offset are multiples of 8). */
+  h8A: boolean;
+  /** B (f16) is read as vec4<u32>, 8 halves along its contiguous dimension (a multiple of 8). */
+  h8B: boolean;
 }
 
 /** The uniform of the product kernels (16 words). */
@@ -122,13 +147,13 @@ const PARAMS_WGSL = `struct P {
   tilesMN: u32, _p0: u32, _p1: u32, _p2: u32,
 }`;
 
-function header(o: GemmOptions, bType?: string): string {
+function header(o: GemmOptions, bType?: string, aType?: string): string {
   const bElem = o.f16 ? "f16" : "f32";
   const lines = [
     enableF16(bElem, o.at, o.ct),
     PARAMS_WGSL,
     `@group(0) @binding(0) var<storage, read_write> out: array<${o.ct}>;`,
-    `@group(0) @binding(1) var<storage, read> a: array<${o.vecA ? `vec4<${o.at}>` : o.at}>;`,
+    `@group(0) @binding(1) var<storage, read> a: array<${aType ?? (o.vecA ? `vec4<${o.at}>` : o.at)}>;`,
     `@group(0) @binding(2) var<storage, read> b: array<${bType ?? (o.vecB ? `vec4<${bElem}>` : bElem)}>;`,
   ];
   if (o.bias) lines.push(`@group(0) @binding(3) var<storage, read> bias: array<f32>;`);
@@ -190,12 +215,42 @@ function load4(
 }
 
 /**
+ * WGSL expression loading 8 consecutive halves of a row-major f16 matrix bound as `array<vec4<u32>>`, as
+ * the raw vec4<u32> (unpacked when staged, see `unpack8`). As {@link load4}, with `cols`, `ld` and `off`
+ * multiples of 8 (`ld` and `off` in units of 8 halves), so 8 halves are wholly inside or wholly outside;
+ * outside the reduction dimension the bits are 0 (+0.0).
+ */
+function load8(
+  arr: string,
+  row: string,
+  col: string,
+  rows: string,
+  cols: string,
+  ld: string,
+  off: string,
+  zero: "row" | "col",
+  exact: boolean,
+): string {
+  if (exact) return `${arr}[(${row}) * ${ld} + ${off} + ((${col}) >> 3u)]`;
+  const idx = `min(${row}, ${rows} - 1u) * ${ld} + ${off} + (min(${col}, ${cols} - 8u) >> 3u)`;
+  const inside = zero === "row" ? `${row} < ${rows}` : `${col} < ${cols}`;
+  return `select(vec4<u32>(0u), ${arr}[${idx}], ${inside})`;
+}
+
+/** WGSL declaring `lo` and `hi`, the 8 halves of the vec4<u32> `v` as two vec4<f32>. */
+function unpack8(v: string): string {
+  return `let lo = vec4<f32>(unpack2x16float(${v}.x), unpack2x16float(${v}.y)); ` +
+    `let hi = vec4<f32>(unpack2x16float(${v}.z), unpack2x16float(${v}.w));`;
+}
+
+/**
  * The tiled kernel. Workgroup (wx, wy) threads; thread (tx, ty) owns rm x rn outputs: rows
  * `(i*wy + ty)*4 + 0..3` for i < rm/4 and columns `(j*wx + tx)*4 + 0..3` for j < rn/4, so reads of the
  * staged tiles are vec4 and conflict-free. `As[k][m]` and `Bs[k][n]` hold the tiles k-major, 4 rows or
  * columns per vec4 (two stages of them when double-buffered). With `split`, workgroup t works on the
  * K range `[s * kChunk, (s + 1) * kChunk)` of split `s = t / tilesMN` and writes its raw partial sums
- * to plane `s` of a workspace.
+ * to plane `s` of a workspace. A packed f16 operand (`h8A`, `h8B`) has slots of 8 halves (one vec4<u32>
+ * register, unpacked into the f32 tiles when staged), so half as many per K step.
  */
 function tiledKernel(o: TiledOptions): Kernel {
   return defineKernel("matmul_tiled", { ...o }, bindings(o.bias && !o.split), () => {
@@ -205,16 +260,18 @@ function tiledKernel(o: TiledOptions): Kernel {
     const threads = wx * wy;
     const ra = rm / 4; // vec4 row blocks per thread
     const cb = rn / 4; // vec4 column blocks per thread
-    const kv = BK / 4; // vec4 per row of a k-major-loaded block
+    const bk = o.bk;
+    const kv = bk / 4; // vec4 per row of a k-major-loaded block
+    const kv8 = bk / 8; // vec4<u32> (8 halves) per row of a packed k-major-loaded block
     const ex = o.exact;
     const L: string[] = [];
     const emit = (s: string) => L.push(s);
 
     // Tile loading: each slot is one vec4 of global data, kept in a register between loop iterations.
-    // A (and B when "nk"): a (rows x BK) block, 4 consecutive k per vec4 -> slot l covers row l / kv,
-    // k (l % kv) * 4. B when "kn": a (BK x cols) block, 4 consecutive n per vec4.
-    const aSlots = (bm * BK) / 4;
-    const bSlots = (bn * BK) / 4;
+    // A (and B when "nk"): a (rows x bk) block, 4 consecutive k per vec4 -> slot l covers row l / kv,
+    // k (l % kv) * 4. B when "kn": a (bk x cols) block, 4 consecutive n per vec4. Packed: 8 per slot.
+    const aSlots = (bm * bk) / (o.h8A ? 8 : 4);
+    const bSlots = (bn * bk) / (o.h8B ? 8 : 4);
     const slotLoads = (
       slots: number,
       prefix: string,
@@ -235,29 +292,100 @@ function tiledKernel(o: TiledOptions): Kernel {
     // rows along k (A, or B "nk"): stored transposed into T[k][row]
     const kMajorStore = (tileRows: number, arr: string) => (l: string, v: string) =>
       [0, 1, 2, 3].map((c) =>
-        `${arr}[${stage((BK * tileRows) / 4)}((${l} % ${kv}u) * 4u + ${c}u) * ${
+        `${arr}[${stage((bk * tileRows) / 4)}((${l} % ${kv}u) * 4u + ${c}u) * ${
           tileRows / 4
         }u + (${l} / ${kv}u) / 4u][(${l} / ${kv}u) % 4u] = ${v}.${"xyzw"[c]};`
       );
-    const A = slotLoads(
-      aSlots,
-      "la",
-      (l) =>
-        load4(
-          "a",
-          `m0 + ${l} / ${kv}u`,
-          `k0 + (${l} % ${kv}u) * 4u`,
-          "p.M",
-          "kEnd",
-          "p.lda",
-          "p.aOff",
-          "col",
-          o.vecA,
-          ex,
-        ),
-      kMajorStore(bm, "As"),
-    );
-    const B = o.bLayout === "nk"
+    // the same for 8 packed halves per slot: row l / kv8, k (l % kv8) * 8
+    const kMajorStore8 = (tileRows: number, arr: string) => (l: string, v: string) => [
+      unpack8(v),
+      ...[0, 1, 2, 3, 4, 5, 6, 7].map((c) =>
+        `${arr}[${stage((bk * tileRows) / 4)}((${l} % ${kv8}u) * 8u + ${c}u) * ${
+          tileRows / 4
+        }u + (${l} / ${kv8}u) / 4u][(${l} / ${kv8}u) % 4u] = ${c < 4 ? "lo" : "hi"}.${"xyzw"[c % 4]};`
+      ),
+    ];
+    const A = o.h8A
+      ? slotLoads(
+        aSlots,
+        "la",
+        (l) =>
+          load8(
+            "a",
+            `m0 + ${l} / ${kv8}u`,
+            `k0 + (${l} % ${kv8}u) * 8u`,
+            "p.M",
+            "kEnd",
+            "p.lda",
+            "p.aOff",
+            "col",
+            ex,
+          ),
+        kMajorStore8(bm, "As"),
+      )
+      : slotLoads(
+        aSlots,
+        "la",
+        (l) =>
+          load4(
+            "a",
+            `m0 + ${l} / ${kv}u`,
+            `k0 + (${l} % ${kv}u) * 4u`,
+            "p.M",
+            "kEnd",
+            "p.lda",
+            "p.aOff",
+            "col",
+            o.vecA,
+            ex,
+          ),
+        kMajorStore(bm, "As"),
+      );
+    const B = o.h8B && o.bLayout === "nk"
+      ? slotLoads(
+        bSlots,
+        "lb",
+        (l) =>
+          load8(
+            "b",
+            `n0 + ${l} / ${kv8}u`,
+            `k0 + (${l} % ${kv8}u) * 8u`,
+            "p.N",
+            "kEnd",
+            "p.ldb",
+            "0u",
+            "col",
+            ex,
+          ),
+        kMajorStore8(bn, "Bs"),
+      )
+      : o.h8B
+      ? slotLoads(
+        bSlots,
+        "lb",
+        (l) =>
+          load8(
+            "b",
+            `k0 + ${l} / ${bn / 8}u`,
+            `n0 + (${l} % ${bn / 8}u) * 8u`,
+            "kEnd",
+            "p.N",
+            "p.ldb",
+            "0u",
+            "row",
+            ex,
+          ),
+        // already k-major: slot l is Bs[k][n/4 .. n/4 + 1] = Bs[2 l], Bs[2 l + 1]
+        (
+          l,
+          v,
+        ) => [
+          unpack8(v),
+          `Bs[${stage((bk * bn) / 4)}2u * ${l}] = lo;`,
+          `Bs[${stage((bk * bn) / 4)}2u * ${l} + 1u] = hi;`,
+        ],
+      )
+      : o.bLayout === "nk"
       ? slotLoads(
         bSlots,
         "lb",
@@ -292,13 +420,14 @@ function tiledKernel(o: TiledOptions): Kernel {
             o.vecB,
             ex,
           ),
-        (l, v) => [`Bs[${stage((BK * bn) / 4)}${l}] = ${v};`], // already k-major: slot l is Bs[k][n/4]
+        (l, v) => [`Bs[${stage((bk * bn) / 4)}${l}] = ${v};`], // already k-major: slot l is Bs[k][n/4]
       );
 
-    emit(header(o.split ? { ...o, bias: false } : o));
+    const packed = "vec4<u32>";
+    emit(header(o.split ? { ...o, bias: false } : o, o.h8B ? packed : undefined, o.h8A ? packed : undefined));
     const stages = o.db ? 2 : 1;
-    emit(`var<workgroup> As: array<vec4<f32>, ${(stages * BK * bm) / 4}>;`);
-    emit(`var<workgroup> Bs: array<vec4<f32>, ${(stages * BK * bn) / 4}>;`);
+    emit(`var<workgroup> As: array<vec4<f32>, ${(stages * bk * bm) / 4}>;`);
+    emit(`var<workgroup> Bs: array<vec4<f32>, ${(stages * bk * bn) / 4}>;`);
     emit(`@compute @workgroup_size(${wx}, ${wy})`);
     emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
     emit(`  let g = wid.x + wid.y * p.groupsX; // tiles folded into y past 65535`);
@@ -313,8 +442,9 @@ function tiledKernel(o: TiledOptions): Kernel {
     emit(`  var k0 = sp * p.kChunk;`);
     emit(`  let kEnd = min(p.K, k0 + p.kChunk);`);
     for (let r = 0; r < rm; r++) for (let j = 0; j < cb; j++) emit(`  var c${r}_${j} = vec4<f32>(0.0);`);
-    for (let s = 0; s < A.count; s++) emit(`  var la${s} = vec4<f32>(0.0);`);
-    for (let s = 0; s < B.count; s++) emit(`  var lb${s} = vec4<f32>(0.0);`);
+    const zero = (h8: boolean) => h8 ? "vec4<u32>(0u)" : "vec4<f32>(0.0)";
+    for (let s = 0; s < A.count; s++) emit(`  var la${s} = ${zero(o.h8A)};`);
+    for (let s = 0; s < B.count; s++) emit(`  var lb${s} = ${zero(o.h8B)};`);
     if (o.db) emit(`  var st = 0u;`);
     emit(`  // prefetch the first tiles into registers`);
     for (const s of [...A.fetch, ...B.fetch]) emit(`  ${s}`);
@@ -324,15 +454,15 @@ function tiledKernel(o: TiledOptions): Kernel {
     for (const s of [...A.put, ...B.put]) emit(`    ${s}`);
     emit(`    workgroupBarrier();`);
     emit(`    // start loading the next tiles while this one is multiplied`);
-    emit(`    k0 += ${BK}u;`);
+    emit(`    k0 += ${bk}u;`);
     emit(`    if (k0 < kEnd) {`);
     for (const s of [...A.fetch, ...B.fetch]) emit(`      ${s}`);
     emit(`    }`);
-    const aBase = o.db ? `st * ${(BK * bm) / 4}u + ty` : "ty";
-    const bBase = o.db ? `st * ${(BK * bn) / 4}u + tx` : "tx";
+    const aBase = o.db ? `st * ${(bk * bm) / 4}u + ty` : "ty";
+    const bBase = o.db ? `st * ${(bk * bn) / 4}u + tx` : "tx";
     emit(`    let ab = ${aBase};`);
     emit(`    let bb = ${bBase};`);
-    for (let k = 0; k < BK; k++) {
+    for (let k = 0; k < bk; k++) {
       emit(`    {`);
       for (let i = 0; i < ra; i++) emit(`      let a${i} = As[ab + ${(k * bm) / 4 + i * wy}u];`);
       for (let j = 0; j < cb; j++) emit(`      let b${j} = Bs[bb + ${(k * bn) / 4 + j * wx}u];`);
@@ -637,8 +767,6 @@ function planTiled(g: Gemm): TiledPlan {
     splits = Math.min(8, 2 ** Math.floor(Math.log2(g.K / 512)));
   } else tile = pickTile(g);
   if (matmulTuning.splitK !== null) splits = matmulTuning.splitK;
-  // every split must have at least one K step
-  splits = Math.max(1, Math.min(splits, Math.ceil(g.K / BK)));
   return { tile, splits };
 }
 
@@ -707,13 +835,16 @@ function recordGemm(rec: Recorder, g: Gemm): void {
   const canMatvec = g.M <= MV_MAX_M && vecA && vecB;
   const forced = matmulTuning.force;
   const buffers = g.bias ? [g.out, g.a, g.b, g.bias] : [g.out, g.a, g.b];
+  // elements per load of A and B: 1, 4 (vec4), or 8 (packed f16, the tiled kernel's h8A / h8B)
+  let aUnit = vecA ? 4 : 1;
+  let bUnit = vecB ? 4 : 1;
   const params = (tilesN: number, groupsX: number, tiles: number, kChunk: number, tilesMN: number) => [
     g.M,
     g.N,
     g.K,
-    vecA ? g.lda / 4 : g.lda,
-    vecA ? g.aOff / 4 : g.aOff,
-    vecB ? ldb / 4 : ldb,
+    g.lda / aUnit,
+    g.aOff / aUnit,
+    ldb / bUnit,
     g.ldc,
     g.cOff,
     tilesN,
@@ -741,17 +872,32 @@ function recordGemm(rec: Recorder, g: Gemm): void {
     }
     return;
   }
-  const { tile, splits } = planTiled(g);
+  const plan = planTiled(g);
+  const { tile } = plan;
   const { bm, bn } = tileDims(tile);
+  const db = matmulTuning.doubleBuffer ?? true;
+  // packed f16 loads (8 halves): where the contiguous dimension, leading dimension and offset allow
+  const packed = matmulTuning.f16Packed ?? false;
+  const h8A = packed && g.at === "f16" && g.K % 8 === 0 && g.lda % 8 === 0 && g.aOff % 8 === 0;
+  const h8B = packed && f16 && ldb % 8 === 0;
+  if (h8A) aUnit = 8;
+  if (h8B) bUnit = 8;
+  // K step 16 with packed loads where both workgroup tiles of 16 k (per stage) fit
+  const tileBytes = (k: number) => (db ? 2 : 1) * k * (bm + bn) * 4;
+  const bk = (h8A || h8B) && (matmulTuning.f16PackedK ?? 16) === 16 &&
+      tileBytes(16) <= rec.gpu.limits.maxComputeWorkgroupStorageSize
+    ? 16
+    : BK;
+  // every split must have at least one K step
+  const splits = Math.max(1, Math.min(plan.splits, Math.ceil(g.K / bk)));
   const tilesN = Math.ceil(g.N / bn);
   const tilesMN = tilesN * Math.ceil(g.M / bm);
-  const kChunk = splits === 1 ? g.K : Math.ceil(g.K / splits / BK) * BK;
+  const kChunk = splits === 1 ? g.K : Math.ceil(g.K / splits / bk) * bk;
   const nSplits = Math.ceil(g.K / kChunk);
   const split = nSplits > 1;
-  const exact = vecA && vecB && g.M % bm === 0 && g.N % bn === 0 && g.K % BK === 0;
-  const db = matmulTuning.doubleBuffer ?? true;
+  const exact = vecA && vecB && g.M % bm === 0 && g.N % bn === 0 && g.K % bk === 0;
   // split-K partial sums go to the f32 workspace; the reduction rounds to the output type
-  const kernel = tiledKernel({ ...o, ct: split ? "f32" : o.ct, tile, exact, db, split });
+  const kernel = tiledKernel({ ...o, ct: split ? "f32" : o.ct, tile, exact, db, split, bk, h8A, h8B });
   const tiles = tilesMN * nSplits;
   const { groups, stride } = grid1d(tiles, 1);
   if (!split) {

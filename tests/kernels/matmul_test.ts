@@ -306,12 +306,14 @@ Deno.test("conv1dForward and conv1dBackwardInput match the reference for every k
   });
 });
 
-Deno.test("f16 weights give the f32 result of the f16-rounded weights in all four products", async () => {
+/** f16 weights in all four products, every kernel, at `shapes` (see the two tests below). */
+async function checkF16Weights(shapes: [number, number, number][], label: string): Promise<void> {
   const g = await gpu();
   if (!g.hasF16) return; // the f16 path is only compiled where shader-f16 exists
   const rng = new Rng(16);
-  await forEachKernel(async (choice) => {
-    for (const [M, N, K] of SHAPES) {
+  await forEachKernel(async (kernel) => {
+    const choice = `${label}${kernel}`;
+    for (const [M, N, K] of shapes) {
       const x = rng.randn(M * K);
       const dy = rng.randn(M * N);
       const b = rng.randn(N);
@@ -348,6 +350,10 @@ Deno.test("f16 weights give the f32 result of the f16-rounded weights in all fou
       );
     }
   });
+}
+
+Deno.test("f16 weights give the f32 result of the f16-rounded weights in all four products", async () => {
+  await checkF16Weights(SHAPES, "");
 });
 
 Deno.test("more than 65535 workgroups are folded into y (matvec and tiled)", async () => {
@@ -407,12 +413,11 @@ function read(g: Gpu, t: Tensor): Promise<Float32Array> {
 /** The tolerance of an output of dtype `dt` (see TOL and TOL_F16_OUT). */
 const tolOf = (dt: Act) => dt === "f16" ? TOL_F16_OUT : TOL;
 
-Deno.test("f16 activations: x and out f16 or f32 independently, with f32 or f16 weights and bias, on the tiled and matrix-vector paths", async () => {
+/** f16 and f32 x, weight and out in any mix, linear and conv1d with bias, at `shapes`. */
+async function checkActivationKinds(shapes: [number, number, number][], label: string): Promise<void> {
   const g = await gpu();
   if (!g.hasF16) return; // f16 activations need shader-f16
   const rng = new Rng(18);
-  // (M, N, K): tiled with vec4 A loads, tiled with scalar A loads (K odd), matrix-vector (M ≤ 4, vec4)
-  const shapes: [number, number, number][] = [[33, 7, 20], [7, 33, 33], [3, 36, 20]];
   // (x, weight, out): f16 x with either weight and either output (projections of an f16 model, its LM
   // head's f32 logits), and f32 x into an f16 output
   const kinds: [Act, Act, Act][] = [
@@ -427,7 +432,7 @@ Deno.test("f16 activations: x and out f16 or f32 independently, with f32 or f16 
       const x = activation(g, rng.randn(M * K), [M, K], xt);
       const w = activation(g, rng.randn(N * K, 0.5), [N * K], wt); // (N, K) Linear, (K, N) Conv1D
       const b = rng.randn(N);
-      const what = `x ${xt} w ${wt} out ${ot} ${M}x${N}x${K}`;
+      const what = `${label}x ${xt} w ${wt} out ${ot} ${M}x${N}x${K}`;
       const out = poisoned(g, [M, N], ot);
       const got = await run(
         g,
@@ -454,24 +459,34 @@ Deno.test("f16 activations: x and out f16 or f32 independently, with f32 or f16 
       );
     }
   }
+}
+
+Deno.test("f16 activations: x and out f16 or f32 independently, with f32 or f16 weights and bias, on the tiled and matrix-vector paths", async () => {
+  // (M, N, K): tiled with vec4 A loads, tiled with scalar A loads (K odd), matrix-vector (M ≤ 4, vec4)
+  await checkActivationKinds([[33, 7, 20], [7, 33, 33], [3, 36, 20]], "");
 });
 
-Deno.test("f16 x and f16 out through every kernel variant (tiles, exact, split-K, single-buffered, matrix-vector), accumulating into f16", async () => {
+/**
+ * f16 x, f16 weight and an f16 out accumulated into, linear and conv1d, through every kernel variant:
+ * `mv` on the matrix-vector kernels, `tiled` on the tiles (with the heuristic: both), `exact` on 64x64.
+ */
+async function checkF16Variants(
+  mv: [number, number, number],
+  tiled: [number, number, number],
+  exact: [number, number, number],
+  label: string,
+): Promise<void> {
   const g = await gpu();
   if (!g.hasF16) return;
   const rng = new Rng(19);
-  // (M, N, K): matrix-vector in both layouts (K % 8 == 0: also 8 packed halves per weight load); tiled
-  // with K long enough for 3 splits; whole tiles (the "exact" kernel). One pipeline per dtype combination
-  // costs 0.3-1 s to compile on a CPU device, so each variant runs the shapes it applies to.
-  const mv: [number, number, number] = [3, 36, 24];
-  const tiled: [number, number, number] = [33, 65, 36];
-  await forEachKernel(async (choice) => {
-    const shapes: [number, number, number][] = choice.startsWith("matvec")
+  await forEachKernel(async (kernel) => {
+    const choice = `${label}${kernel}`;
+    const shapes: [number, number, number][] = kernel.startsWith("matvec")
       ? [mv]
-      : choice === "null"
+      : kernel === "null"
       ? [mv, tiled]
-      : choice === "64x64"
-      ? [tiled, [128, 128, 24]]
+      : kernel === "64x64"
+      ? [tiled, exact]
       : [tiled];
     for (const [M, N, K] of shapes) {
       const x = uploadF16(g, rng.randn(M * K), [M, K]);
@@ -502,15 +517,23 @@ Deno.test("f16 x and f16 out through every kernel variant (tiles, exact, split-K
       }
     }
   });
+}
+
+Deno.test("f16 x and f16 out through every kernel variant (tiles, exact, split-K, single-buffered, matrix-vector), accumulating into f16", async () => {
+  // (M, N, K): matrix-vector in both layouts (K % 8 == 0: also 8 packed halves per weight load); tiled
+  // with K long enough for 3 splits; whole tiles (the "exact" kernel). One pipeline per dtype combination
+  // costs 0.3-1 s to compile on a CPU device, so each variant runs the shapes it applies to.
+  await checkF16Variants([3, 36, 24], [33, 65, 36], [128, 128, 24], "");
 });
 
-Deno.test("f16 x and out in row ranges (splitRows): f16 views at byte offsets, weight ranges writing column slices", async () => {
+/** f16 x and out in row ranges, and an f16 weight in row ranges, with K input features. */
+async function checkF16RowRanges(K: number, label: string): Promise<void> {
   const g = await gpu();
   if (!g.hasF16) return;
   const rng = new Rng(20);
-  // a weight in row ranges (an LM head) of at most 100 rows of 72 bytes: each range writes its column
-  // slice (with a 256-byte offset alignment: ranges of 96 rows, 96, 96, 96, 12)
-  const [N, K] = [300, 36];
+  // a weight in row ranges (an LM head) of at most 100 rows: each range writes its column slice (K = 36,
+  // rows of 72 bytes, a 256-byte offset alignment: ranges of 96 rows, 96, 96, 96, 12)
+  const N = 300;
   const w = uploadF16(g, rng.randn(N * K, 0.5), [N, K]);
   const ranges = splitRows(g, w.tensor, K * 2 * 100);
   assert.ok(ranges.length >= 3);
@@ -529,11 +552,11 @@ Deno.test("f16 x and out in row ranges (splitRows): f16 views at byte offsets, w
         await read(g, out),
         linearForwardRef(x.values, w.values, b, M, N, K),
         tolOf(ot),
-        `weight ranges M=${M} out ${ot}`,
+        `${label}weight ranges M=${M} out ${ot}`,
       );
     }
   }
-  // x and out in row ranges of 64 rows, as splitRows makes them: views at byte offsets 64 * 72 and
+  // x and out in row ranges of 64 rows, as splitRows makes them: views at byte offsets 64 * 2K and
   // 64 * 48 (multiples of 256)
   const [M, N2] = [70, 24];
   const x = uploadF16(g, rng.randn(M * K), [M, K]);
@@ -550,8 +573,56 @@ Deno.test("f16 x and out in row ranges (splitRows): f16 views at byte offsets, w
     await downloadF16(g, out),
     linearForwardRef(x.values, w2.values, null, M, N2, K),
     TOL_F16_OUT,
-    "x and out row ranges",
+    `${label}x and out row ranges`,
   );
+}
+
+Deno.test("f16 x and out in row ranges (splitRows): f16 views at byte offsets, weight ranges writing column slices", async () => {
+  await checkF16RowRanges(36, "");
+});
+
+/**
+ * Runs `body` with packed f16 loads on (8 halves per 16-byte load) at K step 16 and at 8, restoring
+ * the default after; `body` gets a label for its messages.
+ */
+async function withPackedF16(body: (label: string) => Promise<void>): Promise<void> {
+  try {
+    for (const k of [16, 8] as const) {
+      matmulTuning.f16Packed = true;
+      matmulTuning.f16PackedK = k;
+      await body(`packed K step ${k} `);
+    }
+  } finally {
+    matmulTuning.f16Packed = null;
+    matmulTuning.f16PackedK = null;
+  }
+}
+
+// Packed f16 loads (matmulTuning.f16Packed) apply where the f16 operand's contiguous dimension is a
+// multiple of 8: K for x and an "nk" weight, N for a "kn" weight. Each shape list mixes sizes that pack
+// (K 40, 64, 520, 136 = 8 * 17, a tail of 8 past the last step of 16; N 72, 128) with sizes that fall
+// back to vec4<f16> or scalar loads (N 33, 130, K 33), so that every product checks one or both; the
+// shapes that pack nothing are left to the tests above (each pipeline costs a compile on a CPU device).
+
+Deno.test("packed f16 loads: f16 weights give the f32 result of the f16-rounded weights in all four products", async () => {
+  await withPackedF16((label) =>
+    checkF16Weights(
+      [[3, 33, 64], [2, 12, 520], [7, 130, 33], [128, 128, 24], [33, 72, 40], [130, 64, 136]],
+      label,
+    )
+  );
+});
+
+Deno.test("packed f16 loads: x and out f16 or f32 independently, with f32 or f16 weights and bias", async () => {
+  await withPackedF16((label) => checkActivationKinds([[33, 16, 24], [9, 40, 64], [66, 72, 136]], label));
+});
+
+Deno.test("packed f16 loads: f16 x and f16 out through every kernel variant, accumulating into f16", async () => {
+  await withPackedF16((label) => checkF16Variants([3, 40, 24], [33, 72, 40], [128, 128, 32], label));
+});
+
+Deno.test("packed f16 loads: f16 x and out in row ranges, weight ranges writing column slices", async () => {
+  await withPackedF16((label) => checkF16RowRanges(40, label));
 });
 
 Deno.test("activations may be f32 or f16, gradients only f32; f16 on a GPU without shader-f16 is refused", async () => {
