@@ -761,7 +761,7 @@ function planTiled(g: Gemm): TiledPlan {
   let splits = 1;
   if (forced !== null) tile = forced === "matvec" ? "32x32" : forced;
   else if (tiles128 >= 2 * SMS - 8) tile = "128x128"; // two waves or more: the big tile wins (25-35 TFLOP/s)
-  else if (g.M <= 256) {
+  else if (g.M <= 128) {
     // a short prompt's prefill (M = 128 measured, bench/results/prefill-tune-*): K split in 8 everywhere;
     // wide layers keep the big tile (TinyLlama q 13.8 -> 23.1 TFLOP/s), the rest take 32x32 tiles (k_proj
     // 1.7 -> 7.5, gpt2 mlp c_proj 5.6 -> 16.1, SmolLM2 down 3.4 -> 10.4; f16 weights and activations)
