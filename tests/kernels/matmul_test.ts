@@ -353,7 +353,7 @@ async function checkF16Weights(shapes: [number, number, number][], label: string
 }
 
 Deno.test("f16 weights give the f32 result of the f16-rounded weights in all four products", async () => {
-  await checkF16Weights(SHAPES, "");
+  await withF16Loads(false, (label) => checkF16Weights(SHAPES, label));
 });
 
 Deno.test("more than 65535 workgroups are folded into y (matvec and tiled)", async () => {
@@ -463,7 +463,7 @@ async function checkActivationKinds(shapes: [number, number, number][], label: s
 
 Deno.test("f16 activations: x and out f16 or f32 independently, with f32 or f16 weights and bias, on the tiled and matrix-vector paths", async () => {
   // (M, N, K): tiled with vec4 A loads, tiled with scalar A loads (K odd), matrix-vector (M ≤ 4, vec4)
-  await checkActivationKinds([[33, 7, 20], [7, 33, 33], [3, 36, 20]], "");
+  await withF16Loads(false, (label) => checkActivationKinds([[33, 7, 20], [7, 33, 33], [3, 36, 20]], label));
 });
 
 /**
@@ -523,7 +523,7 @@ Deno.test("f16 x and f16 out through every kernel variant (tiles, exact, split-K
   // (M, N, K): matrix-vector in both layouts (K % 8 == 0: also 8 packed halves per weight load); tiled
   // with K long enough for 3 splits; whole tiles (the "exact" kernel). One pipeline per dtype combination
   // costs 0.3-1 s to compile on a CPU device, so each variant runs the shapes it applies to.
-  await checkF16Variants([3, 36, 24], [33, 65, 36], [128, 128, 24], "");
+  await withF16Loads(false, (label) => checkF16Variants([3, 36, 24], [33, 65, 36], [128, 128, 24], label));
 });
 
 /** f16 x and out in row ranges, and an f16 weight in row ranges, with K input features. */
@@ -578,19 +578,19 @@ async function checkF16RowRanges(K: number, label: string): Promise<void> {
 }
 
 Deno.test("f16 x and out in row ranges (splitRows): f16 views at byte offsets, weight ranges writing column slices", async () => {
-  await checkF16RowRanges(36, "");
+  await withF16Loads(false, (label) => checkF16RowRanges(36, label));
 });
 
 /**
- * Runs `body` with packed f16 loads on (8 halves per 16-byte load) at K step 16 and at 8, restoring
- * the default after; `body` gets a label for its messages.
+ * Runs `body` with packed f16 loads (8 halves per 16-byte load, the default) at K step 16 and at 8, or
+ * with them off (vec4<f16> loads), restoring the default after; `body` gets a label for its messages.
  */
-async function withPackedF16(body: (label: string) => Promise<void>): Promise<void> {
+async function withF16Loads(packed: boolean, body: (label: string) => Promise<void>): Promise<void> {
   try {
-    for (const k of [16, 8] as const) {
-      matmulTuning.f16Packed = true;
+    for (const k of packed ? [16, 8] as const : [null]) {
+      matmulTuning.f16Packed = packed;
       matmulTuning.f16PackedK = k;
-      await body(`packed K step ${k} `);
+      await body(packed ? `packed K step ${k} ` : "vec4<f16> loads ");
     }
   } finally {
     matmulTuning.f16Packed = null;
@@ -605,24 +605,26 @@ async function withPackedF16(body: (label: string) => Promise<void>): Promise<vo
 // shapes that pack nothing are left to the tests above (each pipeline costs a compile on a CPU device).
 
 Deno.test("packed f16 loads: f16 weights give the f32 result of the f16-rounded weights in all four products", async () => {
-  await withPackedF16((label) =>
+  await withF16Loads(true, (label) =>
     checkF16Weights(
       [[3, 33, 64], [2, 12, 520], [7, 130, 33], [128, 128, 24], [33, 72, 40], [130, 64, 136]],
       label,
-    )
-  );
+    ));
 });
 
 Deno.test("packed f16 loads: x and out f16 or f32 independently, with f32 or f16 weights and bias", async () => {
-  await withPackedF16((label) => checkActivationKinds([[33, 16, 24], [9, 40, 64], [66, 72, 136]], label));
+  await withF16Loads(
+    true,
+    (label) => checkActivationKinds([[33, 16, 24], [9, 40, 64], [66, 72, 136]], label),
+  );
 });
 
 Deno.test("packed f16 loads: f16 x and f16 out through every kernel variant, accumulating into f16", async () => {
-  await withPackedF16((label) => checkF16Variants([3, 40, 24], [33, 72, 40], [128, 128, 32], label));
+  await withF16Loads(true, (label) => checkF16Variants([3, 40, 24], [33, 72, 40], [128, 128, 32], label));
 });
 
 Deno.test("packed f16 loads: f16 x and out in row ranges, weight ranges writing column slices", async () => {
-  await withPackedF16((label) => checkF16RowRanges(40, label));
+  await withF16Loads(true, (label) => checkF16RowRanges(40, label));
 });
 
 Deno.test("activations may be f32 or f16, gradients only f32; f16 on a GPU without shader-f16 is refused", async () => {
