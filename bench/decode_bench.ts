@@ -29,7 +29,7 @@ import { addAdaptionPrompt } from "../src/adapters/manage.ts";
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { runOps } from "../src/gpu/recorder.ts";
 import { profileOps, timeOps } from "../src/gpu/timing.ts";
-import { decodeStepOps, generate } from "../src/models/generate.ts";
+import { decodePrefillOps, decodeStepOps, generate } from "../src/models/generate.ts";
 import { activationTuning, decodeTuning } from "../src/models/transformer.ts";
 import { createRandomModel, modelConfigFor, type RandomModelName } from "../src/models/random.ts";
 import type { Model } from "../src/models/model.ts";
@@ -145,6 +145,22 @@ for (const name of names) {
         for (const r of prof.slice(0, 14)) {
           console.log(`  ${r.label.padEnd(30)} ${String(r.count).padStart(4)}× ${r.ms.toFixed(3)} ms`);
         }
+      }
+      // where the time to first token goes: the prefill's GPU time and its profile
+      setSide(true);
+      const prefill = decodePrefillOps(model, PROMPT);
+      const prefillGpu = await timeOps(gpu, prefill, 8);
+      // matmuls by variant (tile, split), the rest by kernel
+      const pprof = await profileOps(gpu, prefill, (l) => l.startsWith("matmul") ? l : l.split("|")[0]!);
+      console.log(
+        `prefill of ${PROMPT} tokens, ${name} ${dtype}: ${prefillGpu.ms.toFixed(3)} ms GPU in one pass, ${
+          prefill.filter((o) => o.kind === "dispatch").length
+        } dispatches; profile (one pass per dispatch, sum ${
+          pprof.reduce((a, r) => a + r.ms, 0).toFixed(3)
+        } ms):`,
+      );
+      for (const r of pprof.slice(0, 24)) {
+        console.log(`  ${r.label.padEnd(30)} ${String(r.count).padStart(4)}× ${r.ms.toFixed(3)} ms`);
       }
     }
     const row = `| ${name} | ${dtype} | ${old.tokS.toFixed(0)} | ${now.tokS.toFixed(0)} | ${

@@ -69,9 +69,14 @@ export interface ProfileRow {
  *
  * @param gpu The GPU (needs `timestamp-query`).
  * @param ops The operations of one step.
+ * @param groupBy The row a dispatch label counts in (default: the kernel name, before the first `|`).
  * @returns Rows by kernel, largest first.
  */
-export async function profileOps(gpu: Gpu, ops: readonly Op[]): Promise<ProfileRow[]> {
+export async function profileOps(
+  gpu: Gpu,
+  ops: readonly Op[],
+  groupBy: (label: string) => string = (label) => label.split("|")[0]!,
+): Promise<ProfileRow[]> {
   const dispatches = ops.filter((o) => o.kind === "dispatch");
   if (!gpu.hasTimestamps || dispatches.length === 0) return [];
   const n = dispatches.length;
@@ -97,7 +102,7 @@ export async function profileOps(gpu: Gpu, ops: readonly Op[]): Promise<ProfileR
     const t = new BigUint64Array((await readBytes(gpu, resolve, 0, 16 * n, "profile")).buffer);
     const rows = new Map<string, ProfileRow>();
     dispatches.forEach((op, i) => {
-      const label = op.label.split("|")[0]!;
+      const label = groupBy(op.label);
       const row = rows.get(label) ?? { label, count: 0, ms: 0 };
       row.count++;
       row.ms += Number(t[2 * i + 1]! - t[2 * i]!) / 1e6;

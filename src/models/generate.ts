@@ -327,6 +327,21 @@ export function decodeStepOps(model: Model, promptLen: number, maxNewTokens: num
   return replayableStep(model, s, activationsFor(model, 1, 1, false), L, { temperature: 0, topP: 1 });
 }
 
+/**
+ * The recorded prefill of a greedy call with this prompt length (benchmarks: a per-kernel profile of the
+ * time to first token). The prompt's ids are whatever the activation buffers hold.
+ *
+ * @param model The model.
+ * @param promptLen Prompt tokens.
+ * @returns The prefill's ops (forward, last-row logits, sampling, decode-state advance).
+ */
+export function decodePrefillOps(model: Model, promptLen: number): Op[] {
+  const adapter = runningAdapter(model);
+  const refresh = adapter !== null && adapter.kvVersion !== adapter.version;
+  const stepActs = activationsFor(model, 1, 1, false);
+  return prefillOps(model, decodeState(model), promptLen, refresh, { temperature: 0, topP: 1 }, stepActs);
+}
+
 /** The cache length of one generate call: prompt + new tokens rounded up to 64, at most maxSeqLen. */
 function cacheLength(model: Model, total: number): number {
   return Math.min(model.maxSeqLen, Math.ceil(total / 64) * 64);
