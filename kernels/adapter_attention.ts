@@ -202,6 +202,70 @@ ${each(DV, (c) => `  ${vecStore(D, c, "out", "qb", `(a${c} * f)`, ot)}`)}
   );
 }
 
+/** (row, head) pairs per workgroup of the split forward, and threads per pair. */
+const SPLIT_PAIRS = 16;
+const SPLIT_THREADS = 4;
+
+/**
+ * The forward with each (row, head) split over 4 threads (D a multiple of 16): thread t holds D/4
+ * contiguous elements of q and of the output, so 4 threads read a row coalesced and each keeps few
+ * registers; the L partial scores go through workgroup memory once (one barrier), and every thread of
+ * the pair then runs the same softmax over the summed scores. The one-thread-per-pair kernel above
+ * serves the other head sizes.
+ */
+function forwardSplitKernel(D: number, LMAX: number, qt: ActivationType, ot: ActivationType): Kernel {
+  const SEG = D / SPLIT_THREADS; // elements per thread
+  const SV = SEG / 4; // vec4 per thread
+  const part = (k: string, j: string) => `part[(pl * ${SPLIT_THREADS}u + ${k}) * ${LMAX}u + ${j}]`;
+  return defineKernel(
+    "adapter_attention_fwd_split",
+    { D, LMAX, qt, ot },
+    ["read", "read", "read", "read", "write", "uniform"],
+    () => `
+${enableF16(qt, ot)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> ka: array<f32>;
+@group(0) @binding(2) var<storage, read> va: array<f32>;
+@group(0) @binding(3) var<storage, read> gate: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
+@group(0) @binding(5) var<uniform> p: P;
+var<workgroup> part: array<f32, ${SPLIT_PAIRS * SPLIT_THREADS * LMAX}>;
+${GATE_FN}
+@compute @workgroup_size(${SPLIT_PAIRS * SPLIT_THREADS})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) li: u32) {
+  let pl = li / ${SPLIT_THREADS}u; // pair within the workgroup
+  let t = li % ${SPLIT_THREADS}u; // this thread's quarter of D
+  let idx = (wid.x + wid.y * p.stride) * ${SPLIT_PAIRS}u + pl; // (n, h), h fastest
+  let valid = idx < p.rows * p.H;
+  let pair = min(idx, p.rows * p.H - 1u); // past the end: a real pair, never stored (uniform barriers)
+  let h = pair % p.H;
+  let kvh = h / (p.H / p.Hkv);
+  let qb = pair * ${D}u + t * ${SEG}u;
+${each(SV, (c) => `  let q${c} = ${vecLoad(4 * SV, c, "q", "qb", qt)};`)}
+  for (var j = 0u; j < p.L; j++) {
+    let kb = (j * p.Hkv + kvh) * ${D}u + t * ${SEG}u;
+    ${part("t", "j")} = ${each(SV, (c) => `dot(q${c}, ${vecLoad(4 * SV, c, "ka", "kb")})`, " + ")};
+  }
+  workgroupBarrier();
+  var m = -1.0e30;
+  for (var j = 0u; j < p.L; j++) {
+    m = max(m, (${each(SPLIT_THREADS, (k) => part(`${k}u`, "j"), " + ")}) * p.scale);
+  }
+${each(SV, (c) => `  var a${c} = vec4<f32>(0.0);`)}
+  var l = 0.0;
+  for (var j = 0u; j < p.L; j++) {
+    let pj = exp((${each(SPLIT_THREADS, (k) => part(`${k}u`, "j"), " + ")}) * p.scale - m);
+    l += pj;
+    let kb = (j * p.Hkv + kvh) * ${D}u + t * ${SEG}u;
+${each(SV, (c) => `    a${c} += pj * ${vecLoad(4 * SV, c, "va", "kb")};`)}
+  }
+  if (!valid) { return; }
+  let f = gateOf(h) / l;
+${each(SV, (c) => `  ${vecStore(4 * SV, c, "out", "qb", `(a${c} * f)`, ot)}`)}
+}`,
+  );
+}
+
 /**
  * Records the adapter attention forward (see the module doc), adding into `out` with
  * `opts.accumulate` (after the main attention) or overwriting it. q and out may each be f32 or f16 (f16
@@ -227,8 +291,20 @@ export function adapterAttentionForward(
   check(opts, q, ka, va, gate);
   const qt = activationType(rec.gpu, q, "adapterAttentionForward q");
   const ot = activationType(rec.gpu, out, "adapterAttentionForward out");
+  const D = opts.headDim;
+  if (D % (4 * SPLIT_THREADS) === 0) {
+    const wgs = Math.ceil((opts.rows * opts.numHeads) / SPLIT_PAIRS);
+    const gx = Math.min(wgs, 65535);
+    rec.dispatch(
+      forwardSplitKernel(D, lmaxOf(opts.adapterLen), qt, ot),
+      [q, ka, va, gate, out],
+      params(opts, gx, 0),
+      [gx, Math.ceil(wgs / gx)],
+    );
+    return;
+  }
   const { groups, stride } = grid1d(opts.rows * opts.numHeads, WG);
-  rec.dispatch(forwardKernel(opts.headDim, qt, ot), [q, ka, va, gate, out], params(opts, stride, 0), groups);
+  rec.dispatch(forwardKernel(D, qt, ot), [q, ka, va, gate, out], params(opts, stride, 0), groups);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -96,6 +96,14 @@ Deno.test("adapter attention at D=64, L=10, 300 rows (several row groups), H=3/H
   await check(opts(3, 3, 6, 33, 131, "scalar", false), 8);
 });
 
+// D a multiple of 16 takes the forward that splits each (row, head) over 4 threads; 16 pairs a
+// workgroup, so rows * H = 7 * 3 = 21 and 33 * 4 = 132 leave a part-filled last workgroup
+Deno.test("adapter attention, split forward (D % 16 == 0): D=16/32/64, L=1/64 (the largest), part-filled workgroups", async () => {
+  await check(opts(3, 1, 16, 1, 7, "scalar", false), 31);
+  await check(opts(4, 2, 32, 64, 33, "per-head", true), 32);
+  await check(opts(4, 4, 64, 17, 33, "per-head-tanh", false), 33);
+});
+
 /** Forward and backward with q and/or out in f16 (adapter keys, values, gate, dout, gradients f32). */
 async function checkF16(o: AdapterAttentionOptions, seed: number, qt: "f32" | "f16", ot: "f32" | "f16") {
   const g = await gpu();
@@ -132,6 +140,11 @@ async function checkF16(o: AdapterAttentionOptions, seed: number, qt: "f32" | "f
 
 Deno.test("adapter attention with f16 q and f16 out (overwritten) matches the reference: GQA 4/2, D=7, L=10, 33 rows", () =>
   checkF16(opts(4, 2, 7, 10, 33, "per-head-tanh", false), 21, "f16", "f16"));
+
+Deno.test("adapter attention, split forward with f16 q and f16 out (overwritten, then accumulated): D=32, L=10, 33 rows", async () => {
+  await checkF16(opts(4, 2, 32, 10, 33, "scalar", false), 24, "f16", "f16");
+  await checkF16(opts(4, 2, 32, 10, 33, "per-head", true), 25, "f16", "f16");
+});
 
 Deno.test("adapter attention adding into an f16 out (read, add in f32, round once): H=3/Hkv=1, D=8, L=1, 7 rows", () =>
   checkF16(opts(3, 1, 8, 1, 7, "scalar", true), 22, "f16", "f16"));
