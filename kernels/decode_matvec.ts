@@ -8,7 +8,10 @@
  * - `decodeQkvForward`: q, k and v of one norm(x), one instead of three where the device's storage-binding
  *   limit allows (the small k/v products of GQA models are latency-bound on their own). Its workgroups are
  *   spread over the concatenated output rows, each within one of the three products, so the choice of
- *   weight, bias and output binding is uniform per workgroup: three code paths behind one branch.
+ *   weight, bias and output binding is uniform per workgroup: three code paths behind one branch. With
+ *   `rope` (a replayed llama decode step) it also rotates q and k (HF `rotate_half`) and stores k and v
+ *   straight into the KV cache, which `kvCacheAppendRope` would do in a dispatch of its own: the q and k
+ *   workgroups own whole RoPE pairs (rows i and i + D/2 of one head) and meet them in workgroup memory.
  * Weights are HF `Linear` `(N, K)` ("nk"), f32 or f16 (read as vec4 / vec4<f16>); K must be a multiple of 4.
  *
  * The kernel is the "nk" matrix-vector kernel of kernels/matmul.ts (`matvecNkKernel`): T = 32-256
@@ -56,6 +59,7 @@ import { f32, type Recorder } from "../src/gpu/recorder.ts";
 import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
+import { kvCacheAppendRope } from "./kv_cache.ts";
 import { MV_MAX_M, MV_UNROLL, MV_WG, SMS } from "./matmul.ts";
 
 /**
@@ -104,8 +108,10 @@ interface MatvecOptions {
   /**
    * q, k and v of one x in one dispatch (see {@link decodeQkvForward}): three weights, outputs (`ot` is
    * q's, `kt` and `vt` those of k and v) and, with `bias`, three bias bindings; null for one product.
+   * With `rope` (never with `bias`), q is stored rotated, and k rotated and v go into the KV cache
+   * instead of outputs of their own: `kt` and `vt` are then the caches' element types.
    */
-  qkv: { kt: ActivationType; vt: ActivationType; bias: boolean } | null;
+  qkv: { kt: ActivationType; vt: ActivationType; bias: boolean; rope: boolean } | null;
 }
 
 /**
@@ -124,10 +130,13 @@ const QKV_STREAMS = [["outQ", "wq", "bq"], ["outK", "wk", "bk"], ["outV", "wv", 
 /** The storage bindings of a variant, in binding order (the uniform follows). */
 function bindingNames(o: MatvecOptions): string[] {
   if (o.qkv) {
-    const names = ["outQ", "outK", "outV", "a", "wq", "wk", "wv"];
+    const names = o.qkv.rope
+      ? ["outQ", "kc", "vc", "mask", "a", "wq", "wk", "wv"]
+      : ["outQ", "outK", "outV", "a", "wq", "wk", "wv"];
     if (o.qkv.bias) names.push("bq", "bk", "bv");
     if (o.prologue !== "none") names.push("nw");
     if (o.prologue === "layer") names.push("nb");
+    if (o.qkv.rope) names.push("invFreq", "positions", "state");
     return names;
   }
   // the biases are always bound (x stands in for an absent one, never read: its flag is off)
@@ -165,16 +174,20 @@ const MIN_GROUPS = 96;
  *   -> 8.7 µs with NR 4). Only with a norm: without one, the extra rows cost more than the loads they
  *   save (down_proj at M = 4: 17.7 -> 20.5 µs with NR 4). The largest NR that keeps MIN_GROUPS
  *   workgroups, 16 vec4 accumulators per thread and the device's workgroup memory.
- * `decodeMatvecTuning` forces T, and caps NR.
+ * `decodeMatvecTuning` forces T, and caps NR. With `rope` (q/k/v with RoPE, {@link decodeQkvForward}) a
+ * workgroup needs at least two output rows, one of each half of a RoPE pair: T is at most 128, and the
+ * staged pairs (16 bytes per row of the workgroup) count against the workgroup memory.
  */
 function plan(
   rec: Recorder,
   o: Omit<MatvecOptions, "threads" | "nr" | "qkv">,
   N: number,
   K: number,
+  rope = false,
 ): { threads: number; nr: number } {
   const K4 = K / 4;
-  let threads: number = decodeMatvecTuning.threads ?? 256;
+  const maxThreads = rope ? WG / 2 : WG;
+  let threads: number = Math.min(decodeMatvecTuning.threads ?? WG, maxThreads);
   if (decodeMatvecTuning.threads === null) {
     for (const t of [32, 64, 128]) {
       if (K4 <= 16 * t) {
@@ -182,7 +195,9 @@ function plan(
         break;
       }
     }
-    while (threads < WG && Math.ceil(N / (WG / threads)) < SMS && K4 / (2 * threads) >= 4) threads *= 2;
+    while (threads < maxThreads && Math.ceil(N / (WG / threads)) < SMS && K4 / (2 * threads) >= 4) {
+      threads *= 2;
+    }
   }
   const R = WG / threads;
   const streams = o.swiglu ? 2 : 1;
@@ -191,7 +206,7 @@ function plan(
   for (const nr of [4, 2]) {
     if (cap !== null ? nr > cap : o.prologue === "none" || Math.ceil(N / (R * nr)) < MIN_GROUPS) continue;
     if (nr * o.rows * streams > 16) continue;
-    if (reducedGroups({ ...o, nr }).length * WG * 16 > limit) continue;
+    if ((reducedGroups({ ...o, nr }).length * WG + (rope ? R * nr : 0)) * 16 > limit) continue;
     return { threads, nr };
   }
   return { threads, nr: 1 };
@@ -208,11 +223,14 @@ function plan(
  */
 function decodeMatvecKernel(o: MatvecOptions): Kernel {
   const names = bindingNames(o);
-  const outputs = o.qkv ? ["outQ", "outK", "outV"] : ["out"];
+  const rope = o.qkv?.rope ?? false;
+  const outputs = rope ? ["outQ", "kc", "vc", "mask"] : o.qkv ? ["outQ", "outK", "outV"] : ["out"];
   const kinds: ("read" | "write" | "uniform")[] = names.map((n) => outputs.includes(n) ? "write" : "read");
   kinds.push("uniform");
   const { qkv, ...single } = o;
-  const key = qkv ? { ...single, qkv: true, kt: qkv.kt, vt: qkv.vt, bias: qkv.bias } : single;
+  const key = qkv
+    ? { ...single, qkv: true, kt: qkv.kt, vt: qkv.vt, bias: qkv.bias, ...(rope ? { rope: true } : {}) }
+    : single;
   return defineKernel("decode_matvec", key, kinds, () => {
     const L: string[] = [];
     const emit = (s: string) => L.push(s);
@@ -231,7 +249,9 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
     const slot = (grp: string) => `${groups.indexOf(grp) * WG}u`;
 
     // the element type of each output binding
-    const outType: Record<string, ActivationType> = qkv
+    const outType: Record<string, ActivationType> = rope
+      ? { outQ: o.ot, kc: qkv!.kt, vc: qkv!.vt }
+      : qkv
       ? { outQ: o.ot, outK: qkv.kt, outV: qkv.vt }
       : { out: o.ot };
     const enable = enableF16(o.f16 ? "f16" : "f32", o.xt, ...Object.values(outType));
@@ -241,6 +261,8 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
       // workgroups [0, tilesQ) compute q, [tilesQ, tilesQK) k, [tilesQK, tiles) v
       emit(`  Nq: u32, Nk: u32, Nv: u32, K: u32, K4: u32, groupsX: u32, tiles: u32, tilesQ: u32,`);
       emit(`  tilesQK: u32, eps: f32, flags: u32, // 1 q bias, 2 k bias, 4 v bias`);
+      // RoPE: D/2, the tokens per batch row of the M rows (T) and the cache positions per batch row
+      if (rope) emit(`  half: u32, T: u32, maxLen: u32,`);
     } else {
       emit(`  N: u32, K: u32, K4: u32, ldc: u32, cOff: u32, groupsX: u32, tiles: u32, eps: f32,`);
       emit(`  flags: u32, // 1 bias, 2 up bias, 4 accumulate, 8 gelu_new`);
@@ -249,6 +271,12 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
     names.forEach((name, i) => {
       const type = name in outType
         ? `array<${outType[name]}>`
+        : name === "mask" || name === "positions"
+        ? "array<i32>"
+        : name === "state"
+        ? "array<u32, 4>"
+        : name === "invFreq"
+        ? "array<f32>"
         : name === "bias" || name === "biasUp" || name === "bq" || name === "bk" || name === "bv"
         ? "array<f32>"
         : name === "wg" || name === "wu" || name === "wq" || name === "wk" || name === "wv"
@@ -256,11 +284,26 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
         : name === "a"
         ? `array<vec4<${o.xt}>>`
         : "array<vec4<f32>>";
-      const access = name in outType ? "read_write" : "read";
+      const access = outputs.includes(name) ? "read_write" : "read";
       emit(`@group(0) @binding(${i}) var<storage, ${access}> ${name}: ${type};`);
     });
     emit(`@group(0) @binding(${names.length}) var<uniform> p: P;`);
     emit(`var<workgroup> red: array<vec4<f32>, ${WG * groups.length}>;`);
+    // RoPE: a workgroup's RT = R * NR output rows of q or k are P = RT / 2 pairs (i, i + D/2) of one
+    // head each, pairs t * P .. t * P + P - 1 of the product (pair p: head p / (D/2), i = p % (D/2));
+    // local rows [0, P) are their first elements, [P, RT) their second ones, so both halves of a pair
+    // are reduced by one workgroup and meet in `rot` (the q / k rows of a pair past the product's end
+    // are N: computed on row N - 1, never stored). v keeps consecutive rows.
+    const RT = R * o.nr, P = RT / 2;
+    if (rope) {
+      emit(`var<workgroup> rot: array<vec4<f32>, ${RT}>;`);
+      emit(`fn ropeRow(seg: u32, t: u32, l: u32, N: u32, half: u32) -> u32 {`);
+      emit(`  if (seg == 2u) { return t * ${RT}u + l; }`);
+      emit(`  let pp = t * ${P}u + l % ${P}u;`);
+      emit(`  if (pp >= N / 2u) { return N; }`);
+      emit(`  return (pp / half) * 2u * half + pp % half + select(0u, half, l >= ${P}u);`);
+      emit(`}`);
+    }
     if (!swiglu && !qkv) {
       // gelu_new as kernels/activation.ts computes it (tanh argument clamped: some drivers give NaN past ~44)
       emit(`const K0: f32 = 0.7978845608028654;`);
@@ -282,9 +325,15 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
     }
     emit(`  let tid = lid.x;`);
     emit(`  let lane = tid % ${T}u;`);
-    emit(`  let n0 = (t * ${R}u + tid / ${T}u) * ${o.nr}u;`);
+    if (rope) {
+      emit(`  let l0 = (tid / ${T}u) * ${o.nr}u; // the group's first row within the workgroup`);
+      for (const r of rs) emit(`  let n${r} = ropeRow(seg, t, l0 + ${r}u, N, p.half);`);
+    } else {
+      emit(`  let n0 = (t * ${R}u + tid / ${T}u) * ${o.nr}u;`);
+    }
+    const rowOf = (r: number) => rope ? `n${r}` : `n0 + ${r}u`;
     // rows past N read row N - 1 (their results are not stored)
-    for (const r of rs) emit(`  let wrow${r} = min(n0 + ${r}u, N - 1u) * p.K4;`);
+    for (const r of rs) emit(`  let wrow${r} = min(${rowOf(r)}, N - 1u) * p.K4;`);
     for (const m of ms) emit(`  let x${m} = ${m}u * p.K4;`);
 
     if (pro === "layer") {
@@ -411,14 +460,20 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
       emit(`  workgroupBarrier();`);
     }
 
-    emit(`  if (lane != 0u) { return; }`);
-    if (pro !== "none") {
-      // rmsnormForward: 1 / sqrt(sum x² / C + eps); layernormForward: 1 / sqrt(sum (x - mean)² / C + eps)
-      emit(`  let rstd = 1.0 / sqrt(red[${slot("Q")} + tid] / f32(p.K) + p.eps);`);
-    }
-    if (pro === "layer") {
-      emit(`  let tb = red[${slot("TB")} + tid];`);
-      if (swiglu) emit(`  let tbu = red[${slot("TBU")} + tid];`);
+    // the statistics of the group's rows, in lane 0
+    const stats = (ind: string) => {
+      if (pro !== "none") {
+        // rmsnormForward: 1 / sqrt(sum x² / C + eps); layernormForward: 1 / sqrt(sum (x - mean)² / C + eps)
+        emit(`${ind}let rstd = 1.0 / sqrt(red[${slot("Q")} + tid] / f32(p.K) + p.eps);`);
+      }
+      if (pro === "layer") {
+        emit(`${ind}let tb = red[${slot("TB")} + tid];`);
+        if (swiglu) emit(`${ind}let tbu = red[${slot("TBU")} + tid];`);
+      }
+    };
+    if (!rope) {
+      emit(`  if (lane != 0u) { return; }`);
+      stats("  ");
     }
     // one vec4 of outputs (component m = row m of x) of output row n, before the activation; `bias`
     // null: no bias binding
@@ -477,7 +532,68 @@ function decodeMatvecKernel(o: MatvecOptions): Kernel {
         emit(`${ind}}`);
       }
     };
-    if (qkv) {
+    // q / k: lane 0 of each group stages its rows in `rot`; after a barrier, thread u < P rotates pair
+    // u (as kvCacheAppendRope) and stores it, q in place of the plain product, k into the cache row of
+    // each row m of x (batch row m / T at state[0] + m % T, dropped at or past maxLen) with the mask set
+    // to 1 there. v: lane 0 stores its rows into the cache rows directly.
+    const ropeEpilogue = (): void => {
+      const c = (m: number) => "xyzw"[m];
+      const cast = (t: ActivationType, v: string) => t === "f16" ? `f16(${v})` : v;
+      emit(`  if (lane == 0u) {`);
+      stats("    ");
+      for (const r of rs) {
+        emit(`    if (n${r} < N) {`);
+        value("      ", "y", `S${r}`, "tb", r, null);
+        emit(`      if (seg == 2u) {`);
+        for (const m of ms) {
+          emit(`        {`);
+          emit(`          let j = state[0] + ${m}u % p.T; // cache position`);
+          emit(`          if (j < p.maxLen) {`);
+          emit(`            vc[((${m}u / p.T) * p.maxLen + j) * N + n${r}] = ${cast(qkv!.vt, `y.${c(m)}`)};`);
+          emit(`          }`);
+          emit(`        }`);
+        }
+        emit(`      } else {`);
+        emit(`        rot[l0 + ${r}u] = y;`);
+        emit(`      }`);
+        emit(`    }`);
+      }
+      emit(`  }`);
+      emit(`  workgroupBarrier();`);
+      emit(`  if (seg == 2u || tid >= ${P}u) { return; }`);
+      emit(`  let pp = t * ${P}u + tid;`);
+      emit(`  if (pp >= N / 2u) { return; }`);
+      emit(`  let i = pp % p.half;`);
+      emit(`  let e0 = (pp / p.half) * 2u * p.half + i; // element i of the pair's head`);
+      emit(`  let f = invFreq[i];`);
+      emit(`  let h1 = rot[tid]; // the first and second halves of the pair`);
+      emit(`  let h2 = rot[tid + ${P}u];`);
+      for (const m of ms) {
+        emit(`  {`);
+        emit(`    let angle = f32(positions[${m}]) * f;`);
+        emit(`    let c = cos(angle);`);
+        emit(`    let s = sin(angle);`);
+        emit(`    let r1 = h1.${c(m)} * c - h2.${c(m)} * s;`);
+        emit(`    let r2 = h2.${c(m)} * c + h1.${c(m)} * s;`);
+        emit(`    if (seg == 0u) {`);
+        emit(`      outQ[${m}u * N + e0] = ${cast(o.ot, "r1")};`);
+        emit(`      outQ[${m}u * N + e0 + p.half] = ${cast(o.ot, "r2")};`);
+        emit(`    } else {`);
+        emit(`      let b = ${m}u / p.T;`);
+        emit(`      let j = state[0] + ${m}u % p.T; // cache position`);
+        emit(`      if (j < p.maxLen) {`);
+        emit(`        let dst = (b * p.maxLen + j) * N + e0;`);
+        emit(`        kc[dst] = ${cast(qkv!.kt, "r1")};`);
+        emit(`        kc[dst + p.half] = ${cast(qkv!.kt, "r2")};`);
+        emit(`        if (pp == 0u) { mask[b * p.maxLen + j] = 1; }`);
+        emit(`      }`);
+        emit(`    }`);
+        emit(`  }`);
+      }
+    };
+    if (rope) {
+      ropeEpilogue();
+    } else if (qkv) {
       perStream((ind, s) => {
         const [out, , bias] = QKV_STREAMS[s]!;
         store(ind, out, "N", "", qkv.bias ? { name: bias, flag: QKV_BIAS_FLAGS[s]! } : null);
@@ -729,10 +845,80 @@ export function decodeSwigluForward(
 
 /**
  * The storage buffers {@link decodeQkvForward}'s single dispatch binds: q, k, v, x, the three weights,
- * the three biases when any is present, and the norm's weight (and bias).
+ * the three biases when any is present, and the norm's weight (and bias); with RoPE, k and v give way
+ * to the two caches and the mask, and invFreq, positions and the decode state follow.
  */
-function qkvBindings(biased: boolean, prologue: MatvecPrologue | undefined): number {
-  return 7 + (biased ? 3 : 0) + prologueTensors(prologue).length;
+function qkvBindings(biased: boolean, prologue: MatvecPrologue | undefined, rope = false): number {
+  return 7 + (biased ? 3 : 0) + prologueTensors(prologue).length + (rope ? 4 : 0);
+}
+
+/**
+ * RoPE and the KV-cache append of a replayed llama decode step, folded into {@link decodeQkvForward}:
+ * what `kvCacheAppendRope` (kernels/kv_cache.ts) does after the products, with the same tensors.
+ */
+export interface QkvRope {
+  /** RoPE inverse frequencies `(D/2)` f32. */
+  invFreq: Tensor;
+  /** Position of every row of x `(M)` i32 (the angle of row m is `positions[m] * invFreq[i]`). */
+  positions: Tensor;
+  /** Decode state u32 (4) `[pos, n, 0, 0]`: row m goes to cache position `pos + m % tokens`. */
+  state: Tensor;
+  /** Key cache `(B, maxLen, Hkv*D)` f32 or f16, B = M / tokens. */
+  kCache: Tensor;
+  /** Value cache `(B, maxLen, Hkv*D)` f32 or f16. */
+  vCache: Tensor;
+  /** Cache mask `(B, maxLen)` i32, set to 1 at the appended positions. */
+  mask: Tensor;
+  /** H, query heads: Nq = H * D. */
+  numHeads: number;
+  /** Hkv, key/value heads: Nk = Nv = Hkv * D. */
+  numKvHeads: number;
+  /** Positions per batch row of the caches. */
+  maxLen: number;
+  /** T, the tokens of each batch row among the M rows of x (default 1: one token per sequence). */
+  tokens?: number;
+}
+
+/** Checks the RoPE / cache tensors of {@link decodeQkvForward} against q, k, v; returns B and T. */
+function checkRope(
+  what: string,
+  r: QkvRope,
+  M: number,
+  Nq: number,
+  Nk: number,
+  Nv: number,
+): [number, number] {
+  const T = r.tokens ?? 1;
+  if (!Number.isInteger(T) || T < 1 || M % T !== 0) {
+    fail(what, `rope.tokens ${T} must divide the ${M} rows of x`);
+  }
+  const B = M / T;
+  const half = r.invFreq.size;
+  checkVector(what, r.invFreq, half, "rope invFreq");
+  const D = 2 * half;
+  const { numHeads: H, numKvHeads: Hkv, maxLen } = r;
+  if (half < 1 || Nq !== H * D || Nk !== Hkv * D || Nv !== Hkv * D) {
+    fail(
+      what,
+      `q, k, v of ${Nq}, ${Nk}, ${Nv} columns must be H*D, Hkv*D, Hkv*D with H = ${H}, Hkv = ${Hkv}, D = ${D} (2 * invFreq's ${half})`,
+    );
+  }
+  if (!Number.isInteger(maxLen) || maxLen < 1) {
+    fail(what, `rope.maxLen must be a positive integer, got ${maxLen}`);
+  }
+  for (const [c, name] of [[r.kCache, "kCache"], [r.vCache, "vCache"]] as const) {
+    if (c.size < B * maxLen * Nk) {
+      fail(what, `${name} ${c.label} [${c.shape}] is smaller than (B, maxLen, Hkv*D)`);
+    }
+  }
+  if (r.mask.size < B * maxLen || (r.mask.dtype !== "i32" && r.mask.dtype !== "u32")) {
+    fail(what, `mask ${r.mask.label} must be i32 (B, maxLen)`);
+  }
+  if (r.positions.size < M || r.positions.dtype !== "i32") {
+    fail(what, `positions ${r.positions.label} must be i32 of ${M} rows`);
+  }
+  if (r.state.size !== 4 || r.state.dtype !== "u32") fail(what, `state ${r.state.label} must be u32 (4)`);
+  return [B, T];
 }
 
 /**
@@ -749,6 +935,16 @@ function qkvBindings(biased: boolean, prologue: MatvecPrologue | undefined): num
  * adapter's maximum, e.g. 32 on Mesa lavapipe) fuse all of them. Mixed weight dtypes take the three
  * dispatches too. x, q, k and v may each be f32 or f16.
  *
+ * With `rope` (a replayed llama decode step), the call also does what `kvCacheAppendRope` would do
+ * next: q is stored rotated (HF `rotate_half`, angle `positions[m] * invFreq[i]`, in f32), and the
+ * rotated k and v are stored straight into the cache rows of the decode state's position (row m of x:
+ * batch row `m / tokens`, position `state[0] + m % tokens`, dropped at or past `maxLen`), with the mask
+ * set to 1 there; k and v are then not written. Each workgroup of q or k reduces both rows (i, i + D/2)
+ * of its RoPE pairs. That is one dispatch when there are no biases, the weights have one dtype and 11
+ * storage bindings plus the norm's (12 with RMSNorm) fit `maxStorageBuffersPerShaderStage`; otherwise
+ * the products as above (k and v written, k unrotated) and then `kvCacheAppendRope`. The caches may be
+ * f32 or f16 as well (rounded once, from the f32 rotation).
+ *
  * @param rec The recorder.
  * @param q Output, (M, Nq) f32 or f16; q, k and v must not overlap each other or any input.
  * @param k Output, (M, Nk) f32 or f16.
@@ -760,13 +956,21 @@ function qkvBindings(biased: boolean, prologue: MatvecPrologue | undefined): num
  * @param bq Query bias, (Nq) f32, or null.
  * @param bk Key bias, (Nk) f32, or null.
  * @param bv Value bias, (Nv) f32, or null.
- * @param opts `prologue`: RMSNorm or LayerNorm of each row of x first (f32 statistics).
+ * @param opts `prologue`: RMSNorm or LayerNorm of each row of x first (f32 statistics); `rope`: RoPE
+ *   and the KV-cache append of a replayed decode step (see {@link QkvRope}).
  * @throws {GpuError} when a product is not one the fused kernel takes (see {@link decodeMatvecApplies}),
  *   the weights differ in K, a tensor has the wrong dtype or size, or an output overlaps another tensor.
  * @example input_layernorm, q_proj, k_proj and v_proj of one token
  * ```ts ignore
  * decodeQkvForward(rec, q, k, v, hidden, layer.q.weight, layer.k.weight, layer.v.weight, null, null, null, {
  *   prologue: { kind: "rms", weight: layer.norm1.weight, eps: config.normEps },
+ * });
+ * ```
+ * @example The same with RoPE and the cache append of a replayed decode step
+ * ```ts ignore
+ * decodeQkvForward(rec, q, k, v, hidden, layer.q.weight, layer.k.weight, layer.v.weight, null, null, null, {
+ *   prologue: { kind: "rms", weight: layer.norm1.weight, eps: config.normEps },
+ *   rope: { invFreq, positions, state, kCache, vCache, mask, numHeads: 32, numKvHeads: 4, maxLen: 256 },
  * });
  * ```
  */
@@ -782,9 +986,10 @@ export function decodeQkvForward(
   bq: Tensor | null,
   bk: Tensor | null,
   bv: Tensor | null,
-  opts: { prologue?: MatvecPrologue } = {},
+  opts: { prologue?: MatvecPrologue; rope?: QkvRope } = {},
 ): void {
-  // x: (M, K), wq: (Nq, K), wk: (Nk, K), wv: (Nv, K), q: (M, Nq), k: (M, Nk), v: (M, Nv)
+  // x: (M, K), wq: (Nq, K), wk: (Nk, K), wv: (Nv, K), q: (M, Nq), k: (M, Nk), v: (M, Nv);
+  // rope: caches (B, maxLen, Hkv*D), mask (B, maxLen), M = B*T
   const what = "decodeQkvForward";
   const [Nq, K, M, xt] = checkProduct(rec, what, x, wq);
   const products = [[q, wq, bq], [k, wk, bk], [v, wv, bv]] as const;
@@ -806,8 +1011,47 @@ export function decodeQkvForward(
   checkNoOverlap(what, v, inputs);
   const biases = [bq, bk, bv];
   const present = biases.find((b) => b !== null) ?? null;
-  const fused = wk.dtype === wq.dtype && wv.dtype === wq.dtype &&
-    qkvBindings(present !== null, opts.prologue) <= rec.gpu.limits.maxStorageBuffersPerShaderStage;
+  const sameDtype = wk.dtype === wq.dtype && wv.dtype === wq.dtype;
+  const limit = rec.gpu.limits.maxStorageBuffersPerShaderStage;
+  const rope = opts.rope;
+  if (rope) {
+    const [B, T] = checkRope(what, rope, M, Nq, Nk, Nv);
+    const ropeInputs = [rope.invFreq, rope.positions, rope.state];
+    for (const out of [q, rope.kCache, rope.vCache, rope.mask]) {
+      checkNoOverlap(what, out, [...inputs, ...ropeInputs]);
+    }
+    checkNoOverlap(what, q, [rope.kCache, rope.vCache, rope.mask]);
+    checkNoOverlap(what, rope.kCache, [rope.vCache, rope.mask]);
+    checkNoOverlap(what, rope.vCache, [rope.mask]);
+    if (present !== null || !sameDtype || qkvBindings(false, opts.prologue, true) > limit) {
+      // the products (one dispatch or three), then RoPE and the append as a dispatch of their own
+      const { rope: _, ...plain } = opts;
+      decodeQkvForward(rec, q, k, v, x, wq, wk, wv, bq, bk, bv, plain);
+      kvCacheAppendRope(
+        rec,
+        rope.kCache,
+        rope.vCache,
+        rope.mask,
+        q,
+        k,
+        v,
+        rope.invFreq,
+        rope.positions,
+        rope.state,
+        {
+          batch: B,
+          tokens: T,
+          numHeads: rope.numHeads,
+          numKvHeads: rope.numKvHeads,
+          maxLen: rope.maxLen,
+        },
+      );
+      return;
+    }
+    qkvRopeDispatch(rec, q, x, wq, wk, wv, opts.prologue, rope, [Nq, Nk, Nv, K, M, T], xt);
+    return;
+  }
+  const fused = sameDtype && qkvBindings(present !== null, opts.prologue) <= limit;
   if (!fused) {
     for (const [out, w, b] of products) decodeLinearForward(rec, out, x, w, b, opts);
     return;
@@ -824,6 +1068,7 @@ export function decodeQkvForward(
       kt: activationType(rec.gpu, k, `${what} k`),
       vt: activationType(rec.gpu, v, `${what} v`),
       bias: present !== null,
+      rope: false,
     },
   };
   // the plan of one product of all the rows: threads and rows per group are the same for the three
@@ -836,6 +1081,49 @@ export function decodeQkvForward(
   biases.forEach((b, i) => flags |= b ? QKV_BIAS_FLAGS[i]! : 0);
   const buffers = [q, k, v, x, wq, wk, wv, ...(present ? biases.map((b) => b ?? present) : []), ...pro];
   const params = [Nq, Nk, Nv, K, K / 4, stride, tiles, tq, tq + tk, f32(opts.prologue?.eps ?? 0), flags];
+  rec.dispatch(decodeMatvecKernel(o), buffers, params, groups);
+}
+
+/** The single dispatch of {@link decodeQkvForward} with RoPE and the cache append (checked by it). */
+function qkvRopeDispatch(
+  rec: Recorder,
+  q: Tensor,
+  x: Tensor,
+  wq: Tensor,
+  wk: Tensor,
+  wv: Tensor,
+  prologue: MatvecPrologue | undefined,
+  rope: QkvRope,
+  [Nq, Nk, Nv, K, M, T]: [number, number, number, number, number, number],
+  xt: ActivationType,
+): void {
+  const what = "decodeQkvForward";
+  if (Nq + Nk + Nv === 0) return;
+  const base: Omit<MatvecOptions, "threads" | "nr"> = {
+    rows: M,
+    f16: wq.dtype === "f16",
+    xt,
+    ot: activationType(rec.gpu, q, `${what} q`),
+    prologue: prologue?.kind ?? "none",
+    swiglu: false,
+    qkv: {
+      kt: activationType(rec.gpu, rope.kCache, `${what} kCache`),
+      vt: activationType(rec.gpu, rope.vCache, `${what} vCache`),
+      bias: false,
+      rope: true,
+    },
+  };
+  const o: MatvecOptions = { ...base, ...plan(rec, base, Nq + Nk + Nv, K, true) };
+  // q and k: whole RoPE pairs per workgroup (P of them); v: consecutive rows
+  const rowsPerTile = (WG / o.threads) * o.nr;
+  const P = rowsPerTile / 2;
+  const tq = Math.ceil(Nq / 2 / P), tk = Math.ceil(Nk / 2 / P), tv = Math.ceil(Nv / rowsPerTile);
+  const tiles = tq + tk + tv;
+  const { groups, stride } = grid1d(tiles, 1);
+  const buffers = [q, rope.kCache, rope.vCache, rope.mask, x, wq, wk, wv, ...prologueTensors(prologue)];
+  buffers.push(rope.invFreq, rope.positions, rope.state);
+  const params = [Nq, Nk, Nv, K, K / 4, stride, tiles, tq, tq + tk, f32(prologue?.eps ?? 0), 0];
+  params.push(rope.invFreq.size, T, rope.maxLen);
   rec.dispatch(decodeMatvecKernel(o), buffers, params, groups);
 }
 

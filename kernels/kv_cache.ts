@@ -10,7 +10,9 @@
  *   written yet through that mask). Rows at or past `Smax` are dropped, never written out of range.
  * - {@link kvCacheAppendRope} does the same for RoPE models in one dispatch with the rotations: it rotates
  *   the queries in place and the keys on their way into the cache (HF `rotate_half`, as
- *   kernels/rope.ts), so a decode step needs no separate RoPE dispatches.
+ *   kernels/rope.ts), so a decode step needs no separate RoPE dispatches. (A replayed llama step folds
+ *   this into the q/k/v products instead, `decodeQkvForward`'s `rope` option in kernels/decode_matvec.ts,
+ *   and falls back to this kernel where that dispatch cannot take it.)
  * - {@link decodeAdvance} ends a step: appends the sampled id (`ids[0]`) to the token history at `n`
  *   (dropped past the history's end), advances `pos` and `n`, and writes `positions[0] = pos` for the
  *   next step's RoPE / position embedding (the next step's embedding reads the id the sampler wrote

@@ -14,8 +14,10 @@
  *
  * Decode (one token per batch row, no training) has its own forward, {@link selfAttentionDecode}: the
  * norm folded into the q/k/v matrix-vector products (one dispatch for the three where the device's
- * storage-binding limit allows, see `decodeQkvForward`), RoPE folded into the cache append, the adapter
- * folded into the attention kernel, and the output projection added straight into the residual stream.
+ * storage-binding limit allows, see `decodeQkvForward`), RoPE and the cache append folded into that
+ * dispatch too in replayed llama steps (`kvCacheAppendRope` after the products where q/k/v have biases
+ * or the bindings do not fit), the adapter folded into the attention kernel, and the output projection
+ * added straight into the residual stream.
  *
  * @module
  */
@@ -27,7 +29,7 @@ import { adapterAttentionBackward, adapterAttentionForward } from "../../kernels
 import { ropeBackwardInPlace, ropeInPlace } from "../../kernels/rope.ts";
 import { addBiasRows, addInto } from "../../kernels/activation.ts";
 import { copyElements } from "../../kernels/fill.ts";
-import { kvCacheAppend, kvCacheAppendRope } from "../../kernels/kv_cache.ts";
+import { kvCacheAppend } from "../../kernels/kv_cache.ts";
 import { decodeAttentionForward } from "../../kernels/decode_attention.ts";
 import { decodeLinearForward, decodeQkvForward, type MatvecPrologue } from "../../kernels/decode_matvec.ts";
 import { gateView, promptView } from "../adapters/state.ts";
@@ -208,7 +210,7 @@ function appendToCache(ctx: LayerContext): void {
  * Records the self-attention of one layer for a decode step (one token per batch row, inference):
  * `x += SelfAttention(norm(x))` in place on the residual stream `x` (B, C), the norm applied inside the
  * q/k/v matrix-vector products (`prologue`; one dispatch for the three where the bindings fit), RoPE
- * inside the cache append (replayed steps), the adapter inside the attention kernel (llama: added before
+ * and the cache append inside that dispatch too (replayed llama steps without q/k/v biases), the adapter inside the attention kernel (llama: added before
  * o_proj; gpt2: added into `x`), and o_proj added into `x`. Needs `ctx.cache` and single-range q/k/v/o weights the fused kernels take (see
  * `decodeFusable` in transformer.ts).
  *
@@ -220,23 +222,27 @@ export function selfAttentionDecode(ctx: LayerContext, x: Tensor, prologue: Matv
   const { rec, model, acts, la, w } = ctx;
   const c = model.config;
   const { kv } = ctx.cache!;
-  // (B, C) -> (B, H*D), (B, Hkv*D) x2: one dispatch where the bindings fit, else three
-  decodeQkvForward(rec, la.q, la.k, la.v, x, w.q.w, w.k.w, w.v.w, w.q.b, w.k.b, w.v.b, { prologue });
   if (model.layout.rope && kv.position) {
-    kvCacheAppendRope(
-      rec,
-      kv.k[ctx.layer]!,
-      kv.v[ctx.layer]!,
-      kv.mask,
-      la.q,
-      la.k,
-      la.v,
-      model.invFreq!,
-      acts.positions,
-      kv.position,
-      { batch: acts.B, tokens: acts.T, numHeads: c.numHeads, numKvHeads: c.numKvHeads, maxLen: kv.maxLen },
-    );
+    // (B, C) -> rotated q (B, H*D), rotated k and v into the cache rows at state[0]: one dispatch where
+    // there are no biases and the bindings fit, else the products and kvCacheAppendRope
+    decodeQkvForward(rec, la.q, la.k, la.v, x, w.q.w, w.k.w, w.v.w, w.q.b, w.k.b, w.v.b, {
+      prologue,
+      rope: {
+        invFreq: model.invFreq!,
+        positions: acts.positions,
+        state: kv.position,
+        kCache: kv.k[ctx.layer]!,
+        vCache: kv.v[ctx.layer]!,
+        mask: kv.mask,
+        numHeads: c.numHeads,
+        numKvHeads: c.numKvHeads,
+        maxLen: kv.maxLen,
+        tokens: acts.T,
+      },
+    });
   } else {
+    // (B, C) -> (B, H*D), (B, Hkv*D) x2: one dispatch where the bindings fit, else three
+    decodeQkvForward(rec, la.q, la.k, la.v, x, w.q.w, w.k.w, w.v.w, w.q.b, w.k.b, w.v.b, { prologue });
     ropeQueriesKeys(ctx);
     appendToCache(ctx);
   }

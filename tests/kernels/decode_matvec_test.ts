@@ -16,18 +16,21 @@ import {
   decodeSwigluForward,
   type MatvecEpilogue,
   type MatvecPrologue,
+  type QkvRope,
 } from "../../kernels/decode_matvec.ts";
+import { kvCacheAppendRope } from "../../kernels/kv_cache.ts";
 import { layernormForward, rmsnormForward } from "../../kernels/norm.ts";
 import { linearForward } from "../../kernels/matmul.ts";
 import { geluForward, swigluForward } from "../../kernels/activation.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
-import { createTensor, type Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
+import { createTensor, readTensor, type Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
 import type { Gpu } from "../../src/gpu/device.ts";
 import { GpuError } from "../../src/errors.ts";
 import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
 import { linearForwardRef } from "../reference/matmul.ts";
 import { layernormRef, rmsnormRef } from "../reference/norm.ts";
 import { geluRef, swigluRef } from "../reference/activation.ts";
+import { invFreqRef, ropeRef } from "../reference/rope.ts";
 
 // Every output is one f32 dot product of length ≤ 2056 (plus f32 norm statistics of the same length),
 // compared normwise with the float64 reference: 1e-5. f16 weights are compared with the reference on the
@@ -907,5 +910,315 @@ Deno.test("decodeQkvForward refuses mismatched K, wrong output sizes, bad biases
       decodeQkvForward(rec, t([1, 8]), t([1, 4]), t([1, 4]), x, wq, wk, t([4, 12], "i32"), null, null, null),
     /must be f32 or f16/,
   );
+  assert.equal(rec.ops.length, 0);
+});
+
+/** A q/k/v + RoPE + cache-append case of {@link ropeCase}. */
+interface RopeCase {
+  /** Rows of x, T tokens per batch row (B = M / T). */
+  M: number;
+  T: number;
+  H: number;
+  Hkv: number;
+  D: number;
+  K: number;
+  norm: Norm;
+  /** Weights f16. */
+  wf16: boolean;
+  /** Element types of x, q and the caches (the plain k/v scratch take the caches'). */
+  xt: Act;
+  qt: Act;
+  ct: Act;
+  /** state[0], the cache position of the first token, and the cache length. */
+  pos: number;
+  maxLen: number;
+  biases?: boolean;
+  nr?: Nr;
+}
+
+/** The cache elements of appended rows (row m of x at batch row m / T, position pos + m % T) and the rest. */
+function cacheRows(
+  cache: ArrayLike<number>,
+  c: RopeCase,
+  width: number,
+): { written: number[]; src: number[]; rest: number[] } {
+  const written: number[] = [], src: number[] = [], rest: number[] = [];
+  const B = c.M / c.T;
+  for (let b = 0; b < B; b++) {
+    for (let j = 0; j < c.maxLen; j++) {
+      const t = j - c.pos;
+      for (let e = 0; e < width; e++) {
+        const x = cache[(b * c.maxLen + j) * width + e]!;
+        if (t >= 0 && t < c.T) {
+          written.push(x);
+          src.push((b * c.T + t) * width + e);
+        } else rest.push(x);
+      }
+    }
+  }
+  return { written, src, rest };
+}
+
+/**
+ * One case of `decodeQkvForward` with `rope`: into NaN-poisoned q, k/v scratch and caches (mask 7), beside
+ * the two-dispatch path (`decodeQkvForward` then `kvCacheAppendRope`) into caches of their own, both
+ * against the float64 reference norm → q/k/v → RoPE → cache rows. Returns the dispatches of the call.
+ */
+async function ropeCase(g: Gpu, rng: Rng, c: RopeCase, gl: Gpu = g): Promise<number> {
+  const { M, T, H, Hkv, D, K, norm } = c;
+  const B = M / T, Nq = H * D, width = Hkv * D;
+  const what =
+    `M=${M} T=${T} H=${H} Hkv=${Hkv} D=${D} K=${K} ${norm} w ${c.wf16 ? "f16" : "f32"} x ${c.xt} ` +
+    `q ${c.qt} cache ${c.ct} pos=${c.pos} maxLen=${c.maxLen}${c.biases ? " biases" : ""}${
+      c.nr ? ` nr≤${c.nr}` : ""
+    }`;
+  const { t: xT, x } = input(g, rows(rng, M, K), M, K, c.xt);
+  const { nw, nb } = normParams(rng, K);
+  const pro = prologueOf(g, norm, nw, nb, EPS);
+  const weight = (N: number) => {
+    const w32 = rng.randn(N * K, 1 / Math.sqrt(K));
+    const h = f16Round(w32);
+    return {
+      t: c.wf16 ? tensorFrom(g, h.bits, [N, K]) : upload(g, w32, [N, K]),
+      values: c.wf16 ? h.values : w32,
+    };
+  };
+  const [wq, wk, wv] = [weight(Nq), weight(width), weight(width)];
+  const bias = (N: number) => c.biases ? rng.randn(N) : null;
+  const [bq, bk, bv] = [bias(Nq), bias(width), bias(width)];
+  const bT = (b: Float32Array | null) => b ? upload(g, b) : null;
+  const invFreq = invFreqRef(D, 10000);
+  // every row its own position (below 100: the RoPE tests' tolerance), batch rows far apart
+  const positions = Int32Array.from({ length: M }, (_, m) => c.pos + (m % T) + 17 * Math.floor(m / T));
+  const shared = {
+    invFreq: tensorFrom(g, invFreq),
+    positions: tensorFrom(g, positions),
+    state: tensorFrom(g, new Uint32Array([c.pos, 0, 0, 0])),
+  };
+  const fresh = () => ({
+    q: poisoned(g, [M, Nq], c.qt),
+    k: poisoned(g, [M, width], c.ct),
+    v: poisoned(g, [M, width], c.ct),
+    kCache: poisoned(g, [B, c.maxLen, width], c.ct),
+    vCache: poisoned(g, [B, c.maxLen, width], c.ct),
+    mask: tensorFrom(g, new Int32Array(B * c.maxLen).fill(7)),
+  });
+  const fused = fresh(), two = fresh();
+  const ropeOf = (o: typeof fused): QkvRope => ({
+    ...shared,
+    kCache: o.kCache,
+    vCache: o.vCache,
+    mask: o.mask,
+    numHeads: H,
+    numKvHeads: Hkv,
+    maxLen: c.maxLen,
+    tokens: T,
+  });
+  const rec = new Recorder(gl);
+  withNr(c.nr, (r) =>
+    decodeQkvForward(
+      r,
+      fused.q,
+      fused.k,
+      fused.v,
+      xT,
+      wq.t,
+      wk.t,
+      wv.t,
+      bT(bq),
+      bT(bk),
+      bT(bv),
+      withPrologue(pro, { rope: ropeOf(fused) }),
+    ))(rec);
+  const dispatches = rec.ops.length;
+  const rec2 = new Recorder(g);
+  decodeQkvForward(
+    rec2,
+    two.q,
+    two.k,
+    two.v,
+    xT,
+    wq.t,
+    wk.t,
+    wv.t,
+    bT(bq),
+    bT(bk),
+    bT(bv),
+    withPrologue(pro, {}),
+  );
+  kvCacheAppendRope(
+    rec2,
+    two.kCache,
+    two.vCache,
+    two.mask,
+    two.q,
+    two.k,
+    two.v,
+    shared.invFreq,
+    shared.positions,
+    shared.state,
+    {
+      batch: B,
+      tokens: T,
+      numHeads: H,
+      numKvHeads: Hkv,
+      maxLen: c.maxLen,
+    },
+  );
+  rec.submit();
+  rec2.submit();
+
+  const xn = normRef(norm, x, nw, nb, M, K, EPS);
+  const qRot = ropeRef(linearForwardRef(xn, wq.values, bq, M, Nq, K), invFreq, positions, H);
+  const kRot = ropeRef(linearForwardRef(xn, wk.values, bk, M, width, K), invFreq, positions, Hkv);
+  const vRef = linearForwardRef(xn, wv.values, bv, M, width, K);
+  const read = (t: Tensor) => t.dtype === "f16" ? downloadF16(g, t) : download(g, t);
+  // one f32 dot product (TOL) then f32 cos/sin (1e-5, the RoPE tests' tolerance): 2e-5; an f16 store
+  // rounds once more (TOL_F16_OUT); the two-dispatch path rounds f16 k before rotating it: one step more
+  const tolOf = (t: Act) => t === "f16" ? TOL_F16_OUT : 2e-5;
+  const gotQ = await read(fused.q);
+  assertClose(gotQ, qRot, tolOf(c.qt), `rotated q vs float64 ${what}`);
+  assertClose(gotQ, await read(two.q), tolOf(c.qt), `rotated q vs two dispatches ${what}`);
+  for (
+    const [name, want, cache, cache2] of [
+      ["keys", kRot, fused.kCache, two.kCache],
+      ["values", vRef, fused.vCache, two.vCache],
+    ] as const
+  ) {
+    const rows = cacheRows(await read(cache), c, width);
+    const rows2 = cacheRows(await read(cache2), c, width);
+    const tol = tolOf(c.ct) * (name === "keys" && c.ct === "f16" ? 2 : 1);
+    assertClose(rows.written, rows.src.map((i) => want[i]!), tolOf(c.ct), `${name} vs float64 ${what}`);
+    assertClose(rows.written, rows2.written, tol, `${name} vs two dispatches ${what}`);
+    assert.ok(rows.rest.every(Number.isNaN), `${name}: cache rows not appended stay NaN ${what}`);
+  }
+  const wantMask = new Int32Array(B * c.maxLen).fill(7);
+  for (let m = 0; m < M; m++) {
+    const j = c.pos + (m % T);
+    if (j < c.maxLen) wantMask[Math.floor(m / T) * c.maxLen + j] = 1;
+  }
+  assert.deepEqual(await readTensor(g, fused.mask), wantMask, `mask ${what}`);
+  assert.deepEqual(await readTensor(g, two.mask), wantMask, `two-dispatch mask ${what}`);
+  if (dispatches === 1) {
+    for (const t of [fused.k, fused.v]) {
+      assert.ok((await read(t)).every(Number.isNaN), `the fused dispatch leaves the plain k/v alone ${what}`);
+    }
+  }
+  return dispatches;
+}
+
+Deno.test("decodeQkvForward with rope equals norm → q, k, v → RoPE → cache rows in float64 and the two-dispatch path, in one dispatch: M = 1 and 4, GQA, odd head sizes, f32 and f16, rows past maxLen dropped", async () => {
+  const g = await gpu();
+  const rng = new Rng(41);
+  const base = { norm: "rms", wf16: false, xt: "f32", qt: "f32", ct: "f32" } as const;
+  const cases: RopeCase[] = [
+    // one token, GQA (2 query heads per kv head), first position
+    { ...base, M: 1, T: 1, H: 4, Hkv: 2, D: 8, K: 64, pos: 0, maxLen: 5 },
+    // four sequences with their own positions; D/2 = 5 odd, q's pairs end inside a workgroup
+    { ...base, M: 4, T: 1, H: 6, Hkv: 2, D: 10, K: 520, pos: 3, maxLen: 7 },
+    // two batch rows of two tokens; the second token of each falls past maxLen; LayerNorm
+    { ...base, norm: "layer", M: 4, T: 2, H: 3, Hkv: 1, D: 6, K: 12, pos: 4, maxLen: 5 },
+    // no norm, MHA (Hkv = H), D = 2, last cache position
+    { ...base, norm: "none", M: 2, T: 1, H: 5, Hkv: 5, D: 2, K: 2056, pos: 8, maxLen: 9 },
+    // TinyLlama's attention shape (32 heads, 4 kv heads, D = 64, C = 2048)
+    { ...base, M: 1, T: 1, H: 32, Hkv: 4, D: 64, K: 2048, pos: 37, maxLen: 64 },
+  ];
+  if (g.hasF16) {
+    const f16 = { wf16: true, xt: "f16", qt: "f16", ct: "f16" } as const;
+    cases.push(
+      { ...base, ...f16, M: 1, T: 1, H: 4, Hkv: 1, D: 16, K: 64, pos: 6, maxLen: 7 },
+      { ...base, ...f16, M: 4, T: 1, H: 6, Hkv: 3, D: 10, K: 520, pos: 2, maxLen: 8 },
+      // mixed: f16 weights and x, f32 q, f16 caches; f32 weights into f16 caches
+      { ...base, ...f16, qt: "f32", M: 3, T: 1, H: 2, Hkv: 1, D: 12, K: 12, pos: 1, maxLen: 3 },
+      { ...base, ct: "f16", M: 4, T: 2, H: 4, Hkv: 2, D: 4, K: 64, pos: 0, maxLen: 4 },
+    );
+  }
+  for (const c of cases) {
+    assert.equal(await ropeCase(g, rng, c), 1, `one dispatch on this device (12 storage buffers fit)`);
+  }
+});
+
+Deno.test("decodeQkvForward with rope keeps RoPE pairs within a workgroup for 2 and 4 output rows per group and every thread count (256 runs as 128)", async () => {
+  const g = await gpu();
+  const rng = new Rng(42);
+  const base = { T: 1, wf16: false, xt: "f32", qt: "f32", ct: "f32", pos: 2, maxLen: 3 } as const;
+  for (const [nr, M, norm] of [[2, 3, "rms"], [4, 2, "layer"], [4, 1, "none"]] as const) {
+    await ropeCase(g, rng, { ...base, M, norm, nr, H: 7, Hkv: 3, D: 6, K: 64 });
+  }
+  try {
+    for (const threads of [32, 64, 128, 256] as const) {
+      decodeMatvecTuning.threads = threads;
+      await ropeCase(g, rng, { ...base, M: 2, norm: "rms", H: 3, Hkv: 1, D: 10, K: 520 });
+    }
+  } finally {
+    decodeMatvecTuning.threads = null;
+  }
+});
+
+Deno.test("decodeQkvForward with rope falls back to the products and kvCacheAppendRope with biases, mixed weight dtypes, or bindings over maxStorageBuffersPerShaderStage", async () => {
+  const g = await gpu();
+  const rng = new Rng(43);
+  const withLimit = (n: number): Gpu => {
+    const limits: Record<string, number> = {};
+    for (const key in g.limits) limits[key] = (g.limits as unknown as Record<string, number>)[key]!;
+    limits.maxStorageBuffersPerShaderStage = n;
+    return { ...g, limits: limits as unknown as GPUSupportedLimits };
+  };
+  const base = {
+    M: 2,
+    T: 1,
+    H: 4,
+    Hkv: 2,
+    D: 6,
+    K: 12,
+    norm: "rms",
+    wf16: false,
+    xt: "f32",
+    qt: "f32",
+    ct: "f32",
+    pos: 1,
+    maxLen: 4,
+  } as const;
+  // RMSNorm: 12 bindings fused; at 11 the q/k/v dispatch (8) and the append; at 8 with a LayerNorm
+  // (9 for the plain products) three products and the append; biases (qwen2): products and append
+  assert.equal(await ropeCase(g, rng, base, withLimit(12)), 1, "limit 12, rms");
+  assert.equal(await ropeCase(g, rng, { ...base, norm: "none" }, withLimit(11)), 1, "limit 11, no norm");
+  assert.equal(await ropeCase(g, rng, base, withLimit(11)), 2, "limit 11, rms");
+  assert.equal(await ropeCase(g, rng, { ...base, norm: "layer" }, withLimit(8)), 4, "limit 8, layer");
+  assert.equal(await ropeCase(g, rng, { ...base, biases: true }), 2, "biases");
+});
+
+Deno.test("decodeQkvForward refuses RoPE shapes that do not match q, k, v and undersized caches, mask, positions or state", async () => {
+  const g = await gpu();
+  const rec = new Recorder(g);
+  const t = (shape: number[], dtype: "f32" | "i32" | "u32" = "f32") => createTensor(g, shape, dtype, "t");
+  const x = t([2, 12]);
+  const wq = t([8, 12]), wk = t([4, 12]), wv = t([4, 12]);
+  const good: QkvRope = {
+    invFreq: t([2]),
+    positions: t([2], "i32"),
+    state: t([4], "u32"),
+    kCache: t([2, 3, 4]),
+    vCache: t([2, 3, 4]),
+    mask: t([2, 3], "i32"),
+    numHeads: 2,
+    numKvHeads: 1,
+    maxLen: 3,
+  };
+  const call = (r: Partial<QkvRope>) => () =>
+    decodeQkvForward(rec, t([2, 8]), t([2, 4]), t([2, 4]), x, wq, wk, wv, null, null, null, {
+      rope: { ...good, ...r },
+    });
+  const refuses = (f: () => void, re: RegExp) =>
+    assert.throws(f, (e: unknown) => e instanceof GpuError && re.test(e.message));
+  refuses(call({ numHeads: 4 }), /must be H\*D, Hkv\*D, Hkv\*D with H = 4/);
+  refuses(call({ invFreq: t([3]) }), /D = 6/);
+  refuses(call({ tokens: 3 }), /rope.tokens 3 must divide the 2 rows/);
+  refuses(call({ kCache: t([2, 2, 4]) }), /kCache t .* smaller than \(B, maxLen, Hkv\*D\)/);
+  refuses(call({ mask: t([2, 3]) }), /mask t must be i32/);
+  refuses(call({ positions: t([1], "i32") }), /positions t must be i32 of 2 rows/);
+  refuses(call({ state: t([4]) }), /state t must be u32/);
+  const kc = t([2, 3, 4]);
+  refuses(call({ kCache: kc, vCache: kc }), /overlaps input/);
   assert.equal(rec.ops.length, 0);
 });
