@@ -158,6 +158,17 @@ function params(o: AdapterAttentionOptions, stride: number, nGroups: number): (n
   ];
 }
 
+/** The forward kernels' bindings (q, ka, va, gate, out, the uniform) and the params struct. */
+function forwardBindings(qt: ActivationType, ot: ActivationType): string {
+  return `${enableF16(qt, ot)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> ka: array<f32>;
+@group(0) @binding(2) var<storage, read> va: array<f32>;
+@group(0) @binding(3) var<storage, read> gate: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
+@group(0) @binding(5) var<uniform> p: P;`;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward: one thread per (row, head) with an online softmax over the L adapter tokens.
 
@@ -168,13 +179,7 @@ function forwardKernel(D: number, qt: ActivationType, ot: ActivationType): Kerne
     { D, qt, ot },
     ["read", "read", "read", "read", "write", "uniform"],
     () => `
-${enableF16(qt, ot)}${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<${qt}>;
-@group(0) @binding(1) var<storage, read> ka: array<f32>;
-@group(0) @binding(2) var<storage, read> va: array<f32>;
-@group(0) @binding(3) var<storage, read> gate: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
-@group(0) @binding(5) var<uniform> p: P;
+${forwardBindings(qt, ot)}
 ${GATE_FN}
 @compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) gid: vec3u) {
   let idx = gid.x + gid.y * p.stride; // (n, h), h fastest: the (N, H, D) layout
@@ -222,13 +227,7 @@ function forwardSplitKernel(D: number, LMAX: number, qt: ActivationType, ot: Act
     { D, LMAX, qt, ot },
     ["read", "read", "read", "read", "write", "uniform"],
     () => `
-${enableF16(qt, ot)}${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<${qt}>;
-@group(0) @binding(1) var<storage, read> ka: array<f32>;
-@group(0) @binding(2) var<storage, read> va: array<f32>;
-@group(0) @binding(3) var<storage, read> gate: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
-@group(0) @binding(5) var<uniform> p: P;
+${forwardBindings(qt, ot)}
 var<workgroup> part: array<f32, ${SPLIT_PAIRS * SPLIT_THREADS * LMAX}>;
 ${GATE_FN}
 @compute @workgroup_size(${SPLIT_PAIRS * SPLIT_THREADS})
