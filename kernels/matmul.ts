@@ -16,10 +16,11 @@
  *   barrier per K step); each thread keeps its outputs in named vec4 accumulators and prefetches the next
  *   tile into registers while the current one is multiplied. Edges are handled at tile loading only
  *   (rows/columns past the end are clamped, k past the end loads zeros); when M, N and K are whole tiles
- *   an "exact" variant drops every clamp, select and store guard. With `matmulTuning.f16Packed` (the default;
- *   measured on the H100: 35-39 TFLOP/s at TinyLlama's shapes against 27-30 with vec4<f16>) an f16 operand whose contiguous dimension, leading dimension and offset are
- *   multiples of 8 is bound as `array<vec4<u32>>` and read 8 halves (16 bytes) per load, unpacked with
- *   `unpack2x16float` into the same f32 tiles, at K step 16 where workgroup memory allows (else 8).
+ *   an "exact" variant drops every clamp, select and store guard. With `matmulTuning.f16Packed` (the
+ *   default; measured on the H100: 35-39 TFLOP/s at TinyLlama's shapes against 27-30 with vec4<f16>) an
+ *   f16 operand whose contiguous dimension, leading dimension and offset are multiples of 8 is bound as
+ *   `array<vec4<u32>>` and read 8 halves (16 bytes) per load, unpacked with `unpack2x16float` into the
+ *   same f32 tiles, at K step 16 where workgroup memory allows (else 8).
  * - split-K for products with few output tiles and a long K (k_proj, gpt2 mlp c_proj): workgroups write
  *   partial sums of their K range to a workspace and a second dispatch adds them (with bias/accumulate).
  * - matrix-vector kernels for M ≤ 4 (decode): "nk" has 32-128 threads per output row with 4 independent

@@ -1,9 +1,10 @@
 /**
  * What the activation buffers of a batch shape `(B, T)` will need, checked before anything is allocated:
  * {@link checkActivationsFit} mirrors the buffers `createActivations` makes (every one is `(N, width)` with
- * N = B·T rows, f32, i32 or — activations of an f16 model — f16, rounded up to 16 bytes), compares the largest against the device's per-buffer
- * limits (activations are bound whole, so `maxStorageBufferBindingSize` counts as well as `maxBufferSize`),
- * and when it does not fit throws a {@link GpuError} that says which batch size or sequence length does.
+ * N = B·T rows, f32, i32 or — activations of an f16 model — f16, rounded up to 16 bytes), compares the
+ * largest against the device's per-buffer limits (activations are bound whole, so
+ * `maxStorageBufferBindingSize` counts as well as `maxBufferSize`), and when it does not fit throws a
+ * {@link GpuError} that says which batch size or sequence length does.
  * WebGPU does not report how much memory a device has, so the total is estimated and reported, not
  * checked. Not counted here: the logits `(N, V)` that `forward` reads back and the cross-entropy scratch
  * (`(N, chunk)`, whose chunk shrinks to fit the binding limit).

@@ -210,8 +210,9 @@ function appendToCache(ctx: LayerContext): void {
  * Records the self-attention of one layer for a decode step (one token per batch row, inference):
  * `x += SelfAttention(norm(x))` in place on the residual stream `x` (B, C), the norm applied inside the
  * q/k/v matrix-vector products (`prologue`; one dispatch for the three where the bindings fit), RoPE
- * and the cache append inside that dispatch too (replayed llama steps without q/k/v biases), the adapter inside the attention kernel (llama: added before
- * o_proj; gpt2: added into `x`), and o_proj added into `x`. Needs `ctx.cache` and single-range q/k/v/o weights the fused kernels take (see
+ * and the cache append inside that dispatch too (replayed llama steps without q/k/v biases), the
+ * adapter inside the attention kernel (llama: added before o_proj; gpt2: added into `x`), and o_proj
+ * added into `x`. Needs `ctx.cache` and single-range q/k/v/o weights the fused kernels take (see
  * `decodeFusable` in transformer.ts).
  *
  * @param ctx The layer context (decode).
