@@ -306,60 +306,59 @@ function tiledKernel(o: TiledOptions): Kernel {
         }u + (${l} / ${kv8}u) / 4u][(${l} / ${kv8}u) % 4u] = ${c < 4 ? "lo" : "hi"}.${"xyzw"[c % 4]};`
       ),
     ];
-    const A = o.h8A
-      ? slotLoads(
-        aSlots,
-        "la",
-        (l) =>
-          load8(
-            "a",
-            `m0 + ${l} / ${kv8}u`,
-            `k0 + (${l} % ${kv8}u) * 8u`,
-            "p.M",
-            "kEnd",
-            "p.lda",
-            "p.aOff",
-            "col",
-            ex,
-          ),
-        kMajorStore8(bm, "As"),
-      )
-      : slotLoads(
-        aSlots,
-        "la",
-        (l) =>
-          load4(
-            "a",
-            `m0 + ${l} / ${kv}u`,
-            `k0 + (${l} % ${kv}u) * 4u`,
-            "p.M",
-            "kEnd",
-            "p.lda",
-            "p.aOff",
-            "col",
-            o.vecA,
-            ex,
-          ),
-        kMajorStore(bm, "As"),
-      );
-    const B = o.h8B && o.bLayout === "nk"
-      ? slotLoads(
-        bSlots,
-        "lb",
-        (l) =>
-          load8(
-            "b",
-            `n0 + ${l} / ${kv8}u`,
-            `k0 + (${l} % ${kv8}u) * 8u`,
-            "p.N",
-            "kEnd",
-            "p.ldb",
-            "0u",
-            "col",
-            ex,
-          ),
-        kMajorStore8(bn, "Bs"),
-      )
+    // a (tileRows x bk) block whose rows run along k — A, or B "nk" — in vec4 or packed slots
+    const kMajorLoads = (
+      arr: string,
+      prefix: string,
+      slots: number,
+      row0: string,
+      rows: string,
+      ld: string,
+      off: string,
+      tileRows: number,
+      tile: string,
+      packed: boolean,
+      vec: boolean,
+    ) =>
+      packed
+        ? slotLoads(
+          slots,
+          prefix,
+          (l) =>
+            load8(
+              arr,
+              `${row0} + ${l} / ${kv8}u`,
+              `k0 + (${l} % ${kv8}u) * 8u`,
+              rows,
+              "kEnd",
+              ld,
+              off,
+              "col",
+              ex,
+            ),
+          kMajorStore8(tileRows, tile),
+        )
+        : slotLoads(
+          slots,
+          prefix,
+          (l) =>
+            load4(
+              arr,
+              `${row0} + ${l} / ${kv}u`,
+              `k0 + (${l} % ${kv}u) * 4u`,
+              rows,
+              "kEnd",
+              ld,
+              off,
+              "col",
+              vec,
+              ex,
+            ),
+          kMajorStore(tileRows, tile),
+        );
+    const A = kMajorLoads("a", "la", aSlots, "m0", "p.M", "p.lda", "p.aOff", bm, "As", o.h8A, o.vecA);
+    const B = o.bLayout === "nk"
+      ? kMajorLoads("b", "lb", bSlots, "n0", "p.N", "p.ldb", "0u", bn, "Bs", o.h8B, o.vecB)
       : o.h8B
       ? slotLoads(
         bSlots,
@@ -385,25 +384,6 @@ function tiledKernel(o: TiledOptions): Kernel {
           `Bs[${stage((bk * bn) / 4)}2u * ${l}] = lo;`,
           `Bs[${stage((bk * bn) / 4)}2u * ${l} + 1u] = hi;`,
         ],
-      )
-      : o.bLayout === "nk"
-      ? slotLoads(
-        bSlots,
-        "lb",
-        (l) =>
-          load4(
-            "b",
-            `n0 + ${l} / ${kv}u`,
-            `k0 + (${l} % ${kv}u) * 4u`,
-            "p.N",
-            "kEnd",
-            "p.ldb",
-            "0u",
-            "col",
-            o.vecB,
-            ex,
-          ),
-        kMajorStore(bn, "Bs"),
       )
       : slotLoads(
         bSlots,
