@@ -165,6 +165,33 @@ function reducedGroups(o: Pick<MatvecOptions, "nr" | "prologue" | "swiglu">): st
 const MIN_GROUPS = 96;
 
 /**
+ * The kernel options of a product of N outputs over K for `rows` rows of x: element types, prologue and
+ * kind (SwiGLU, or q/k/v with its own output types), with threads and rows per group from {@link plan}.
+ */
+function matvecOptions(
+  rec: Recorder,
+  rows: number,
+  w: Tensor,
+  xt: ActivationType,
+  ot: ActivationType,
+  prologue: MatvecPrologue | undefined,
+  N: number,
+  K: number,
+  kind: { swiglu?: boolean; qkv?: MatvecOptions["qkv"] } = {},
+): MatvecOptions {
+  const base = {
+    rows,
+    f16: w.dtype === "f16",
+    xt,
+    ot,
+    prologue: prologue?.kind ?? "none",
+    swiglu: kind.swiglu ?? false,
+    qkv: kind.qkv ?? null,
+  } as const;
+  return { ...base, ...plan(rec, base, N, K, kind.qkv?.rope ?? false) };
+}
+
+/**
  * Chooses the threads per output row (T) and the output rows per thread group (NR) of a product, from
  * H200 measurements at the TinyLlama and gpt2 decode shapes (bench/decode_matvec_bench.ts):
  * - T from K as matmul.ts's matvec (about 8-16 vec4 loads per thread), then doubled while there are
@@ -765,16 +792,7 @@ export function decodeLinearForward(
   const pro = prologueTensors(opts.prologue);
   checkNoOverlap(what, out, [x, w, bias, ...pro]);
   if (N === 0) return;
-  const base: Omit<MatvecOptions, "threads" | "nr"> = {
-    rows: M,
-    f16: w.dtype === "f16",
-    xt,
-    ot,
-    prologue: opts.prologue?.kind ?? "none",
-    swiglu: false,
-    qkv: null,
-  };
-  const o: MatvecOptions = { ...base, ...plan(rec, base, N, K) };
+  const o = matvecOptions(rec, M, w, xt, ot, opts.prologue, N, K);
   const flags = (bias ? FLAG_BIAS : 0) | (opts.accumulate ? FLAG_ACCUMULATE : 0) |
     (epilogue === "gelu_new" ? FLAG_GELU : 0);
   record(rec, o, [out, x, w, bias ?? x, ...pro], N, K, ldc, cOff, opts.prologue?.eps ?? 0, flags);
@@ -828,16 +846,7 @@ export function decodeSwigluForward(
   const pro = prologueTensors(opts.prologue);
   checkNoOverlap(what, out, [x, wGate, wUp, gateBias, upBias, ...pro]);
   if (I === 0) return;
-  const base: Omit<MatvecOptions, "threads" | "nr"> = {
-    rows: M,
-    f16: wGate.dtype === "f16",
-    xt,
-    ot,
-    prologue: opts.prologue?.kind ?? "none",
-    swiglu: true,
-    qkv: null,
-  };
-  const o: MatvecOptions = { ...base, ...plan(rec, base, I, K) };
+  const o = matvecOptions(rec, M, wGate, xt, ot, opts.prologue, I, K, { swiglu: true });
   const flags = (gateBias ? FLAG_BIAS : 0) | (upBias ? FLAG_UP_BIAS : 0);
   const buffers = [out, x, wGate, wUp, gateBias ?? x, upBias ?? x, ...pro];
   record(rec, o, buffers, I, K, I, 0, opts.prologue?.eps ?? 0, flags);
@@ -1057,22 +1066,25 @@ export function decodeQkvForward(
     return;
   }
   if (Nq + Nk + Nv === 0) return;
-  const base: Omit<MatvecOptions, "threads" | "nr"> = {
-    rows: M,
-    f16: wq.dtype === "f16",
-    xt,
-    ot: activationType(rec.gpu, q, `${what} q`),
-    prologue: opts.prologue?.kind ?? "none",
-    swiglu: false,
-    qkv: {
-      kt: activationType(rec.gpu, k, `${what} k`),
-      vt: activationType(rec.gpu, v, `${what} v`),
-      bias: present !== null,
-      rope: false,
-    },
-  };
   // the plan of one product of all the rows: threads and rows per group are the same for the three
-  const o: MatvecOptions = { ...base, ...plan(rec, base, Nq + Nk + Nv, K) };
+  const o = matvecOptions(
+    rec,
+    M,
+    wq,
+    xt,
+    activationType(rec.gpu, q, `${what} q`),
+    opts.prologue,
+    Nq + Nk + Nv,
+    K,
+    {
+      qkv: {
+        kt: activationType(rec.gpu, k, `${what} k`),
+        vt: activationType(rec.gpu, v, `${what} v`),
+        bias: present !== null,
+        rope: false,
+      },
+    },
+  );
   const rowsPerTile = (WG / o.threads) * o.nr;
   const [tq, tk, tv] = [Nq, Nk, Nv].map((N) => Math.ceil(N / rowsPerTile)) as [number, number, number];
   const tiles = tq + tk + tv;
@@ -1099,21 +1111,24 @@ function qkvRopeDispatch(
 ): void {
   const what = "decodeQkvForward";
   if (Nq + Nk + Nv === 0) return;
-  const base: Omit<MatvecOptions, "threads" | "nr"> = {
-    rows: M,
-    f16: wq.dtype === "f16",
+  const o = matvecOptions(
+    rec,
+    M,
+    wq,
     xt,
-    ot: activationType(rec.gpu, q, `${what} q`),
-    prologue: prologue?.kind ?? "none",
-    swiglu: false,
-    qkv: {
-      kt: activationType(rec.gpu, rope.kCache, `${what} kCache`),
-      vt: activationType(rec.gpu, rope.vCache, `${what} vCache`),
-      bias: false,
-      rope: true,
+    activationType(rec.gpu, q, `${what} q`),
+    prologue,
+    Nq + Nk + Nv,
+    K,
+    {
+      qkv: {
+        kt: activationType(rec.gpu, rope.kCache, `${what} kCache`),
+        vt: activationType(rec.gpu, rope.vCache, `${what} vCache`),
+        bias: false,
+        rope: true,
+      },
     },
-  };
-  const o: MatvecOptions = { ...base, ...plan(rec, base, Nq + Nk + Nv, K, true) };
+  );
   // q and k: whole RoPE pairs per workgroup (P of them); v: consecutive rows
   const rowsPerTile = (WG / o.threads) * o.nr;
   const P = rowsPerTile / 2;
