@@ -797,13 +797,20 @@ const D: u32 = ${D}u;
   );
 }
 
-const dummies = new WeakMap<GPUDevice, Tensor>();
+const spares = new WeakMap<GPUDevice, Tensor>();
 
-function dummy(rec: Recorder): Tensor {
-  let t = dummies.get(rec.gpu.device);
+/**
+ * A small f32 tensor, one per device, to bind where a kernel declares an f32 array that this dispatch
+ * does not read (an absent mask or adapter).
+ *
+ * @param rec The recorder.
+ * @returns The spare tensor.
+ */
+export function spareF32(rec: Recorder): Tensor {
+  let t = spares.get(rec.gpu.device);
   if (!t) {
-    t = createTensor(rec.gpu, [4], "f32", "attention dummy");
-    dummies.set(rec.gpu.device, t);
+    t = createTensor(rec.gpu, [4], "f32", "spare f32 binding");
+    spares.set(rec.gpu.device, t);
   }
   return t;
 }
@@ -867,7 +874,7 @@ export function attentionForward(
   if (R === 64 && r.D <= TILE_MAX_D && attentionTuning.tiled) {
     rec.dispatch(
       forwardTiledKernel(r.D, ty),
-      [q, k, v, mask ?? q, out, lse ?? dummy(rec)],
+      [q, k, v, mask ?? q, out, lse ?? spareF32(rec)],
       params(r, mask !== null, lse ? 1 : 0, opts.scale),
       [Math.ceil(r.T / 64), r.H, r.B],
     );
@@ -875,7 +882,7 @@ export function attentionForward(
   }
   rec.dispatch(
     forwardKernel(r.D, R, ty),
-    [q, k, v, mask ?? q, out, lse ?? dummy(rec)],
+    [q, k, v, mask ?? q, out, lse ?? spareF32(rec)],
     params(r, mask !== null, lse ? 1 : 0, opts.scale),
     [Math.ceil(r.T / R), r.H, r.B],
   );

@@ -46,9 +46,9 @@ import {
   type Kernel,
 } from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
-import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
+import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
-import type { AttentionOptions } from "./attention.ts";
+import { type AttentionOptions, spareF32 } from "./attention.ts";
 import { adapterAttentionForward, type GateKind } from "./adapter_attention.ts";
 
 /** The adaption prompt of one layer, for {@link decodeAttentionForward}. */
@@ -392,18 +392,6 @@ ${
   );
 }
 
-const spares = new WeakMap<GPUDevice, Tensor>();
-
-/** A small f32 tensor bound where the kernel declares an f32 array it does not read (no adapter). */
-function spare(rec: Recorder): Tensor {
-  let t = spares.get(rec.gpu.device);
-  if (!t) {
-    t = createTensor(rec.gpu, [4], "f32", "decode attention spare");
-    spares.set(rec.gpu.device, t);
-  }
-  return t;
-}
-
 /**
  * Records one decode step of attention for every (batch row, query head) in one dispatch: the causal /
  * padded / sliding-window attention of the single query against the KV cache (exactly `attentionForward`
@@ -535,7 +523,7 @@ export function decodeAttentionForward(
   ];
   const a = fusedL > 0 ? adapter! : null;
   // unread bindings: q itself where it is f32 (an f16 q may be smaller than one vec4<f32>)
-  const unused = q.dtype === "f32" ? q : spare(rec);
+  const unused = q.dtype === "f32" ? q : spareF32(rec);
   const buffers = [
     q,
     k,
