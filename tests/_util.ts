@@ -59,6 +59,22 @@ export function gpu(): Promise<Gpu> {
 }
 
 /**
+ * The same device (pipelines and buffers shared) seen with a lower `maxStorageBuffersPerShaderStage`, for
+ * the fallbacks of fused kernels under WebGPU's default limit of 8. The limits are copied into a plain
+ * object: WebIDL getters cannot be called on another object.
+ *
+ * @param g The GPU.
+ * @param n The storage-buffer limit to report.
+ * @returns A Gpu whose `limits` say `n`.
+ */
+export function withStorageBufferLimit(g: Gpu, n: number): Gpu {
+  const limits: Record<string, number> = {};
+  for (const key in g.limits) limits[key] = (g.limits as unknown as Record<string, number>)[key]!;
+  limits.maxStorageBuffersPerShaderStage = n;
+  return { ...g, limits: limits as unknown as GPUSupportedLimits };
+}
+
+/**
  * A tensor filled with NaN (or a poison bit pattern for integer tensors) on the GPU.
  *
  * @param g The GPU.

@@ -7,7 +7,17 @@ import type { Gpu } from "../../src/gpu/device.ts";
 import { GpuError } from "../../src/errors.ts";
 import { f16ArrayToF32, f32ArrayToF16 } from "../../src/io/dtype.ts";
 import type { Tensor } from "../../src/gpu/tensor.ts";
-import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
+import {
+  assertClose,
+  download,
+  downloadF16,
+  gpu,
+  poisoned,
+  Rng,
+  upload,
+  uploadF16,
+  withStorageBufferLimit,
+} from "../_util.ts";
 import { attentionForwardRef, type RefAttentionOptions } from "../reference/attention.ts";
 import { adapterAttentionForwardRef } from "../reference/adapter_attention.ts";
 
@@ -398,11 +408,7 @@ Deno.test("decodeAttentionForward agrees with attentionForward (T=1) + adapterAt
 
 Deno.test("decodeAttentionForward with `into` on a device of 8 storage buffers per stage falls back to two dispatches", async () => {
   const g = await gpu();
-  // a plain copy of the limits (WebIDL getters cannot be called on another object), one of them lowered
-  const limits: Record<string, number> = {};
-  for (const key in g.limits) limits[key] = (g.limits as unknown as Record<string, number>)[key]!;
-  limits.maxStorageBuffersPerShaderStage = 8;
-  const small: Gpu = { ...g, limits: limits as unknown as GPUSupportedLimits };
+  const small = withStorageBufferLimit(g, 8);
   const c: Case = {
     B: 3,
     H: 8,
@@ -504,10 +510,7 @@ for (const [name, c, dt] of F16_CASES) {
 
 Deno.test("decodeAttentionForward with an f16 `into` on a device of 8 storage buffers per stage: two dispatches, same result", async () => {
   const g = await gpu();
-  const limits: Record<string, number> = {};
-  for (const key in g.limits) limits[key] = (g.limits as unknown as Record<string, number>)[key]!;
-  limits.maxStorageBuffersPerShaderStage = 8;
-  const small: Gpu = { ...g, limits: limits as unknown as GPUSupportedLimits };
+  const small = withStorageBufferLimit(g, 8);
   const c: Case = {
     B: 3,
     H: 8,

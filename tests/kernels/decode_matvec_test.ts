@@ -26,7 +26,17 @@ import { Recorder } from "../../src/gpu/recorder.ts";
 import { createTensor, readTensor, type Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
 import type { Gpu } from "../../src/gpu/device.ts";
 import { GpuError } from "../../src/errors.ts";
-import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
+import {
+  assertClose,
+  download,
+  downloadF16,
+  gpu,
+  poisoned,
+  Rng,
+  upload,
+  uploadF16,
+  withStorageBufferLimit,
+} from "../_util.ts";
 import { linearForwardRef } from "../reference/matmul.ts";
 import { layernormRef, rmsnormRef } from "../reference/norm.ts";
 import { geluRef, swigluRef } from "../reference/activation.ts";
@@ -851,12 +861,7 @@ Deno.test("decodeQkvForward with 2 and 4 output rows per thread group and every 
 Deno.test("decodeQkvForward records three decodeLinearForward dispatches where its bindings exceed maxStorageBuffersPerShaderStage (8 here) or the weight dtypes differ", async () => {
   const g = await gpu();
   const rng = new Rng(33);
-  // WebGPU's default limit on the same device (pipelines and buffers shared): a plain copy of the limits
-  // (WebIDL getters cannot be called on another object), one of them lowered
-  const limits: Record<string, number> = {};
-  for (const key in g.limits) limits[key] = (g.limits as unknown as Record<string, number>)[key]!;
-  limits.maxStorageBuffersPerShaderStage = 8;
-  const g8: Gpu = { ...g, limits: limits as unknown as GPUSupportedLimits };
+  const g8 = withStorageBufferLimit(g, 8); // WebGPU's default limit on the same device
   const f32Parts = (bias: boolean): [QkvPart, QkvPart, QkvPart] =>
     [20, 4, 4].map((N) => ({ N, f16: false, bias, ot: "f32" as const })) as [QkvPart, QkvPart, QkvPart];
   // llama: q, k, v, x, 3 weights and the RMSNorm weight = 8 bindings, one dispatch; with biases 11, with
@@ -1158,12 +1163,7 @@ Deno.test("decodeQkvForward with rope keeps RoPE pairs within a workgroup for 2 
 Deno.test("decodeQkvForward with rope falls back to the products and kvCacheAppendRope with biases, mixed weight dtypes, or bindings over maxStorageBuffersPerShaderStage", async () => {
   const g = await gpu();
   const rng = new Rng(43);
-  const withLimit = (n: number): Gpu => {
-    const limits: Record<string, number> = {};
-    for (const key in g.limits) limits[key] = (g.limits as unknown as Record<string, number>)[key]!;
-    limits.maxStorageBuffersPerShaderStage = n;
-    return { ...g, limits: limits as unknown as GPUSupportedLimits };
-  };
+  const withLimit = (n: number): Gpu => withStorageBufferLimit(g, n);
   const base = {
     M: 2,
     T: 1,
