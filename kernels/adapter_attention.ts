@@ -58,9 +58,20 @@ export interface AdapterAttentionOptions {
 
 const MAX_L = 64;
 const WG = 64;
-const SUB_CHUNKS = 4; // row blocks each backward workgroup reduces in turn
 
-const GATE_MODE: Record<GateKind, number> = { "scalar": 0, "per-head": 1, "per-head-tanh": 2 };
+/**
+ * Backward tuning: `subChunks` is how many blocks of rows one partials workgroup reduces in turn (fewer
+ * partials to sum, fewer workgroups). Measured on an H100 at B*T = 2048, L = 10 (2026-11-27): 1 is 8-15%
+ * faster than 4 for gpt2 and SmolLM2 and 41% slower for TinyLlama, so 4 stays the default.
+ */
+export const adapterAttentionTuning: { subChunks: number } = { subChunks: 4 };
+
+/** Each gate form's code in the kernels' params (`gmode`; kernels/attention.ts's fused forward too). */
+export const ADAPTER_GATE_MODE: Readonly<Record<GateKind, number>> = {
+  "scalar": 0,
+  "per-head": 1,
+  "per-head-tanh": 2,
+};
 
 function dvOf(D: number): number {
   return Math.ceil(D / 4);
@@ -123,7 +134,23 @@ fn gateOf(h: u32) -> f32 {
   return tanh(gate[h]);
 }`;
 
-function check(o: AdapterAttentionOptions, q: Tensor, ka: Tensor, va: Tensor, gate: Tensor): void {
+/**
+ * Throws a GpuError unless the sizes, gate and dtypes fit (also used by kernels/attention.ts's fused
+ * forward).
+ *
+ * @param o The options.
+ * @param q Queries `(N, H, D)`.
+ * @param ka Adapter keys `(L, Hkv, D)` f32.
+ * @param va Adapter values `(L, Hkv, D)` f32.
+ * @param gate The gate, `(1)` or `(H)` f32.
+ */
+export function checkAdapterAttention(
+  o: AdapterAttentionOptions,
+  q: Tensor,
+  ka: Tensor,
+  va: Tensor,
+  gate: Tensor,
+): void {
   const { numHeads: H, numKvHeads: Hkv, headDim: D, adapterLen: L, rows: N } = o;
   if (H % Hkv !== 0) {
     throw new GpuError(`adapter attention: numHeads ${H} not a multiple of numKvHeads ${Hkv}`);
@@ -147,7 +174,7 @@ function params(o: AdapterAttentionOptions, stride: number, nGroups: number): (n
     o.numHeads,
     o.numKvHeads,
     o.adapterLen,
-    GATE_MODE[o.gateKind],
+    ADAPTER_GATE_MODE[o.gateKind],
     o.accumulate ? 1 : 0,
     stride,
     f32(o.scale),
@@ -287,7 +314,7 @@ export function adapterAttentionForward(
   gate: Tensor, // (1) or (H)
   opts: AdapterAttentionOptions,
 ): void {
-  check(opts, q, ka, va, gate);
+  checkAdapterAttention(opts, q, ka, va, gate);
   const qt = activationType(rec.gpu, q, "adapterAttentionForward q");
   const ot = activationType(rec.gpu, out, "adapterAttentionForward out");
   const D = opts.headDim;
@@ -317,12 +344,12 @@ function rowsPerChunk(L: number): number {
   return lmaxOf(L) <= 16 ? 32 : 16;
 }
 
-function partialsKernel(D: number, LMAX: number, RC: number, qt: ActivationType): Kernel {
+function partialsKernel(D: number, LMAX: number, RC: number, SUB: number, qt: ActivationType): Kernel {
   const DV = dvOf(D);
   const qd = ld(qt, "q[qb + d]");
   return defineKernel(
     "adapter_attention_bwd_partials",
-    { D, LMAX, RC, qt },
+    { D, LMAX, RC, SUB, qt },
     ["read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
 ${enableF16(qt)}${PARAMS}
@@ -352,8 +379,8 @@ ${GATE_FN}
   let LD = p.L * D;
   let slot = (grp * p.H + h) * LD;
   let half = p.nGroups * p.H * LD;
-  for (var sub = 0u; sub < ${SUB_CHUNKS}u; sub++) {
-    let r0 = (grp * ${SUB_CHUNKS}u + sub) * RC;
+  for (var sub = 0u; sub < ${SUB}u; sub++) {
+    let r0 = (grp * ${SUB}u + sub) * RC;
     workgroupBarrier();
     if (tid < RC) {
       let n = r0 + tid;
@@ -533,7 +560,7 @@ export function adapterAttentionBackward(
   gate: Tensor, // (1) or (H)
   opts: AdapterAttentionOptions,
 ): void {
-  check(opts, q, ka, va, gate);
+  checkAdapterAttention(opts, q, ka, va, gate);
   const qt = activationType(rec.gpu, q, "adapterAttentionBackward q");
   for (const [name, t] of Object.entries({ dq, dka, dva, dgate, dout })) {
     if (t.dtype !== "f32") throw new GpuError(`adapterAttentionBackward: ${name} must be f32, is ${t.dtype}`);
@@ -541,13 +568,14 @@ export function adapterAttentionBackward(
   const { numHeads: H, numKvHeads: Hkv, headDim: D, adapterLen: L, rows: N } = opts;
   const LMAX = lmaxOf(L);
   const RC = rowsPerChunk(L);
-  const nGroups = Math.max(1, Math.ceil(N / (RC * SUB_CHUNKS)));
+  const SUB = adapterAttentionTuning.subChunks;
+  const nGroups = Math.max(1, Math.ceil(N / (RC * SUB)));
   if (nGroups > rec.gpu.limits.maxComputeWorkgroupsPerDimension) {
     throw new GpuError(`adapter attention backward: ${N} rows is too many for one dispatch; split the rows`);
   }
   const scr = scratchFor(rec, dka, 2 * nGroups * H * L * D + nGroups * H);
   rec.dispatch(
-    partialsKernel(D, LMAX, RC, qt),
+    partialsKernel(D, LMAX, RC, SUB, qt),
     [q, ka, va, gate, dout, dq, scr],
     params(opts, 0, nGroups),
     [nGroups, H],

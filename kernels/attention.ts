@@ -45,6 +45,14 @@ import { f32, type Recorder } from "../src/gpu/recorder.ts";
 import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
+import { addInto } from "./activation.ts";
+import {
+  ADAPTER_GATE_MODE,
+  adapterAttentionForward,
+  type AdapterAttentionOptions,
+  checkAdapterAttention,
+  type GateKind,
+} from "./adapter_attention.ts";
 
 /** Options shared by {@link attentionForward} and {@link attentionBackward}. */
 export interface AttentionOptions {
@@ -169,7 +177,8 @@ const PARAMS = `struct P {
   B: u32, T: u32, S: u32, H: u32,
   Hkv: u32, kvStride: u32, qOff: u32, window: u32,
   causal: u32, useMask: u32, flag: u32, scale: f32,
-  outPerHead: u32, gridStride: u32, _b: u32, _c: u32,
+  outPerHead: u32, gridStride: u32, aLen: u32, aMode: u32,
+  aScale: f32, _a: u32, _b: u32, _c: u32,
 }`;
 
 // Key j is visible to query position i (both absolute positions) in batch row b.
@@ -189,6 +198,7 @@ function params(
   scale: number,
   outPerHead = 0,
   gridStride = 0,
+  adapter: { len: number; mode: number; scale: number } = { len: 0, mode: 0, scale: 0 },
 ): (number | { f32: number })[] {
   return [
     r.B,
@@ -205,6 +215,10 @@ function params(
     f32(scale),
     outPerHead,
     gridStride,
+    adapter.len,
+    adapter.mode,
+    f32(adapter.scale),
+    0,
     0,
     0,
   ];
@@ -797,6 +811,369 @@ const D: u32 = ${D}u;
   );
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Lane kernels (D ≤ 64, the model shapes): R query rows per workgroup, KS threads ("lanes") per row that
+// split each staged block of BK keys between them (lane z takes keys z, z + KS, ...; adjacent lanes read
+// adjacent key rows of the odd-strided tile, so no bank conflicts, and the rows of a warp share each
+// read). Each lane keeps its row's q and accumulator in registers and takes G keys at a time: G
+// independent score chains, one online-softmax update per G keys. At the end lanes 1.. leave their
+// partial state (max, sum, accumulator) in workgroup memory and lane 0 merges it. Query blocks run
+// heaviest first under the causal mask. No per-key barriers: two per block of BK keys.
+//
+// The forward can also fold in the LLaMA-Adapter attention of the layer (kernels/adapter_attention.ts):
+// the L ≤ 16 adapter keys and values are staged after the main loop, the last lane of each row runs the
+// second softmax over them while lane 0 merges the main one, and lane 0 writes both outputs.
+
+/** Shape of a lane kernel: rows per workgroup, lanes per row, keys per online-softmax step. */
+export interface LaneShape {
+  /** Query rows per workgroup. */
+  R: number;
+  /** Threads per row; R * KS = 128. */
+  KS: number;
+  /** Keys a lane takes per step (independent score chains); KS * G divides 48. */
+  G: number;
+}
+
+const LANE_BK = 48; // keys staged per block
+const LANE_WG = 128;
+const FUSED_MAX_L = 16; // adapter tokens the fused forward stages
+
+/** vec4 slots of the lane kernels' staging tile (keys, then values; reused for the merge at the end). */
+function laneTileSlots(D: number): number {
+  return 2 * LANE_BK * oddStride(dv(D));
+}
+
+/** Whether a lane kernel of this shape fits its tile and the device's workgroup memory. */
+function laneShapeFits(rec: Recorder, D: number, s: LaneShape): boolean {
+  const slots = laneTileSlots(D);
+  // lanes 1..'s accumulators (or one adapter output per row), then the adapter's keys and values
+  const merge = s.R * Math.max(1, s.KS - 1) * dv(D) + 2 * FUSED_MAX_L * oddStride(dv(D));
+  const bytes = 16 * slots + 8 * LANE_WG; // KV, Ms and Ls
+  return s.R * s.KS === LANE_WG && LANE_BK % (s.KS * s.G) === 0 && merge <= slots &&
+    bytes <= rec.gpu.limits.maxComputeWorkgroupStorageSize;
+}
+
+/** WGSL loop staging `n` rows of two (rows, Hkv, D) arrays into KV rows 0.. and BK.. (zero past the valid rows). */
+function stageRows(
+  D: number,
+  src: [string, ActivationType, string, ActivationType],
+  n: string,
+  valid: string,
+  base: string,
+  at = "0u",
+  valueRows = "BK",
+): string {
+  const [ka, kt, va, vt] = src;
+  return `for (var x = tid; x < ${n} * DV; x += ${LANE_WG}u) {
+      let r = x / DV;
+      let c = x % DV;
+      var kv = vec4<f32>(0.0);
+      var vv = vec4<f32>(0.0);
+      if (${valid}) {
+        let base = ${base} + 4u * c;
+        ${gather(D, "kv", ka, "base", "c", kt)}
+        ${gather(D, "vv", va, "base", "c", vt)}
+      }
+      KV[${at} + r * SV + c] = kv;
+      KV[${at} + (${valueRows} + r) * SV + c] = vv;
+    }`;
+}
+
+/** WGSL: `true` when every key of the staged block is visible to every row of the workgroup. */
+const BLOCK_FULL = `p.useMask == 0u && k0 + BK <= kEnd && (p.causal == 0u || k0 + BK <= iFirst + 1u) &&
+      (p.window == 0u || iLast < k0 + p.window)`;
+
+/** Shared prologue of the lane kernels: which rows, which keys. */
+function laneProlog(s: LaneShape): string {
+  return `let row = tid / ${s.KS}u;
+  let lane = tid % ${s.KS}u;
+  let nb = (p.T + ${s.R - 1}u) / ${s.R}u;
+  let t0 = (nb - 1u - wid.x) * ${s.R}u; // heaviest causal blocks first
+  let h = wid.y;
+  let b = wid.z;
+  let kvh = h / (p.H / p.Hkv);
+  let t = t0 + row;
+  let rowValid = t < p.T;
+  let i = p.qOff + t;
+  let qb = ((b * p.T + min(t, p.T - 1u)) * p.H + h) * D;
+  let tLast = min(t0 + ${s.R}u, p.T) - 1u;
+  let iFirst = p.qOff + t0;
+  let iLast = p.qOff + tLast;
+  let kEnd = select(p.S, min(p.S, iLast + 1u), p.causal != 0u);
+  let kStart = select(0u, iFirst + 1u - p.window, p.window != 0u && iFirst + 1u > p.window);`;
+}
+
+/** Slot of lane z ≥ 1 of `row` in the merge area. */
+function mergeSlot(s: LaneShape, z: string): string {
+  return `(row * ${s.KS - 1}u + ${z} - 1u) * DV`;
+}
+
+/** Element types of the fused adapter output (null: no adapter). */
+type FusedTypes = { at: ActivationType; L: number } | null;
+
+function forwardLanesKernel(D: number, ty: ActTypes, s: LaneShape, fused: FusedTypes): Kernel {
+  const DVn = dv(D);
+  const SVn = oddStride(DVn);
+  const C = range(DVn);
+  const W = range(s.G);
+  const { qt, kt, vt, ot } = ty;
+  const at = fused?.at;
+  const LA = range(fused?.L ?? 0);
+  const last = `${s.KS - 1}u`;
+  // where lane 0 leaves a row's main output for the adapter lane: its row's first merge slot
+  const mainSlot = s.KS > 1 ? mergeSlot(s, "1u") : "row * DV";
+  const adapterBindings = at
+    ? `@group(0) @binding(6) var<storage, read> ka: array<f32>;
+@group(0) @binding(7) var<storage, read> va: array<f32>;
+@group(0) @binding(8) var<storage, read> gate: array<f32>;
+@group(0) @binding(9) var<storage, read_write> aout: array<${at}>;
+@group(0) @binding(10) var<uniform> p: P;
+fn gateOf(h: u32) -> f32 {
+  let mode = p.aMode & 3u;
+  if (mode == 0u) { return gate[0]; }
+  if (mode == 1u) { return gate[h]; }
+  return tanh(gate[h]);
+}`
+    : `@group(0) @binding(6) var<uniform> p: P;`;
+  return defineKernel(
+    "attention_fwd_lanes",
+    { D, ...ty, R: s.R, KS: s.KS, G: s.G, adapter: at ? `${at} L=${LA.length}` : "none" },
+    [
+      "read",
+      "read",
+      "read",
+      "read",
+      "write",
+      "write",
+      ...(at ? ["read", "read", "read", "write"] as const : []),
+      "uniform",
+    ],
+    () => `
+${enableF16(qt, kt, vt, ot, at ?? "f32")}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${vt}>;
+@group(0) @binding(3) var<storage, read> mask: array<i32>;
+@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+${adapterBindings}
+${tiledHeader(D)}
+const BK: u32 = ${LANE_BK}u;
+const ADP: u32 = ${
+      laneTileSlots(D) - 2 * FUSED_MAX_L * SVn
+    }u; // the adapter's keys/values after the merge area
+// key rows then value rows; at the end the partial accumulators of lanes 1.. (and the adapter's keys/values)
+var<workgroup> KV: array<vec4<f32>, ${laneTileSlots(D)}>;
+var<workgroup> Ms: array<f32, ${LANE_WG}>;
+var<workgroup> Ls: array<f32, ${LANE_WG}>;
+${VISIBLE}
+@compute @workgroup_size(${LANE_WG}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  ${laneProlog(s)}
+${C.map((c) => `  let q${c} = ${vecLoad(D, c, "q", "qb", qt)} * p.scale;`).join("\n")}
+${C.map((c) => `  var o${c} = vec4<f32>(0.0);`).join("\n")}
+  var m = NEG;
+  var l = 0.0;
+  for (var k0 = kStart; k0 < kEnd; k0 += BK) {
+    workgroupBarrier();
+    ${
+      stageRows(D, ["k", kt, "v", vt], "BK", "k0 + r < kEnd", "((b * p.kvStride + k0 + r) * p.Hkv + kvh) * D")
+    }
+    workgroupBarrier();
+    let full = ${BLOCK_FULL};
+    for (var g = 0u; g < BK; g += ${s.KS * s.G}u) {
+${
+      W.map((w) =>
+        `      let kb${w} = (g + lane + ${s.KS * w}u) * SV;
+      var a${w} = q0 * KV[kb${w}];
+${C.slice(1).map((c) => `      a${w} = fma(q${c}, KV[kb${w} + ${c}u], a${w});`).join("\n")}
+      var s${w} = (a${w}.x + a${w}.y) + (a${w}.z + a${w}.w);
+      if (!full) {
+        let j = k0 + g + lane + ${s.KS * w}u;
+        if (!(rowValid && j < kEnd && visible(b, i, j))) { s${w} = NEG; }
+      }`
+      ).join("\n")
+    }
+      let mNew = max(m, ${W.map((w) => `s${w}`).reduce((a, b) => `max(${a}, ${b})`)});
+      let corr = exp(m - mNew);
+${W.map((w) => `      let p${w} = select(0.0, exp(s${w} - mNew), s${w} > NEG * 0.5);`).join("\n")}
+      l = l * corr + ${W.map((w) => `p${w}`).join(" + ")};
+${
+      C.map((c) =>
+        `      o${c} = ${
+          W.reduce(
+            (acc, w) => `fma(vec4<f32>(p${w}), KV[(BK * SV + kb${w}) + ${c}u], ${acc})`,
+            `o${c} * corr`,
+          )
+        };`
+      ).join("\n")
+    }
+      m = mNew;
+    }
+  }
+  workgroupBarrier();
+  if (lane != 0u) {
+    Ms[tid] = m;
+    Ls[tid] = l;
+${C.map((c) => `    KV[${mergeSlot(s, "lane")} + ${c}u] = o${c};`).join("\n")}
+  }
+${
+      at
+        ? `  // the adapter's keys and values (L ≤ ${FUSED_MAX_L}, shared by the batch) after the merge area
+  ${
+          stageRows(
+            D,
+            ["ka", "f32", "va", "f32"],
+            `${LA.length}u`,
+            "true",
+            "(r * p.Hkv + kvh) * D",
+            "ADP",
+            `${FUSED_MAX_L}u`,
+          )
+        }`
+        : ""
+    }
+  workgroupBarrier();
+  if (lane == 0u) {
+    var mr = m;
+    for (var z = 1u; z < ${s.KS}u; z++) { mr = max(mr, Ms[row * ${s.KS}u + z]); }
+    let f0 = exp(m - mr);
+    l = l * f0;
+${C.map((c) => `    o${c} = o${c} * f0;`).join("\n")}
+    for (var z = 1u; z < ${s.KS}u; z++) {
+      let fz = exp(Ms[row * ${s.KS}u + z] - mr);
+      l = l + Ls[row * ${s.KS}u + z] * fz;
+${C.map((c) => `      o${c} = fma(vec4<f32>(fz), KV[${mergeSlot(s, "z")} + ${c}u], o${c});`).join("\n")}
+    }
+    let inv = select(0.0, 1.0 / l, l > 0.0);
+${C.map((c) => `    o${c} = o${c} * inv;`).join("\n")}
+    if (rowValid) {
+      let ob = ((b * p.T + t) * p.H + h) * D;
+${C.map((c) => `      ${vecStore(D, c, "out", "ob", `o${c}`, "", ot)}`).join("\n")}
+      if (p.flag != 0u) { lse[(b * p.H + h) * p.T + t] = select(0.0, mr + log(l), l > 0.0); }
+    }
+${at ? C.map((c) => `    KV[${mainSlot} + ${c}u] = o${c};`).join("\n") : ""}
+  }
+${
+      at
+        ? `  // the second softmax, over the L adapter tokens only (two passes, L scores in registers), by the
+  // last lane of each row (lane 0 for KS = 1), which then adds lane 0's main output from the merge area
+  workgroupBarrier();
+  if (lane == ${last} && rowValid) {
+${
+          LA.map((j) =>
+            `    var sa${j}: f32;
+    {
+      var a = q0 * KV[ADP + ${j * SVn}u];
+${C.slice(1).map((c) => `      a = fma(q${c}, KV[ADP + ${j * SVn + c}u], a);`).join("\n")}
+      sa${j} = ((a.x + a.y) + (a.z + a.w)) * p.aScale;
+    }`
+          ).join("\n")
+        }
+    let ma = ${LA.map((j) => `sa${j}`).reduce((x, y) => `max(${x}, ${y})`)};
+${LA.map((j) => `    let pa${j} = exp(sa${j} - ma);`).join("\n")}
+    let fa = gateOf(h) / (${LA.map((j) => `pa${j}`).join(" + ")});
+    let withMain = select(0.0, 1.0, (p.aMode & 4u) != 0u);
+    let ob = ((b * p.T + t) * p.H + h) * D;
+${
+          C.map((c) =>
+            `    {
+      let d = ${
+              LA.reduce(
+                (acc, j) => `fma(vec4<f32>(pa${j}), KV[ADP + ${(FUSED_MAX_L + j) * SVn + c}u], ${acc})`,
+                "vec4<f32>(0.0)",
+              )
+            };
+      ${vecStore(D, c, "aout", "ob", `(KV[${mainSlot} + ${c}u] * withMain + d * fa)`, "", at)}
+    }`
+          ).join("\n")
+        }
+  }`
+        : ""
+    }
+}`,
+  );
+}
+
+function dqLanesKernel(D: number, ty: BwdTypes, s: LaneShape): Kernel {
+  const DVn = dv(D);
+  const C = range(DVn);
+  const W = range(s.G);
+  const { qt, kt, vt } = ty;
+  return defineKernel(
+    "attention_bwd_dq_lanes",
+    { D, ...ty, R: s.R, KS: s.KS, G: s.G },
+    ["read", "read", "read", "read", "read", "read", "write", "uniform"],
+    () => `
+${enableF16(qt, kt, vt)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${vt}>;
+@group(0) @binding(3) var<storage, read> mask: array<i32>;
+@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(5) var<storage, read> stats: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(7) var<uniform> p: P;
+${tiledHeader(D)}
+const BK: u32 = ${LANE_BK}u;
+var<workgroup> KV: array<vec4<f32>, ${
+      laneTileSlots(D)
+    }>; // key rows, then value rows; at the end lanes 1..'s dq
+${VISIBLE}
+@compute @workgroup_size(${LANE_WG}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  ${laneProlog(s)}
+  let tc = min(t, p.T - 1u);
+${C.map((c) => `  let q${c} = ${vecLoad(D, c, "q", "qb", qt)} * p.scale;`).join("\n")}
+${C.map((c) => `  let o${c} = ${vecLoad(D, c, "dout", "qb")};`).join("\n")}
+${C.map((c) => `  var g${c} = vec4<f32>(0.0);`).join("\n")}
+  let li = stats[(b * p.H + h) * p.T + tc];
+  let di = stats[p.B * p.H * p.T + (b * p.H + h) * p.T + tc];
+  for (var k0 = kStart; k0 < kEnd; k0 += BK) {
+    workgroupBarrier();
+    ${
+      stageRows(D, ["k", kt, "v", vt], "BK", "k0 + r < kEnd", "((b * p.kvStride + k0 + r) * p.Hkv + kvh) * D")
+    }
+    workgroupBarrier();
+    let full = ${BLOCK_FULL};
+    for (var g = 0u; g < BK; g += ${s.KS * s.G}u) {
+${
+      W.map((w) =>
+        `      let kb${w} = (g + lane + ${s.KS * w}u) * SV;
+      var a${w} = q0 * KV[kb${w}];
+      var e${w} = o0 * KV[BK * SV + kb${w}];
+${
+          C.slice(1).map((c) =>
+            `      a${w} = fma(q${c}, KV[kb${w} + ${c}u], a${w});\n      e${w} = fma(o${c}, KV[BK * SV + kb${w} + ${c}u], e${w});`
+          ).join("\n")
+        }
+      var d${w} = exp((a${w}.x + a${w}.y) + (a${w}.z + a${w}.w) - li) * ((e${w}.x + e${w}.y) + (e${w}.z + e${w}.w) - di);
+      if (!full) {
+        let j = k0 + g + lane + ${s.KS * w}u;
+        if (!(rowValid && j < kEnd && visible(b, i, j))) { d${w} = 0.0; }
+      }`
+      ).join("\n")
+    }
+${
+      C.map((c) =>
+        `      g${c} = ${W.reduce((acc, w) => `fma(vec4<f32>(d${w}), KV[kb${w} + ${c}u], ${acc})`, `g${c}`)};`
+      ).join("\n")
+    }
+    }
+  }
+  workgroupBarrier();
+  if (lane != 0u) {
+${C.map((c) => `    KV[${mergeSlot(s, "lane")} + ${c}u] = g${c};`).join("\n")}
+  }
+  workgroupBarrier();
+  if (rowValid && lane == 0u) {
+    for (var z = 1u; z < ${s.KS}u; z++) {
+${C.map((c) => `      g${c} = g${c} + KV[${mergeSlot(s, "z")} + ${c}u];`).join("\n")}
+    }
+${C.map((c) => `    ${vecStore(D, c, "dq", "qb", `(g${c} * p.scale)`, "p.flag != 0u")}`).join("\n")}
+  }
+}`,
+  );
+}
+
 const spares = new WeakMap<GPUDevice, Tensor>();
 
 /**
@@ -846,6 +1223,8 @@ function actTypes(rec: Recorder, what: string, q: Tensor, k: Tensor, v: Tensor, 
  * Records the attention forward: `out = softmax(mask(q·kᵀ * scale)) · v` per head, and (for training)
  * the log-sum-exp of every query row. Rows with no visible key get `out = 0`, `lse = 0`. q, k, v and out
  * may each be f32 or f16 (f16 is storage only: loaded into f32, computed in f32, rounded once at the store).
+ * With `adapter`, also writes the layer's adapter attention `gate · softmax(q·kₐᵀ * scaleₐ) · vₐ` (plus `out`
+ * when `adapter.withMain`) to `adapter.out`, in the same dispatch where the lane kernels run.
  *
  * @param rec The recorder.
  * @param out Output `(B, T, H, D)` f32 or f16, overwritten.
@@ -855,6 +1234,7 @@ function actTypes(rec: Recorder, what: string, q: Tensor, k: Tensor, v: Tensor, 
  * @param v Values `(B, kvStride, Hkv, D)` f32 or f16.
  * @param mask HF attention mask, i32 `(B, kvStride)` (1 = attend, 0 = padded key), or null.
  * @param opts Sizes and masking options.
+ * @param adapter The layer's adapter attention, folded into the same dispatch where it fits.
  */
 export function attentionForward(
   rec: Recorder,
@@ -865,27 +1245,111 @@ export function attentionForward(
   v: Tensor, // (B, kvStride, Hkv, D)
   mask: Tensor | null, // (B, kvStride) i32
   opts: AttentionOptions,
+  adapter?: FusedAdapterAttention,
 ): void {
   const r = resolve(opts);
   checkShapes(r, q, k, v, mask);
   if (lse) requireF32("attentionForward", { lse });
   const ty = actTypes(rec, "attentionForward", q, k, v, out);
+  const rows = r.B * r.T;
+  if (adapter) {
+    checkAdapterAttention(adapterOptions(r, adapter, rows), q, adapter.ka, adapter.va, adapter.gate);
+  }
   const R = r.T >= 48 ? 64 : Math.min(32, 2 ** Math.ceil(Math.log2(Math.max(1, r.T))));
-  if (R === 64 && r.D <= TILE_MAX_D && attentionTuning.tiled) {
+  const tiledOk = R === 64 && r.D <= TILE_MAX_D && attentionTuning.tiled;
+  const shape = attentionTuning.forwardShape;
+  if (tiledOk && attentionTuning.lanes && laneShapeFits(rec, r.D, shape)) {
+    const fuse = adapter && adapter.adapterLen <= FUSED_MAX_L &&
+      rec.gpu.limits.maxStorageBuffersPerShaderStage >= 10;
+    const fusedTypes = fuse
+      ? { at: activationType(rec.gpu, adapter.out, "attentionForward adapter out"), L: adapter.adapterLen }
+      : null;
+    const mode = fuse ? ADAPTER_GATE_MODE[adapter.gateKind] + (adapter.withMain ? 4 : 0) : 0;
+    rec.dispatch(
+      forwardLanesKernel(r.D, ty, shape, fusedTypes),
+      [
+        q,
+        k,
+        v,
+        mask ?? q,
+        out,
+        lse ?? spareF32(rec),
+        ...(fuse ? [adapter.ka, adapter.va, adapter.gate, adapter.out] : []),
+      ],
+      params(r, mask !== null, lse ? 1 : 0, opts.scale, 0, 0, {
+        len: fuse ? adapter.adapterLen : 0,
+        mode,
+        scale: fuse ? adapter.scale / opts.scale : 0,
+      }),
+      [Math.ceil(r.T / shape.R), r.H, r.B],
+    );
+    if (adapter && !fuse) adapterAfter(rec, out, q, adapter, adapterOptions(r, adapter, rows));
+    return;
+  }
+  if (tiledOk) {
     rec.dispatch(
       forwardTiledKernel(r.D, ty),
       [q, k, v, mask ?? q, out, lse ?? spareF32(rec)],
       params(r, mask !== null, lse ? 1 : 0, opts.scale),
       [Math.ceil(r.T / 64), r.H, r.B],
     );
-    return;
+  } else {
+    rec.dispatch(
+      forwardKernel(r.D, R, ty),
+      [q, k, v, mask ?? q, out, lse ?? spareF32(rec)],
+      params(r, mask !== null, lse ? 1 : 0, opts.scale),
+      [Math.ceil(r.T / R), r.H, r.B],
+    );
   }
-  rec.dispatch(
-    forwardKernel(r.D, R, ty),
-    [q, k, v, mask ?? q, out, lse ?? spareF32(rec)],
-    params(r, mask !== null, lse ? 1 : 0, opts.scale),
-    [Math.ceil(r.T / R), r.H, r.B],
-  );
+  if (adapter) adapterAfter(rec, out, q, adapter, adapterOptions(r, adapter, rows));
+}
+
+/**
+ * The layer's LLaMA-Adapter attention (kernels/adapter_attention.ts) for {@link attentionForward} to fold
+ * into the same dispatch (the lane kernels, L ≤ 16, where 10 storage bindings fit; otherwise it runs
+ * the adapter kernel after the main one, with the same result).
+ */
+export interface FusedAdapterAttention {
+  /** Adapter keys `(L, Hkv, D)` f32. */
+  ka: Tensor;
+  /** Adapter values `(L, Hkv, D)` f32. */
+  va: Tensor;
+  /** The gate, `(1)` or `(H)` f32. */
+  gate: Tensor;
+  /** L: adapter tokens. */
+  adapterLen: number;
+  /** Gate form. */
+  gateKind: GateKind;
+  /** Score scale of the adapter softmax (PEFT: `1/sqrt(D)`). */
+  scale: number;
+  /** Output `(B, T, H, D)` f32 or f16, overwritten: `gate · adapter attention`, plus the main output when `withMain`. */
+  out: Tensor;
+  /** Whether `out` also gets the main attention output (llama: one o_proj over the sum; gpt2: no). */
+  withMain: boolean;
+}
+
+function adapterOptions(r: Resolved, a: FusedAdapterAttention, rows: number): AdapterAttentionOptions {
+  return {
+    numHeads: r.H,
+    numKvHeads: r.Hkv,
+    headDim: r.D,
+    adapterLen: a.adapterLen,
+    rows,
+    scale: a.scale,
+    gateKind: a.gateKind,
+  };
+}
+
+/** The adapter in its own dispatches, after the main attention wrote `out`. */
+function adapterAfter(
+  rec: Recorder,
+  out: Tensor,
+  q: Tensor,
+  a: FusedAdapterAttention,
+  o: AdapterAttentionOptions,
+): void {
+  adapterAttentionForward(rec, a.out, q, a.ka, a.va, a.gate, o);
+  if (a.withMain) addInto(rec, a.out, out);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1118,7 +1582,17 @@ function partialsScratch(rec: Recorder, dk: Tensor, n: number): [Tensor, Tensor]
  * bench/RESULTS.md); the same benchmark then trained with them on an H100 (gpt2-124M: 72.4 → 64.3 ms per
  * step) and across all three benchmark models, so they are the default again.
  */
-export const attentionTuning: { tiled: boolean } = { tiled: true };
+export const attentionTuning: {
+  tiled: boolean;
+  lanes: boolean;
+  forwardShape: LaneShape;
+  dqShape: LaneShape;
+} = {
+  tiled: true,
+  lanes: true,
+  forwardShape: { R: 64, KS: 2, G: 4 },
+  dqShape: { R: 64, KS: 2, G: 1 },
+};
 
 /** Scratch `[lse | Di]`, each `(B, H, T)`, cached per dq buffer (no allocation on replays). */
 function statsScratch(rec: Recorder, dq: Tensor, n: number): Tensor {
@@ -1207,5 +1681,14 @@ export function attentionBackward(
   }
   // dq: the per-row kernel (q, dout and dq in registers, k/v tiles broadcast) measured faster than a
   // tiled one here (H200, 2026-11-27: TinyLlama 0.72 vs 1.04 ms)
+  if (attentionTuning.lanes && laneShapeFits(rec, r.D, attentionTuning.dqShape)) {
+    const s = attentionTuning.dqShape;
+    rec.dispatch(dqLanesKernel(r.D, ty, s), [q, k, v, m, dout, stats, dq], prm, [
+      Math.ceil(r.T / s.R),
+      r.H,
+      r.B,
+    ]);
+    return;
+  }
   rec.dispatch(dqKernel(r.D, ty), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
 }

@@ -8,7 +8,7 @@
  * Forward, with `h` the normed input (N, C):
  *   q, k, v = h Wqᵀ, h Wkᵀ, h Wvᵀ (+ biases); RoPE on q, k (llama)
  *   attn = softmax(q kᵀ · scale + mask) v                          (saved with its log-sum-exp)
- *   adapter: adp = g · softmax(q kₐᵀ · scale) vₐ
+ *   adapter: adp = g · softmax(q kₐᵀ · scale) vₐ                 (in the attention dispatch where it fits)
  *   llama: o = (attn + adp) Woᵀ + bo (+ bo again when adapted, as PEFT's o_proj(adapter) adds it)
  *   gpt2:  o = attn Woᵀ + bo + adp
  *
@@ -25,7 +25,7 @@
 import type { Recorder } from "../gpu/recorder.ts";
 import { createTensor, type Tensor } from "../gpu/tensor.ts";
 import { attentionBackward, attentionForward } from "../../kernels/attention.ts";
-import { adapterAttentionBackward, adapterAttentionForward } from "../../kernels/adapter_attention.ts";
+import { adapterAttentionBackward } from "../../kernels/adapter_attention.ts";
 import { ropeBackwardInPlace, ropeInPlace } from "../../kernels/rope.ts";
 import { addBiasRows, addInto } from "../../kernels/activation.ts";
 import { copyElements } from "../../kernels/fill.ts";
@@ -151,22 +151,38 @@ export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
     values = ctx.cache.kv.v[ctx.layer]!;
   }
   const mask = ctx.masked ? (ctx.cache ? ctx.cache.kv.mask : acts.mask) : null;
-  attentionForward(rec, la.attn, acts.training ? la.lse : null, la.q, keys, values, mask, {
-    ...attentionOptions(ctx),
-  });
   const adapter = ctx.adapter;
+  const through = model.layout.adapterThroughOutProj;
+  // the adapter attention rides in the attention dispatch where it fits (llama: adp = attn + adapter,
+  // then one o_proj; gpt2: adp = adapter, added after c_proj)
+  attentionForward(
+    rec,
+    la.attn,
+    acts.training ? la.lse : null,
+    la.q,
+    keys,
+    values,
+    mask,
+    attentionOptions(ctx),
+    adapter
+      ? {
+        ka: adapter.state.ka[adapter.slot]!,
+        va: adapter.state.va[adapter.slot]!,
+        gate: gateView(adapter.state, adapter.state.params, adapter.slot),
+        adapterLen: adapter.state.config.adapterLen,
+        gateKind: adapter.state.config.gate,
+        scale: adapterOptions(ctx, adapter.state).scale,
+        out: acts.adp,
+        withMain: through,
+      }
+      : undefined,
+  );
   if (!adapter) {
     linear(rec, la.x2, la.attn, w.o);
     addInto(rec, la.x2, la.x);
     return;
   }
-  const { state, slot } = adapter;
-  const gate = gateView(state, state.params, slot);
-  adapterAttentionForward(rec, acts.adp, la.q, state.ka[slot]!, state.va[slot]!, gate, {
-    ...adapterOptions(ctx, state),
-  });
-  if (model.layout.adapterThroughOutProj) {
-    addInto(rec, acts.adp, la.attn); // adp = attn + adapter, then one o_proj
+  if (through) {
     linear(rec, la.x2, acts.adp, w.o);
     if (w.o.b) addBiasRows(rec, la.x2, w.o.b);
   } else {

@@ -3,6 +3,7 @@ import {
   adapterAttentionBackward,
   adapterAttentionForward,
   type AdapterAttentionOptions,
+  adapterAttentionTuning,
   type GateKind,
 } from "../../kernels/adapter_attention.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
@@ -91,10 +92,18 @@ for (const kind of KINDS) {
   }
 }
 
-Deno.test("adapter attention at D=64, L=10, 300 rows (several row groups), H=3/Hkv=1, odd D path D=6", async () => {
-  await check(opts(3, 1, 64, 10, 300, "per-head-tanh", true), 7);
-  await check(opts(3, 3, 6, 33, 131, "scalar", false), 8);
-});
+for (const subChunks of [1, 4]) {
+  Deno.test(`adapter attention at D=64, L=10, 300 rows (several row groups, ${subChunks} row blocks each), H=3/Hkv=1, odd D path D=6`, async () => {
+    const saved = adapterAttentionTuning.subChunks;
+    adapterAttentionTuning.subChunks = subChunks;
+    try {
+      await check(opts(3, 1, 64, 10, 300, "per-head-tanh", true), 7);
+      await check(opts(3, 3, 6, 33, 131, "scalar", false), 8);
+    } finally {
+      adapterAttentionTuning.subChunks = saved;
+    }
+  });
+}
 
 // D a multiple of 16 takes the forward that splits each (row, head) over 4 threads; 16 pairs a
 // workgroup, so rows * H = 7 * 3 = 21 and 33 * 4 = 132 leave a part-filled last workgroup

@@ -15,6 +15,8 @@ import {
   attentionForwardRef,
   type RefAttentionOptions,
 } from "../reference/attention.ts";
+import { adapterAttentionForwardRef } from "../reference/adapter_attention.ts";
+import type { GateKind } from "../../kernels/adapter_attention.ts";
 
 // f32 kernels against a float64 reference: forward ≤ 1e-5 (normwise), gradients ≤ 1e-4 (they sum
 // products of recomputed probabilities over up to T·H/Hkv terms).
@@ -212,38 +214,42 @@ const CASES: Record<string, Case> = {
   },
 };
 
-/** Runs `fn` with the tiled kernels on or off (both are tested; the default is in kernels/attention.ts). */
-function withTiled(tiled: boolean, fn: () => Promise<void>): () => Promise<void> {
+/** The kernel families: lane kernels (the default), tiled kernels, the first per-row kernels. */
+type Kind = "lane kernels" | "tiled kernels" | "per-row kernels";
+const KINDS: Kind[] = ["lane kernels", "tiled kernels", "per-row kernels"];
+
+/** Runs `fn` with one kernel family (all are tested; the default is in kernels/attention.ts). */
+function withKind(kind: Kind, fn: () => Promise<void>): () => Promise<void> {
   return async () => {
-    const saved = attentionTuning.tiled;
-    attentionTuning.tiled = tiled;
+    const saved = { ...attentionTuning };
+    attentionTuning.tiled = kind !== "per-row kernels";
+    attentionTuning.lanes = kind === "lane kernels";
     try {
       await fn();
     } finally {
-      attentionTuning.tiled = saved;
+      Object.assign(attentionTuning, saved);
     }
   };
 }
 
-for (const tiled of [true, false]) {
-  const kind = tiled ? "tiled kernels" : "per-row kernels";
+for (const kind of KINDS) {
   let seed = 10;
   for (const [name, c] of Object.entries(CASES)) {
     const s = seed++;
     Deno.test(
       `attentionForward matches the float64 reference (${kind}): ${name}`,
-      withTiled(tiled, () => checkForward(c, s)),
+      withKind(kind, () => checkForward(c, s)),
     );
     Deno.test(
       `attentionBackward matches the float64 reference (${kind}): ${name}`,
-      withTiled(tiled, () => checkBackward(c, s, false)),
+      withKind(kind, () => checkBackward(c, s, false)),
     );
   }
 
   Deno.test(
     `attentionBackward with accumulate adds into dq, dk, dv (GQA, padding) (${kind})`,
-    withTiled(
-      tiled,
+    withKind(
+      kind,
       () =>
         checkBackward({ ...CASES["causal GQA (H=4, Hkv=2), B=2, T=S=7, D=8"]!, leftPad: [2, 0] }, 77, true),
     ),
@@ -251,7 +257,7 @@ for (const tiled of [true, false]) {
 
   Deno.test(
     `attentionForward at D=64 (the model head size) matches the reference (${kind})`,
-    withTiled(tiled, () =>
+    withKind(kind, () =>
       checkForward({
         ...base,
         numHeads: 3,
@@ -265,8 +271,25 @@ for (const tiled of [true, false]) {
   );
 
   Deno.test(
+    `attention forward and backward at D=64, GQA 4/2, T=S=150 (whole unmasked key blocks) (${kind})`,
+    withKind(kind, async () => {
+      const c: Case = {
+        ...base,
+        numHeads: 4,
+        numKvHeads: 2,
+        headDim: 64,
+        batch: 1,
+        queryLen: 150,
+        keyLen: 150,
+      };
+      await checkForward(c, 8);
+      await checkBackward(c, 9, false);
+    }),
+  );
+
+  Deno.test(
     `attentionBackward at D=64 matches the reference (${kind})`,
-    withTiled(tiled, () =>
+    withKind(kind, () =>
       checkBackward(
         { ...base, numHeads: 3, numKvHeads: 1, headDim: 64, batch: 1, queryLen: 37, keyLen: 37 },
         6,
@@ -381,21 +404,20 @@ const F16_BWD_CASES: [string, Case, ActDtypes][] = [
   ],
 ];
 
-for (const tiled of [true, false]) {
-  const kind = tiled ? "tiled kernels" : "per-row kernels";
+for (const kind of KINDS) {
   let seed = 40;
   for (const [name, c, dt] of F16_CASES) {
     const s = seed++;
     Deno.test(
       `attentionForward with f16 activations matches the reference on the rounded inputs (${kind}): ${name}`,
-      withTiled(tiled, () => checkForwardF16(c, s, dt)),
+      withKind(kind, () => checkForwardF16(c, s, dt)),
     );
   }
   for (const [name, c, dt] of F16_BWD_CASES) {
     const s = seed++;
     Deno.test(
       `attentionBackward reading f16 saved activations gives f32 gradients matching the reference (${kind}): ${name}`,
-      withTiled(tiled, () => checkBackwardF16(c, s, dt)),
+      withKind(kind, () => checkBackwardF16(c, s, dt)),
     );
   }
 }
@@ -453,3 +475,133 @@ Deno.test("the reference attention gradient matches central finite differences",
     assertClose(gr, fd, 1e-7, `d${name} vs finite differences`);
   }
 });
+
+// ---------------------------------------------------------------------------------------------------
+// The adapter attention folded into the forward (the lane kernels; the other kinds and L > 16 run it as a
+// second dispatch): `out` is the main attention, `adapter.out` = gate · adapter attention (+ out).
+
+interface FusedCase {
+  c: Case;
+  L: number;
+  gateKind: GateKind;
+  withMain: boolean;
+  /** Element type of q, k, v, out and the adapter output. */
+  dt: ElemType;
+  adapterScale: number;
+}
+
+const FUSED_CASES: [string, FusedCase][] = [
+  [
+    "D=64, GQA 4/2, T=S=150, L=10, per-head tanh gate, with the main output",
+    {
+      c: { ...base, numHeads: 4, numKvHeads: 2, headDim: 64, batch: 1, queryLen: 150, keyLen: 150 },
+      L: 10,
+      gateKind: "per-head-tanh",
+      withMain: true,
+      dt: "f32",
+      adapterScale: 0.125,
+    },
+  ],
+  [
+    "odd D=7, B=2, T=S=50, left padding, sliding window 9, L=16 (the largest fused), scalar gate, adapter only",
+    {
+      c: {
+        ...base,
+        numHeads: 2,
+        numKvHeads: 1,
+        headDim: 7,
+        batch: 2,
+        queryLen: 50,
+        keyLen: 50,
+        slidingWindow: 9,
+        leftPad: [3, 0],
+      },
+      L: 16,
+      gateKind: "scalar",
+      withMain: false,
+      dt: "f32",
+      adapterScale: 0.4,
+    },
+  ],
+  [
+    "D=64, H=Hkv=3, T=S=64, L=17 (beyond the fused size: a second dispatch), per-head gate, with the main output",
+    {
+      c: { ...base, numHeads: 3, numKvHeads: 3, headDim: 64, batch: 1, queryLen: 64, keyLen: 64 },
+      L: 17,
+      gateKind: "per-head",
+      withMain: true,
+      dt: "f32",
+      adapterScale: 0.125,
+    },
+  ],
+  [
+    "f16 q/k/v/out and adapter output, D=32, GQA 4/1, B=2, T=S=70, L=10, per-head tanh, with the main output",
+    {
+      c: { ...base, numHeads: 4, numKvHeads: 1, headDim: 32, batch: 2, queryLen: 70, keyLen: 70 },
+      L: 10,
+      gateKind: "per-head-tanh",
+      withMain: true,
+      dt: "f16",
+      adapterScale: 1 / Math.sqrt(32),
+    },
+  ],
+];
+
+async function checkFused(f: FusedCase, seed: number): Promise<void> {
+  const g = await gpu();
+  const { c } = f;
+  if (f.dt === "f16" && !g.hasF16) return;
+  const x = makeInputs(c, seed);
+  const rng = new Rng(seed + 1000);
+  const kvN = f.L * c.numKvHeads * c.headDim;
+  const ka = rng.randn(kvN);
+  const va = rng.randn(kvN);
+  const gate = rng.randn(f.gateKind === "scalar" ? 1 : c.numHeads, 0.8);
+  const q = uploadAs(g, x.q, f.dt);
+  const k = uploadAs(g, x.k, f.dt);
+  const v = uploadAs(g, x.v, f.dt);
+  const shape = [c.batch, c.queryLen, c.numHeads, c.headDim];
+  const out = poisoned(g, shape, f.dt);
+  const aout = poisoned(g, shape, f.dt);
+  const lse = poisoned(g, [c.batch, c.numHeads, c.queryLen]);
+  const rec = new Recorder(g);
+  const m = x.mask ? upload(g, x.mask) : null;
+  attentionForward(rec, out, lse, q.tensor, k.tensor, v.tensor, m, opts(c), {
+    ka: upload(g, ka),
+    va: upload(g, va),
+    gate: upload(g, gate),
+    adapterLen: f.L,
+    gateKind: f.gateKind,
+    scale: f.adapterScale,
+    out: aout,
+    withMain: f.withMain,
+  });
+  rec.submit();
+  const ref = attentionForwardRef(q.values, k.values, v.values, x.mask, c);
+  const rows = c.batch * c.queryLen;
+  const adp = adapterAttentionForwardRef(q.values, ka, va, gate, {
+    numHeads: c.numHeads,
+    numKvHeads: c.numKvHeads,
+    headDim: c.headDim,
+    adapterLen: f.L,
+    rows,
+    scale: f.adapterScale,
+    gateKind: f.gateKind,
+  });
+  const want = adp.map((a, i) => a + (f.withMain ? ref.out[i]! : 0));
+  const tol = f.dt === "f16" ? F16_OUT_TOL : FWD_TOL;
+  assertClose(await readAs(g, out), ref.out, tol, "out");
+  assertClose(await download(g, lse), ref.lse, FWD_TOL, "lse");
+  assertClose(await readAs(g, aout), want, tol, "adapter out");
+}
+
+for (const kind of KINDS) {
+  let seed = 60;
+  for (const [name, f] of FUSED_CASES) {
+    const s = seed++;
+    Deno.test(
+      `attentionForward with the adapter attention folded in matches the references (${kind}): ${name}`,
+      withKind(kind, () => checkFused(f, s)),
+    );
+  }
+}

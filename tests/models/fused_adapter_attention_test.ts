@@ -1,0 +1,53 @@
+/**
+ * The adapter attention folded into the attention dispatch (the lane kernels, T ≥ 48) gives the same
+ * logits, loss and adapter gradients as the separate kernels (`attentionTuning.lanes = false`: the tiled
+ * attention, then the adapter attention and, for llama, the add before o_proj), on llama with GQA and
+ * padding and on gpt2, with a non-zero gate. f32 weights and activations: logits and loss within 1e-5,
+ * gradients within 1e-4 (two orders of summation).
+ */
+import assert from "node:assert/strict";
+import { join } from "../../src/_std.ts";
+import { forward, loadModel } from "../../mod.ts";
+import { lossAndGradients } from "../../src/models/run.ts";
+import { attentionTuning } from "../../kernels/attention.ts";
+import { assertClose, Rng } from "../_util.ts";
+import { addGatedAdapter } from "./_gated_adapter.ts";
+
+const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
+const T = 56; // ≥ 48: the lane kernels
+
+for (const name of ["llama_gqa_pad", "gpt2_basic"]) {
+  Deno.test(`${name}: the adapter folded into the attention dispatch = separate kernels (T=${T})`, async () => {
+    const model = await loadModel(join(ROOT, name, "model"), { maxSeqLen: 64 });
+    assert.ok(model.gpu.limits.maxStorageBuffersPerShaderStage >= 10, "the fused forward needs 10 bindings");
+    addGatedAdapter(model);
+    const rng = new Rng(31);
+    const V = model.config.vocabSize;
+    const ids = Array.from({ length: 2 }, () => Array.from(rng.ints(T, V)));
+    const batch = {
+      inputIds: ids,
+      attentionMask: ids.map((r, b) => r.map((_, t) => (b === 1 && t < 5 ? 0 : 1))),
+      labels: ids.map((r, b) => r.map((x, t) => (b === 1 && t < 5 ? -100 : x))),
+    };
+    const run = async (lanes: boolean) => {
+      const saved = attentionTuning.lanes;
+      attentionTuning.lanes = lanes;
+      try {
+        const logits = (await forward(model, batch)).logits;
+        return { ...(await lossAndGradients(model, batch)), logits };
+      } finally {
+        attentionTuning.lanes = saved;
+      }
+    };
+    const fused = await run(true), separate = await run(false);
+    assertClose(fused.logits, separate.logits, 1e-5, "logits");
+    assert.ok(
+      Math.abs(fused.loss - separate.loss) <= 1e-5 * Math.abs(separate.loss),
+      `loss ${fused.loss} vs ${separate.loss}`,
+    );
+    for (const [k, g] of Object.entries(separate.gradients)) {
+      assert.ok(g.some((x) => x !== 0), `${k}: a zero gradient cannot show a difference`);
+      assertClose(fused.gradients[k]!, g, 1e-4, `${k}`);
+    }
+  });
+}
