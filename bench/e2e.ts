@@ -27,7 +27,9 @@
  * ```
  * On a CPU device try `--models tiny-llama,tiny-gpt2 --batch 2 --seq 16 --prompt 8 --new 8 --top 2`.
  * `PROMPTGATE_ATTENTION_TILED=0` (or `=1`) trains with the per-row (or the tiled) attention kernels instead
- * of the default choice (`attentionTuning` in kernels/attention.ts), for a before/after in one call.
+ * of the default choice (`attentionTuning` in kernels/attention.ts), for a before/after in one call;
+ * `PROMPTGATE_ATTENTION_LANES=0` turns the lane kernels (and the adapter folded into the attention
+ * dispatch) off, `PROMPTGATE_CE_ROW_SWEEP=0` the row sweep of the LM-head loss (kernels/cross_entropy.ts).
  *
  * @module
  */
@@ -51,6 +53,7 @@ import { addAdaptionPrompt, deleteAdapter } from "../src/adapters/manage.ts";
 import { createOptimizer } from "../src/train/optimizer.ts";
 import { adamwStep, packHyper } from "../kernels/adamw.ts";
 import { attentionTuning } from "../kernels/attention.ts";
+import { crossEntropyTuning } from "../kernels/cross_entropy.ts";
 import { generate } from "../src/models/generate.ts";
 import type { Model } from "../src/models/model.ts";
 import {
@@ -594,8 +597,13 @@ async function caseMain(args: string[]): Promise<void> {
   // PROMPTGATE_ATTENTION_TILED=0 / 1 overrides the attention kernel choice (kernels/attention.ts)
   const tiled = Deno.env.get("PROMPTGATE_ATTENTION_TILED");
   if (tiled === "0" || tiled === "1") attentionTuning.tiled = tiled === "1";
+  if (Deno.env.get("PROMPTGATE_ATTENTION_LANES") === "0") attentionTuning.lanes = false;
+  if (Deno.env.get("PROMPTGATE_CE_ROW_SWEEP") === "0") crossEntropyTuning.rowSweep = false;
+  const kernels = !attentionTuning.tiled ? "per-row" : attentionTuning.lanes ? "lane" : "tiled";
   console.error(
-    `[${values.model} ${dtype}] attention kernels: ${attentionTuning.tiled ? "tiled" : "per-row"}`,
+    `[${values.model} ${dtype}] attention kernels: ${kernels}; LM-head loss: ${
+      crossEntropyTuning.rowSweep ? "row" : "vocabulary"
+    } sweep`,
   );
   await runCase(
     values.model,

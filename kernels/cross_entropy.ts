@@ -5,7 +5,10 @@
  * (the online softmax), picking up the label's logit on the way; one workgroup then turns these into the
  * mean loss over counted tokens. The second sweep recomputes each chunk's logits, turns them in place into
  * `dlogits = (softmax - onehot(label)) / count` and adds `dlogits · weight[chunk]` into `dHidden`
- * (`linearBackwardInput`). Semantics are HF's causal-LM loss on labels the caller has already shifted:
+ * (`linearBackwardInput`). For training (dHidden wanted) the default sweeps blocks of rows instead, with
+ * the whole vocabulary per block: the block's logits once, its softmax statistics, dlogits in place, its
+ * dHidden rows (`crossEntropyTuning.rowSweep`), so the logits are computed once instead of twice; the
+ * scratch is the same size. Semantics are HF's causal-LM loss on labels the caller has already shifted:
  * `loss = mean over tokens with label != -100 of (logsumexp(logits) - logits[label])`, the count computed
  * on the GPU. When no token counts HF gives NaN; we give loss 0 and a zero gradient, so a fully masked
  * batch cannot poison training. Labels must be -100 or in [0, V): any label outside [0, V) is ignored.
@@ -87,7 +90,7 @@ export function createCrossEntropyScratch(
 
 function onlineKernel(): Kernel {
   return defineKernel("ce_online_softmax", {}, ["read", "read", "write", "uniform"], () => `
-struct P { N: u32, Vc: u32, ld: u32, v0: u32, first: u32, gx: u32, _a: u32, _b: u32 }
+struct P { N: u32, Vc: u32, ld: u32, v0: u32, first: u32, gx: u32, fin: u32, _b: u32 }
 @group(0) @binding(0) var<storage, read> logits: array<f32>;
 @group(0) @binding(1) var<storage, read> labels: array<i32>;
 @group(0) @binding(2) var<storage, read_write> rowState: array<vec4<f32>>;
@@ -120,12 +123,15 @@ fn reduceSum(lid: u32, v: f32) -> f32 {
   if (row >= p.N) { return; }
   let lid = l.x;
   let base = row * p.ld;
+  // one pass: each thread keeps an online (max, sum of exp), then the workgroup merges them
   var m = -3.402823e38;
-  for (var j = lid; j < p.Vc; j += ${WG}u) { m = max(m, logits[base + j]); }
-  let mx = reduceMax(lid, m);
   var s = 0.0;
-  for (var j = lid; j < p.Vc; j += ${WG}u) { s += exp(logits[base + j] - mx); }
-  let sum = reduceSum(lid, s);
+  for (var j = lid; j < p.Vc; j += ${WG}u) {
+    let x = logits[base + j];
+    if (x > m) { s = s * exp(m - x) + 1.0; m = x; } else { s += exp(x - m); }
+  }
+  let mx = reduceMax(lid, m);
+  let sum = reduceSum(lid, s * exp(m - mx));
   if (lid == 0u) {
     var st: vec4<f32>;
     if (p.first != 0u) {
@@ -137,6 +143,7 @@ fn reduceSum(lid: u32, v: f32) -> f32 {
     }
     let label = labels[row];
     if (label >= i32(p.v0) && label < i32(p.v0 + p.Vc)) { st.z = logits[base + u32(label) - p.v0]; }
+    if (p.fin != 0u) { st.w = st.x + log(st.y); } // the row's last chunk: its logsumexp
     rowState[row] = st;
   }
 }`);
@@ -172,6 +179,30 @@ var<workgroup> red: array<vec2<f32>, ${WG}>;
     loss[0] = select(0.0, r.x / r.y, r.y > 0.0);
     stats[0] = r.y;
   }
+}`);
+}
+
+function countKernel(): Kernel {
+  return defineKernel("ce_count", {}, ["read", "write", "uniform"], () => `
+struct P { N: u32, V: u32, _a: u32, _b: u32 }
+@group(0) @binding(0) var<storage, read> labels: array<i32>;
+@group(0) @binding(1) var<storage, read_write> stats: array<f32>;
+@group(0) @binding(2) var<uniform> p: P;
+var<workgroup> red: array<f32, ${WG}>;
+@compute @workgroup_size(${WG}) fn main(@builtin(local_invocation_id) l: vec3u) {
+  let lid = l.x;
+  var c = 0.0;
+  for (var n = lid; n < p.N; n += ${WG}u) {
+    let label = labels[n];
+    if (label >= 0 && label < i32(p.V)) { c += 1.0; }
+  }
+  red[lid] = c;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s = s >> 1u) {
+    if (lid < s) { red[lid] = red[lid] + red[lid + s]; }
+    workgroupBarrier();
+  }
+  if (lid == 0u) { stats[0] = red[0]; }
 }`);
 }
 
@@ -234,6 +265,102 @@ function rowView(t: Tensor, r: number, rows: number): Tensor {
 }
 
 /**
+ * Training path: `rowSweep` (the default) sweeps the rows instead of the vocabulary when dHidden is wanted
+ * and at least 128 rows (or all N) of full-vocabulary logits fit the scratch: each block of rows gets its
+ * logits once, its softmax statistics, dlogits in place and its dHidden rows, so the logits are computed
+ * once instead of twice. `false` keeps the vocabulary sweep for the gradient too. Both are tested.
+ */
+export const crossEntropyTuning: { rowSweep: boolean } = { rowSweep: true };
+
+/** Row blocks start at multiples of this many rows (256-byte aligned views of every per-row tensor). */
+const ROW_ALIGN = 128;
+
+/** Row stride of the row sweep's logits: V rounded up to 4 (aligned vec4 loads of dlogits). */
+function sweepStride(V: number): number {
+  return Math.ceil(V / 4) * 4;
+}
+
+/** Rows per block of the row sweep (all N, or a multiple of 128), or 0 when not even 128 rows fit. */
+function rowsPerSweep(scratch: CrossEntropyScratch, N: number, V: number): number {
+  const capacity = scratch.logits.size, ld = sweepStride(V);
+  if (N * ld <= capacity) return N;
+  const rows = Math.floor(capacity / ld / ROW_ALIGN) * ROW_ALIGN;
+  return rows >= ROW_ALIGN ? rows : 0;
+}
+
+/** A view of rows [n0, n0 + rows) of a row-major (N, width) tensor. */
+function rowsOf(t: Tensor, n0: number, rows: number, width: number): Tensor {
+  return new Tensor(
+    t.buffer,
+    width === 1 ? [rows] : [rows, width],
+    t.dtype,
+    t.offset + n0 * width * DTYPE_BYTES[t.dtype],
+    `${t.label}[${n0}:${n0 + rows}]`,
+  );
+}
+
+/** The row sweep of {@link crossEntropyLmHead} (see {@link crossEntropyTuning}). */
+function rowSweep(
+  rec: Recorder,
+  a: { loss: Tensor; dHidden: Tensor; hidden: Tensor; labels: Tensor; scratch: CrossEntropyScratch },
+  ranges: { rowStart: number; tensor: Tensor }[],
+  N: number,
+  V: number,
+  C: number,
+  rows: number,
+): void {
+  const { scratch } = a;
+  const ld = sweepStride(V);
+  // each weight range in a part of whole 128-row tiles and the rest, so that the big products take the
+  // exact (unchecked, vec4) tile kernels: V = 50257 would leave a partial tile in every one
+  const parts = ranges.flatMap((r) => {
+    const rows = r.tensor.shape[0]!, whole = Math.floor(rows / 128) * 128;
+    if (whole === 0 || whole === rows) return [r];
+    return [
+      { rowStart: r.rowStart, tensor: rowView(r.tensor, 0, whole) },
+      { rowStart: r.rowStart + whole, tensor: rowView(r.tensor, whole, rows - whole) },
+    ];
+  });
+  // the count of counted tokens first: dlogits divide by it
+  rec.dispatch(countKernel(), [a.labels, scratch.stats], [N, V, 0, 0], [1]);
+  for (let n0 = 0; n0 < N; n0 += rows) {
+    const nr = Math.min(rows, N - n0);
+    const logits = new Tensor(
+      scratch.logits.buffer,
+      [nr, ld],
+      "f32",
+      scratch.logits.offset,
+      "ce logits rows",
+    );
+    const hidden = rowsOf(a.hidden, n0, nr, C), dHidden = rowsOf(a.dHidden, n0, nr, C);
+    const labels = rowsOf(a.labels, n0, nr, 1), rowState = rowsOf(scratch.rowState, n0, nr, 4);
+    for (const r of parts) {
+      linearForward(rec, logits, hidden, r.tensor, null, { outColOffset: r.rowStart, ldOut: ld });
+    }
+    const gx = Math.min(nr, 65535);
+    rec.dispatch(onlineKernel(), [logits, labels, rowState], [nr, V, ld, 0, 1, gx, 1, 0], [
+      gx,
+      Math.ceil(nr / gx),
+    ]);
+    const { groups, stride } = grid1d(nr * V, WG);
+    rec.dispatch(
+      dlogitsKernel(),
+      [labels, rowState, scratch.stats, logits],
+      [nr * V, V, ld, 0, V, stride, 0, 0],
+      groups,
+    );
+    parts.forEach((r, k) => {
+      linearBackwardInput(rec, dHidden, logits, r.tensor, {
+        accumulate: k > 0,
+        dyColOffset: r.rowStart,
+        ldDy: ld,
+      });
+    });
+  }
+  rec.dispatch(lossKernel(), [a.labels, scratch.rowState, a.loss, scratch.stats], [N, V, 0, 0], [1]);
+}
+
+/**
  * Records the mean causal-LM cross-entropy of `hidden · weightᵀ` against `labels`, and optionally its
  * gradient with respect to `hidden`, sweeping the vocabulary in chunks (no (N, V) logits are stored).
  *
@@ -279,6 +406,11 @@ export function crossEntropyLmHead(
     throw new GpuError(
       `crossEntropyLmHead: dHidden ${dHidden.label} is a gradient and must be f32, got ${dHidden.dtype}`,
     );
+  }
+  const sweep = dHidden && crossEntropyTuning.rowSweep ? rowsPerSweep(scratch, N, V) : 0;
+  if (sweep > 0) {
+    rowSweep(rec, { loss, dHidden: dHidden!, hidden, labels, scratch }, ranges, N, V, C, sweep);
+    return;
   }
   const ld = scratch.chunk;
   const logits = new Tensor(scratch.logits.buffer, [N, ld], "f32", scratch.logits.offset, "ce logits chunk");

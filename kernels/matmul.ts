@@ -750,9 +750,13 @@ function planTiled(g: Gemm): TiledPlan {
     tile = wide ? "128x128" : "32x32";
     splits = wide ? 8 : Math.max(1, Math.min(8, Math.floor(g.K / 64)));
   } else if (g.K >= 2048) {
-    // few output tiles but a long K: split K in chunks of ≥ 512 (k_proj 2048x256x2048: 8.6 -> 28.8)
+    // few output tiles but a long K: split K in chunks of ≥ 512 (k_proj 2048x256x2048: 8.6 -> 28.8); a
+    // very long K (the LM head's dHidden over a block of rows, K = V) splits further, in chunks of ≥ 1024,
+    // until two waves of workgroups run
     tile = "128x128";
-    splits = Math.min(8, 2 ** Math.floor(Math.log2(g.K / 512)));
+    const base = Math.min(8, 2 ** Math.floor(Math.log2(g.K / 512)));
+    const waves = 2 ** Math.ceil(Math.log2((2 * SMS) / tiles128));
+    splits = Math.max(base, Math.min(waves, 32, 2 ** Math.floor(Math.log2(g.K / 1024))));
   } else tile = pickTile(g);
   if (matmulTuning.splitK !== null) splits = matmulTuning.splitK;
   return { tile, splits };

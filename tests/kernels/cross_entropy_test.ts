@@ -1,5 +1,10 @@
 import assert from "node:assert/strict";
-import { createCrossEntropyScratch, crossEntropyLmHead, logitsForward } from "../../kernels/cross_entropy.ts";
+import {
+  createCrossEntropyScratch,
+  crossEntropyLmHead,
+  crossEntropyTuning,
+  logitsForward,
+} from "../../kernels/cross_entropy.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
 import { splitRows, tensorFrom } from "../../src/gpu/tensor.ts";
 import { assertClose, download, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
@@ -211,3 +216,75 @@ Deno.test("crossEntropyLmHead keeps its gradient f32: an f16 dHidden is refused 
     /dHidden .* must be f32/,
   );
 });
+
+// The row sweep (the training default where ≥ 128 rows of full-vocabulary logits fit the scratch): blocks
+// of 128 rows with a part-filled last block, the weight as one tensor or as row ranges, f32 or f16 hidden
+// and head; the vocabulary sweep (`rowSweep = false`) must give the same within the same tolerances.
+const ROW_SWEEP_CASES = [
+  {
+    name: "300 rows in blocks of 256 + 44, V=130",
+    N: 300,
+    C: 20,
+    V: 130,
+    ranges: false,
+    h16: false,
+    w16: false,
+  },
+  {
+    name: "300 rows, the head in two row ranges",
+    N: 300,
+    C: 20,
+    V: 130,
+    ranges: true,
+    h16: false,
+    w16: false,
+  },
+  { name: "all 13 rows in one block, odd C=33", N: 13, C: 33, V: 30, ranges: false, h16: false, w16: false },
+  { name: "300 rows, f16 hidden (C=36)", N: 300, C: 36, V: 130, ranges: false, h16: true, w16: false },
+  { name: "260 rows, f16 hidden and head", N: 260, C: 36, V: 140, ranges: false, h16: true, w16: true },
+];
+
+for (const rowSweep of [true, false]) {
+  for (const c of ROW_SWEEP_CASES) {
+    Deno.test(`crossEntropyLmHead ${rowSweep ? "row" : "vocabulary"} sweep matches float64: ${c.name}`, async () => {
+      const g = await gpu();
+      if ((c.h16 || c.w16) && !g.hasF16) return;
+      const rng = new Rng(57 + c.N + c.V);
+      const { N, C, V } = c;
+      const h = c.h16 ? uploadF16(g, rng.randn(N * C), [N, C]) : (() => {
+        const values = rng.randn(N * C);
+        return { tensor: upload(g, values, [N, C]), values };
+      })();
+      const w = c.w16 ? uploadF16(g, rng.randn(V * C, 0.5), [V, C]) : (() => {
+        const values = rng.randn(V * C, 0.5);
+        return { tensor: upload(g, values, [V, C]), values };
+      })();
+      const y = labelsFor(rng, N, V);
+      for (let n = 100; n < Math.min(N, 140); n++) y[n] = -100; // ignored rows across a block edge
+      const weight = c.ranges ? splitRows(g, w.tensor, 64 * C * 4) : w.tensor;
+      if (c.ranges) assert.equal((weight as unknown[]).length, 3);
+      const scratch = createCrossEntropyScratch(g, N, V, C, 128);
+      const loss = poisoned(g, [1]), dHidden = poisoned(g, [N, C]);
+      const saved = crossEntropyTuning.rowSweep;
+      crossEntropyTuning.rowSweep = rowSweep;
+      try {
+        const rec = new Recorder(g);
+        crossEntropyLmHead(rec, {
+          loss,
+          dHidden,
+          hidden: h.tensor,
+          weight,
+          labels: tensorFrom(g, y),
+          scratch,
+        });
+        rec.submit();
+      } finally {
+        crossEntropyTuning.rowSweep = saved;
+      }
+      const ref = crossEntropyRef(h.values, w.values, y, N, C, V);
+      const [tolLoss, tolGrad] = c.w16 ? [2e-3, 2e-3] : [1e-5, 1e-4];
+      assertClose(await download(g, loss), [ref.loss], tolLoss, "loss");
+      assertClose(await download(g, dHidden), ref.dHidden, tolGrad, "dHidden");
+    });
+  }
+}

@@ -7,7 +7,7 @@ import {
   type MatmulKernelChoice,
   matmulTuning,
 } from "../../kernels/matmul.ts";
-import { Recorder } from "../../src/gpu/recorder.ts";
+import { Recorder, runOps } from "../../src/gpu/recorder.ts";
 import { createTensor, splitRows, Tensor, tensorFrom } from "../../src/gpu/tensor.ts";
 import type { Gpu } from "../../src/gpu/device.ts";
 import { GpuError } from "../../src/errors.ts";
@@ -645,4 +645,23 @@ Deno.test("activations may be f32 or f16, gradients only f32; f16 on a GPU witho
   refuses(() => linearForward(noF16, t([3, 4]), t([3, 6], "f16"), t([4, 6]), null), /lacks shader-f16/);
   refuses(() => conv1dForward(noF16, t([3, 4], "f16"), t([3, 6]), t([6, 4]), null), /lacks shader-f16/);
   assert.equal(rec.ops.length, 0);
+});
+
+Deno.test("linearBackwardInput over a very long reduction (the LM head's dHidden, K = V = 17000) splits K 16 ways and matches float64", async () => {
+  const g = await gpu();
+  const rng = new Rng(77);
+  // dy (M, V) with a padded row stride, w (V, C): M = 130 rows > 128, 2 output tiles, so the planner
+  // splits the V = 17000 reduction into 16 chunks (two waves) and sums the partials
+  const M = 130, V = 17000, C = 40, ld = 17004;
+  const dy = rng.randn(M * ld), w = rng.randn(V * C, 0.1);
+  const dx = poisoned(g, [M, C]);
+  const rec = new Recorder(g);
+  linearBackwardInput(rec, dx, upload(g, dy, [M, ld]), upload(g, w, [V, C]), { ldDy: ld });
+  const ops = rec.take();
+  const labels = ops.map((op) => op.label.split("|")[0]);
+  runOps(g, ops);
+  const packed = new Float32Array(M * V);
+  for (let m = 0; m < M; m++) packed.set(dy.subarray(m * ld, m * ld + V), m * V);
+  assertClose(await download(g, dx), linearBackwardInputRef(packed, w, M, V, C), 1e-5, "dx");
+  assert.ok(labels.includes("matmul_splitk_reduce"), `split-K expected, got ${labels}`);
 });
