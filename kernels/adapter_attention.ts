@@ -61,10 +61,11 @@ const WG = 64;
 
 /**
  * Backward tuning: `subChunks` is how many blocks of rows one partials workgroup reduces in turn (fewer
- * partials to sum, fewer workgroups). Measured on an H100 at B*T = 2048, L = 10 (2026-11-27): 1 is 8-15%
- * faster than 4 for gpt2 and SmolLM2 and 41% slower for TinyLlama, so 4 stays the default.
+ * partials to sum, fewer workgroups). Measured on an H100 at B*T = 2048, L = 10 (2026-11-27, the first
+ * partials kernel): 1 is 8-15% faster than 4 for gpt2 and SmolLM2 and 41% slower for TinyLlama, so 4
+ * stays the default. `pairs` takes the two-threads-per-row partials kernel for L ≤ 16 (both are tested).
  */
-export const adapterAttentionTuning: { subChunks: number } = { subChunks: 4 };
+export const adapterAttentionTuning: { subChunks: number; pairs: boolean } = { subChunks: 4, pairs: true };
 
 /** Each gate form's code in the kernels' params (`gmode`; kernels/attention.ts's fused forward too). */
 export const ADAPTER_GATE_MODE: Readonly<Record<GateKind, number>> = {
@@ -461,6 +462,179 @@ ${each(DV, (c) => `        ${vecStore(D, c, "dq", "qb", `gq${c}`)}`)}
   );
 }
 
+/** Most adapter tokens {@link pairedPartialsKernel} takes (its workgroup arrays are sized for them). */
+const PAIRED_MAX_L = 16;
+
+/**
+ * The backward partials with two threads per row (L ≤ 16, L compile-time): the adapter keys and values
+ * sit in workgroup memory once per workgroup; each thread of a pair dots its half of the row's q and
+ * dout with them, the first thread of the pair runs the softmax over the summed halves, and both write
+ * their half of dq. For the dka/dva partials each thread owns one vec4 column and a few adapter tokens,
+ * reads the block's q and dout rows (cached: the pairs just read them) and keeps its sums in registers
+ * across the row blocks, writing its scratch slots once.
+ */
+function pairedPartialsKernel(D: number, L: number, RC: number, SUB: number, qt: ActivationType): Kernel {
+  const DV = dvOf(D);
+  const HALF = Math.ceil(DV / 2);
+  const JG = Math.max(1, Math.floor(WG / DV)); // token groups for the dka/dva sums
+  const NJ = Math.ceil(L / JG); // tokens per thread
+  const J = Array.from({ length: L }, (_, j) => j);
+  const I = Array.from({ length: HALF }, (_, i) => i);
+  const U = Array.from({ length: NJ }, (_, u) => u);
+  // vec4 column `c` (runtime) of the row at `base` of `arr` (elements of type t), zero past D
+  const load = (arr: string, base: string, c: string, t: ActivationType) =>
+    `vec4<f32>(${
+      [0, 1, 2, 3].map((e) =>
+        D % 4 === 0
+          ? ld(t, `${arr}[${base} + 4u * ${c} + ${e}u]`)
+          : `select(0.0, ${
+            ld(t, `${arr}[min(${base} + 4u * ${c} + ${e}u, ${base} + ${D - 1}u)]`)
+          }, 4u * ${c} + ${e}u < D)`
+      ).join(", ")
+    })`;
+  const store = (arr: string, base: string, c: string, value: string, acc: boolean) =>
+    [0, 1, 2, 3].map((e) => {
+      const idx = `${arr}[${base} + 4u * ${c} + ${e}u]`;
+      const v = `${value}.${"xyzw"[e]}`;
+      const s = acc
+        ? `if (p.flag != 0u) { ${idx} = ${idx} + ${v}; } else { ${idx} = ${v}; }`
+        : `${idx} = ${v};`;
+      return D % 4 === 0 || e === 0 ? s : `if (4u * ${c} + ${e}u < D) { ${s} }`;
+    }).join(" ");
+  return defineKernel(
+    "adapter_attention_bwd_pairs",
+    { D, L, RC, SUB, qt },
+    ["read", "read", "read", "read", "read", "write", "write", "uniform"],
+    () => `
+${enableF16(qt)}${PARAMS}
+@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(1) var<storage, read> ka: array<f32>;
+@group(0) @binding(2) var<storage, read> va: array<f32>;
+@group(0) @binding(3) var<storage, read> gate: array<f32>;
+@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dq: array<f32>;
+// scratch: [dka partials (G, H, L, D) | dva partials (G, H, L, D) | dgate partials (G, H)], G = row groups
+@group(0) @binding(6) var<storage, read_write> scr: array<f32>;
+@group(0) @binding(7) var<uniform> p: P;
+const D: u32 = ${D}u;
+const DV: u32 = ${DV}u;
+const L: u32 = ${L}u;
+var<workgroup> KA: array<vec4<f32>, ${L * DV}>;
+var<workgroup> VA: array<vec4<f32>, ${L * DV}>;
+var<workgroup> PT: array<f32, ${WG * L * 2}>; // per thread: its half's (q·ka_j, dout·va_j)
+var<workgroup> PS: array<f32, ${RC * L}>; // p_j per row
+var<workgroup> DS: array<f32, ${RC * L}>; // ds_j per row (gate and scale folded in)
+var<workgroup> Gs: array<f32, ${RC}>; // Σ p_j a_j per row: the gate's gradient
+${GATE_FN}
+@compute @workgroup_size(${WG}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  let grp = wid.x;
+  let h = wid.y;
+  let kvh = h / (p.H / p.Hkv);
+  let g = gateOf(h);
+  for (var x = tid; x < L * DV; x += ${WG}u) {
+    let kb = ((x / DV) * p.Hkv + kvh) * D;
+    let c = x % DV;
+    KA[x] = ${load("ka", "kb", "c", "f32")};
+    VA[x] = ${load("va", "kb", "c", "f32")};
+  }
+  let r = tid / 2u; // this pair's row in the block
+  let z = tid % 2u; // this thread's half of the row
+  let col = tid % DV; // dka/dva: this thread's vec4 column and token group
+  let jg = tid / DV;
+${U.map((u) => `  var sk${u} = vec4<f32>(0.0);\n  var sv${u} = vec4<f32>(0.0);`).join("\n")}
+  var sg = 0.0;
+  for (var sub = 0u; sub < ${SUB}u; sub++) {
+    let r0 = (grp * ${SUB}u + sub) * ${RC}u;
+    let n = r0 + r;
+    let valid = n < p.rows;
+    let qb = (min(n, p.rows - 1u) * p.H + h) * D;
+    workgroupBarrier();
+${
+      I.map((i) =>
+        `    let c${i} = min(z * ${HALF}u + ${i}u, DV - 1u);
+    let own${i} = z * ${HALF}u + ${i}u < DV;
+    let q${i} = select(vec4<f32>(0.0), ${load("q", "qb", `c${i}`, qt)}, own${i});
+    let o${i} = select(vec4<f32>(0.0), ${load("dout", "qb", `c${i}`, "f32")}, own${i});`
+      ).join("\n")
+    }
+${
+      J.map((j) =>
+        `    PT[(tid * L + ${j}u) * 2u] = ${I.map((i) => `dot(q${i}, KA[${j * DV}u + c${i}])`).join(" + ")};
+    PT[(tid * L + ${j}u) * 2u + 1u] = ${I.map((i) => `dot(o${i}, VA[${j * DV}u + c${i}])`).join(" + ")};`
+      ).join("\n")
+    }
+    workgroupBarrier();
+    if (z == 0u) {
+${
+      J.map((j) =>
+        `      let s${j} = (PT[(tid * L + ${j}u) * 2u] + PT[((tid + 1u) * L + ${j}u) * 2u]) * p.scale;
+      let a${j} = PT[(tid * L + ${j}u) * 2u + 1u] + PT[((tid + 1u) * L + ${j}u) * 2u + 1u];`
+      ).join("\n")
+    }
+      let m = ${J.map((j) => `s${j}`).reduce((x, y) => `max(${x}, ${y})`)};
+${J.map((j) => `      let e${j} = exp(s${j} - m);`).join("\n")}
+      let inv = 1.0 / (${J.map((j) => `e${j}`).join(" + ")});
+      let pa = (${J.map((j) => `e${j} * a${j}`).join(" + ")}) * inv; // Σ p_j a_j
+      let keep = select(0.0, 1.0, valid);
+${
+      J.map((j) =>
+        `      PS[r * L + ${j}u] = e${j} * inv * keep;
+      DS[r * L + ${j}u] = g * e${j} * inv * (a${j} - pa) * p.scale * keep;`
+      ).join("\n")
+    }
+      Gs[r] = pa * keep;
+    }
+    workgroupBarrier();
+    if (valid) {
+${
+      I.map((i) =>
+        `      if (own${i}) {
+        let gq = ${J.map((j) => `DS[r * L + ${j}u] * KA[${j * DV}u + c${i}]`).join(" + ")};
+        ${store("dq", "qb", `c${i}`, "gq", true)}
+      }`
+      ).join("\n")
+    }
+    }
+    if (jg < ${JG}u) {
+      for (var rr = 0u; rr < ${RC}u; rr++) {
+        let nn = r0 + rr;
+        if (nn >= p.rows) { break; }
+        let rb = (nn * p.H + h) * D;
+        let qv = ${load("q", "rb", "col", qt)};
+        let ov = ${load("dout", "rb", "col", "f32")};
+${
+      U.map((u) =>
+        `        if (jg + ${u * JG}u < L) {
+          sk${u} = sk${u} + DS[rr * L + jg + ${u * JG}u] * qv;
+          sv${u} = sv${u} + PS[rr * L + jg + ${u * JG}u] * ov;
+        }`
+      ).join("\n")
+    }
+      }
+    }
+    if (tid == 0u) {
+      for (var rr = 0u; rr < ${RC}u; rr++) { sg = sg + Gs[rr]; }
+    }
+  }
+  let LD = L * D;
+  let slot = (grp * p.H + h) * LD;
+  let half = p.nGroups * p.H * LD;
+  if (jg < ${JG}u) {
+${
+      U.map((u) =>
+        `    if (jg + ${u * JG}u < L) {
+      let jb = slot + (jg + ${u * JG}u) * D;
+      ${store("scr", "jb", "col", `sk${u}`, false)}
+      ${store("scr", "half + jb", "col", `(sv${u} * g)`, false)}
+    }`
+      ).join("\n")
+    }
+  }
+  if (tid == 0u) { scr[2u * half + grp * p.H + h] = sg; }
+}`,
+  );
+}
+
 function reduceKernel(D: number): Kernel {
   return defineKernel(
     "adapter_attention_bwd_reduce",
@@ -574,8 +748,9 @@ export function adapterAttentionBackward(
     throw new GpuError(`adapter attention backward: ${N} rows is too many for one dispatch; split the rows`);
   }
   const scr = scratchFor(rec, dka, 2 * nGroups * H * L * D + nGroups * H);
+  const paired = adapterAttentionTuning.pairs && L <= PAIRED_MAX_L && RC === 32;
   rec.dispatch(
-    partialsKernel(D, LMAX, RC, SUB, qt),
+    paired ? pairedPartialsKernel(D, L, RC, SUB, qt) : partialsKernel(D, LMAX, RC, SUB, qt),
     [q, ka, va, gate, dout, dq, scr],
     params(opts, 0, nGroups),
     [nGroups, H],

@@ -92,17 +92,22 @@ for (const kind of KINDS) {
   }
 }
 
-for (const subChunks of [1, 4]) {
-  Deno.test(`adapter attention at D=64, L=10, 300 rows (several row groups, ${subChunks} row blocks each), H=3/Hkv=1, odd D path D=6`, async () => {
-    const saved = adapterAttentionTuning.subChunks;
-    adapterAttentionTuning.subChunks = subChunks;
-    try {
-      await check(opts(3, 1, 64, 10, 300, "per-head-tanh", true), 7);
-      await check(opts(3, 3, 6, 33, 131, "scalar", false), 8);
-    } finally {
-      adapterAttentionTuning.subChunks = saved;
-    }
-  });
+for (const pairs of [true, false]) {
+  for (const subChunks of [1, 4]) {
+    const kernel = pairs ? "paired partials" : "first partials";
+    Deno.test(`adapter attention at D=64, L=10, 300 rows (several row groups, ${subChunks} row blocks each, ${kernel}), H=3/Hkv=1, odd D path D=6`, async () => {
+      const saved = { ...adapterAttentionTuning };
+      adapterAttentionTuning.subChunks = subChunks;
+      adapterAttentionTuning.pairs = pairs;
+      try {
+        await check(opts(3, 1, 64, 10, 300, "per-head-tanh", true), 7);
+        await check(opts(3, 3, 6, 33, 131, "scalar", false), 8);
+        await check(opts(4, 2, 7, 16, 70, "per-head", true), 9);
+      } finally {
+        Object.assign(adapterAttentionTuning, saved);
+      }
+    });
+  }
 }
 
 // D a multiple of 16 takes the forward that splits each (row, head) over 4 threads; 16 pairs a
