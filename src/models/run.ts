@@ -53,12 +53,16 @@ export async function forward(model: Model, batch: Batch): Promise<ForwardResult
   }
   uploadBatch(model, acts, p);
   const rec = new Recorder(model.gpu);
+  const adapter = runningAdapter(model);
   recordForward(rec, model, acts, {
-    adapter: runningAdapter(model),
+    adapter,
+    // the adapter's keys and values once per adapter version, as decode does (training recomputes them)
+    adapterKeyValues: adapter !== null && adapter.kvVersion !== adapter.version,
     masked: p.masked,
     head: { logits, loss: p.labels !== null },
   });
   rec.submit();
+  if (adapter) adapter.kvVersion = adapter.version;
   const out = await readF32(model.gpu, logits);
   const result: ForwardResult = { logits: out, shape: [p.B, p.T, model.config.vocabSize] };
   if (p.labels) result.loss = (await readF32(model.gpu, acts.loss))[0]!;

@@ -1,7 +1,7 @@
 /**
  * The adapter keys/values that decoding caches per adapter are invalidated when the prompt changes:
  * after optimizer steps (and after switching adapters) greedy `generate` still equals greedy decoding
- * by full forwards, which recompute everything.
+ * by full forwards; `forward` reuses the keys/values of an unchanged adapter and recomputes them after a step.
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
@@ -14,6 +14,7 @@ import {
   type Model,
   setAdapter,
 } from "../../mod.ts";
+import { addGatedAdapter } from "./_gated_adapter.ts";
 
 const MODEL = join(new URL("../fixtures/golden/", import.meta.url).pathname, "llama_gqa_pad", "model");
 
@@ -45,4 +46,26 @@ Deno.test("cached adapter keys/values follow training steps and adapter switches
   assert.deepEqual(await generate(model, prompt, { maxNewTokens: 6 }), before); // b is fresh: the base model
   setAdapter(model, "a");
   assert.deepEqual(await generate(model, prompt, { maxNewTokens: 6 }), after);
+});
+
+Deno.test("forward reuses the adapter keys/values of the same adapter version and recomputes them after a step", async () => {
+  const model = await loadModel(MODEL, { maxSeqLen: 32 });
+  addGatedAdapter(model);
+  const ids = [[5, 9, 200, 17, 64, 33, 8, 120, 77, 2]];
+  const first = (await forward(model, { inputIds: ids })).logits;
+  assert.deepEqual(
+    (await forward(model, { inputIds: ids })).logits,
+    first,
+    "cached keys/values: same logits",
+  );
+  const opt = createOptimizer(model, { lr: 0.2, weightDecay: 0 });
+  await opt.step({ inputIds: ids, labels: ids });
+  const after = (await forward(model, { inputIds: ids })).logits;
+  model.adapters.get("default")!.kvVersion = -1; // force a recomputation
+  assert.deepEqual(
+    after,
+    (await forward(model, { inputIds: ids })).logits,
+    "after a step: fresh keys/values",
+  );
+  assert.notDeepEqual(after, first, "the step changed the adapter");
 });
