@@ -753,10 +753,14 @@ function planTiled(g: Gemm): TiledPlan {
     // few output tiles but a long K: split K in chunks of ≥ 512 (k_proj 2048x256x2048: 8.6 -> 28.8); a
     // very long K (the LM head's dHidden over a block of rows, K = V) splits further, in chunks of ≥ 1024,
     // until two waves of workgroups run
-    tile = "128x128";
     const base = Math.min(8, 2 ** Math.floor(Math.log2(g.K / 512)));
     const waves = 2 ** Math.ceil(Math.log2((2 * SMS) / tiles128));
-    splits = Math.max(base, Math.min(waves, 32, 2 ** Math.floor(Math.log2(g.K / 1024))));
+    const chunks1k = 2 ** Math.floor(Math.log2(g.K / 1024));
+    // an N of whole 64-column tiles but not 128 (SmolLM2's 576) over a very long K: 64x64 tiles, K in 32
+    // (H100, M = 256, N = 576, K = 49152: 17.7 -> 23.9 TFLOP/s; bench/RESULTS.md)
+    const narrow = g.K >= 16384 && g.N % 128 !== 0 && g.N % 64 === 0;
+    tile = narrow ? "64x64" : "128x128";
+    splits = narrow ? Math.min(32, chunks1k) : Math.max(base, Math.min(waves, 32, chunks1k));
   } else tile = pickTile(g);
   if (matmulTuning.splitK !== null) splits = matmulTuning.splitK;
   return { tile, splits };
