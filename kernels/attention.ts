@@ -11,9 +11,10 @@
  * query rows and over the query heads that share the key/value head), and one pass parallel over query
  * blocks computes dq. Both recompute `p = exp(s - lse)` from q, k and the saved lse.
  *
- * For D ≤ 64 and T ≥ 48 the forward and the dk/dv pass use tiled kernels (see "Tiled kernels" below): the
- * dk/dv pass then runs one workgroup per (key block, query head, batch) and, under GQA, writes per-head
- * partials that a second small kernel sums in a fixed order (still deterministic, no atomics).
+ * For D ≤ 64 the forward (T ≥ 48) and dq run lane kernels and the dk/dv pass a tiled one (see "Lane kernels"
+ * and "Tiled kernels" below); the forward can fold in the layer's adapter attention. The tiled dk/dv pass
+ * runs one workgroup per (key block, query head, batch) and, under GQA, writes per-head partials that a
+ * second small kernel sums in a fixed order (still deterministic, no atomics).
  *
  * Semantics follow HF eager/sdpa attention: `s = q·k * scale`; keys hidden by the causal mask, the
  * padding mask (HF `attention_mask`, 0 = padded key) or the sliding window (`i - j < window`, i.e. HF's
@@ -1580,7 +1581,10 @@ function partialsScratch(rec: Recorder, dk: Tensor, n: number): [Tensor, Tensor]
  * kernels. Both are tested. One whole-model training benchmark on an H200 failed with "out of GPU
  * memory" at its first step when the tiled kernels first went in (2026-11-27, cause not found, see
  * bench/RESULTS.md); the same benchmark then trained with them on an H100 (gpt2-124M: 72.4 → 64.3 ms per
- * step) and across all three benchmark models, so they are the default again.
+ * step) and across all three benchmark models, so they are the default again. With `tiled`, `lanes: true`
+ * (the default) runs the lane kernels instead for the forward (T ≥ 48, with the adapter folded in) and dq:
+ * forward 1.8-1.9× faster than the tiled one at the model shapes on an H100, dq 1.0-1.4×; `forwardShape` and
+ * `dqShape` are the measured best of the sweep in bench/RESULTS.md. All three families are tested.
  */
 export const attentionTuning: {
   tiled: boolean;
