@@ -345,15 +345,9 @@ function rowsPerChunk(L: number): number {
   return lmaxOf(L) <= 16 ? 32 : 16;
 }
 
-function partialsKernel(D: number, LMAX: number, RC: number, SUB: number, qt: ActivationType): Kernel {
-  const DV = dvOf(D);
-  const qd = ld(qt, "q[qb + d]");
-  return defineKernel(
-    "adapter_attention_bwd_partials",
-    { D, LMAX, RC, SUB, qt },
-    ["read", "read", "read", "read", "read", "write", "write", "uniform"],
-    () => `
-${enableF16(qt)}${PARAMS}
+/** The backward partials kernels' bindings (q, ka, va, gate, dout, dq, the scratch, the uniform) and params. */
+function backwardBindings(qt: ActivationType): string {
+  return `${enableF16(qt)}${PARAMS}
 @group(0) @binding(0) var<storage, read> q: array<${qt}>;
 @group(0) @binding(1) var<storage, read> ka: array<f32>;
 @group(0) @binding(2) var<storage, read> va: array<f32>;
@@ -362,7 +356,18 @@ ${enableF16(qt)}${PARAMS}
 @group(0) @binding(5) var<storage, read_write> dq: array<f32>;
 // scratch: [dka partials (G, H, L, D) | dva partials (G, H, L, D) | dgate partials (G, H)], G = row groups
 @group(0) @binding(6) var<storage, read_write> scr: array<f32>;
-@group(0) @binding(7) var<uniform> p: P;
+@group(0) @binding(7) var<uniform> p: P;`;
+}
+
+function partialsKernel(D: number, LMAX: number, RC: number, SUB: number, qt: ActivationType): Kernel {
+  const DV = dvOf(D);
+  const qd = ld(qt, "q[qb + d]");
+  return defineKernel(
+    "adapter_attention_bwd_partials",
+    { D, LMAX, RC, SUB, qt },
+    ["read", "read", "read", "read", "read", "write", "write", "uniform"],
+    () => `
+${backwardBindings(qt)}
 const D: u32 = ${D}u;
 const RC: u32 = ${RC}u;
 const LMAX: u32 = ${LMAX}u;
@@ -506,16 +511,7 @@ function pairedPartialsKernel(D: number, L: number, RC: number, SUB: number, qt:
     { D, L, RC, SUB, qt },
     ["read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
-${enableF16(qt)}${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<${qt}>;
-@group(0) @binding(1) var<storage, read> ka: array<f32>;
-@group(0) @binding(2) var<storage, read> va: array<f32>;
-@group(0) @binding(3) var<storage, read> gate: array<f32>;
-@group(0) @binding(4) var<storage, read> dout: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dq: array<f32>;
-// scratch: [dka partials (G, H, L, D) | dva partials (G, H, L, D) | dgate partials (G, H)], G = row groups
-@group(0) @binding(6) var<storage, read_write> scr: array<f32>;
-@group(0) @binding(7) var<uniform> p: P;
+${backwardBindings(qt)}
 const D: u32 = ${D}u;
 const DV: u32 = ${DV}u;
 const L: u32 = ${L}u;

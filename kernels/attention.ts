@@ -182,6 +182,28 @@ const PARAMS = `struct P {
   aScale: f32, _a: u32, _b: u32, _c: u32,
 }`;
 
+/** The forward kernels' first bindings: q, k, v, the mask, out and lse (each kernel adds the rest). */
+function forwardBindings(ty: ActTypes): string {
+  return `@group(0) @binding(0) var<storage, read> q: array<${ty.qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${ty.kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${ty.vt}>;
+@group(0) @binding(3) var<storage, read> mask: array<i32>;
+@group(0) @binding(4) var<storage, read_write> out: array<${ty.ot}>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;`;
+}
+
+/** The dq kernels' bindings: q, k, v, the mask, dout, the stats [lse | Di], dq and the params. */
+function dqBindings(ty: BwdTypes): string {
+  return `@group(0) @binding(0) var<storage, read> q: array<${ty.qt}>;
+@group(0) @binding(1) var<storage, read> k: array<${ty.kt}>;
+@group(0) @binding(2) var<storage, read> v: array<${ty.vt}>;
+@group(0) @binding(3) var<storage, read> mask: array<i32>;
+@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(5) var<storage, read> stats: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(7) var<uniform> p: P;`;
+}
+
 // Key j is visible to query position i (both absolute positions) in batch row b.
 const VISIBLE = `
 fn visible(b: u32, i: u32, j: u32) -> bool {
@@ -251,12 +273,7 @@ function forwardKernel(D: number, R: number, ty: ActTypes): Kernel {
     "uniform",
   ], () => `
 ${enableF16(qt, kt, vt, ot)}${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<${qt}>;
-@group(0) @binding(1) var<storage, read> k: array<${kt}>;
-@group(0) @binding(2) var<storage, read> v: array<${vt}>;
-@group(0) @binding(3) var<storage, read> mask: array<i32>;
-@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
-@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+${forwardBindings(ty)}
 @group(0) @binding(6) var<uniform> p: P;
 const D: u32 = ${D}u;
 const DV: u32 = ${DVn}u;
@@ -478,12 +495,7 @@ function forwardTiledKernel(D: number, ty: ActTypes): Kernel {
     "uniform",
   ], () => `
 ${enableF16(qt, kt, vt, ot)}${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<${qt}>;
-@group(0) @binding(1) var<storage, read> k: array<${kt}>;
-@group(0) @binding(2) var<storage, read> v: array<${vt}>;
-@group(0) @binding(3) var<storage, read> mask: array<i32>;
-@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
-@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+${forwardBindings(ty)}
 @group(0) @binding(6) var<uniform> p: P;
 ${tiledHeader(D)}
 var<workgroup> Qs: array<vec4<f32>, ${BQ * SVn}>;
@@ -884,6 +896,53 @@ function stageRows(
 const BLOCK_FULL = `p.useMask == 0u && k0 + BK <= kEnd && (p.causal == 0u || k0 + BK <= iFirst + 1u) &&
       (p.window == 0u || iLast < k0 + p.window)`;
 
+/** WGSL: the start of a lane kernel's key-block loop body: stage the block, then whether it is all visible. */
+function laneBlockStart(D: number, kt: ActivationType, vt: ActivationType): string {
+  return `workgroupBarrier();
+    ${
+    stageRows(D, ["k", kt, "v", vt], "BK", "k0 + r < kEnd", "((b * p.kvStride + k0 + r) * p.Hkv + kvh) * D")
+  }
+    workgroupBarrier();
+    let full = ${BLOCK_FULL};`;
+}
+
+/**
+ * WGSL: `acc = Σ_c x_c * KV[base + c]` as one vec4 accumulator (the lane's key `w` of this step, `kb{w}`),
+ * declaring `kb{w}` first when `declare`.
+ */
+function laneDot(
+  s: LaneShape,
+  DVn: number,
+  w: number,
+  acc: string,
+  x: string,
+  at: string,
+  declare: boolean,
+): string {
+  const kb = declare
+    ? `      let kb${w} = (g + lane + ${s.KS * w}u) * SV;
+`
+    : "";
+  return `${kb}      var ${acc}${w} = ${x}0 * KV[${at}kb${w}];
+${
+    range(DVn).slice(1).map((c) => `      ${acc}${w} = fma(${x}${c}, KV[${at}kb${w} + ${c}u], ${acc}${w});`)
+      .join("\n")
+  }`;
+}
+
+/** WGSL: `stmt` when the lane's key `w` of this step is hidden from its row (checked only in partial blocks). */
+function laneHidden(s: LaneShape, w: number, stmt: string): string {
+  return `      if (!full) {
+        let j = k0 + g + lane + ${s.KS * w}u;
+        if (!(rowValid && j < kEnd && visible(b, i, j))) { ${stmt} }
+      }`;
+}
+
+/** WGSL: lanes 1.. leave `x{c}` in their merge slots (after the barrier that ends the key loop). */
+function laneLeave(s: LaneShape, DVn: number, x: string): string {
+  return range(DVn).map((c) => `    KV[${mergeSlot(s, "lane")} + ${c}u] = ${x}${c};`).join("\n");
+}
+
 /** Shared prologue of the lane kernels: which rows, which keys. */
 function laneProlog(s: LaneShape): string {
   return `let row = tid / ${s.KS}u;
@@ -951,12 +1010,7 @@ fn gateOf(h: u32) -> f32 {
     ],
     () => `
 ${enableF16(qt, kt, vt, ot, at ?? "f32")}${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<${qt}>;
-@group(0) @binding(1) var<storage, read> k: array<${kt}>;
-@group(0) @binding(2) var<storage, read> v: array<${vt}>;
-@group(0) @binding(3) var<storage, read> mask: array<i32>;
-@group(0) @binding(4) var<storage, read_write> out: array<${ot}>;
-@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+${forwardBindings(ty)}
 ${adapterBindings}
 ${tiledHeader(D)}
 const BK: u32 = ${LANE_BK}u;
@@ -975,23 +1029,13 @@ ${C.map((c) => `  var o${c} = vec4<f32>(0.0);`).join("\n")}
   var m = NEG;
   var l = 0.0;
   for (var k0 = kStart; k0 < kEnd; k0 += BK) {
-    workgroupBarrier();
-    ${
-      stageRows(D, ["k", kt, "v", vt], "BK", "k0 + r < kEnd", "((b * p.kvStride + k0 + r) * p.Hkv + kvh) * D")
-    }
-    workgroupBarrier();
-    let full = ${BLOCK_FULL};
+    ${laneBlockStart(D, kt, vt)}
     for (var g = 0u; g < BK; g += ${s.KS * s.G}u) {
 ${
       W.map((w) =>
-        `      let kb${w} = (g + lane + ${s.KS * w}u) * SV;
-      var a${w} = q0 * KV[kb${w}];
-${C.slice(1).map((c) => `      a${w} = fma(q${c}, KV[kb${w} + ${c}u], a${w});`).join("\n")}
+        `${laneDot(s, DVn, w, "a", "q", "", true)}
       var s${w} = (a${w}.x + a${w}.y) + (a${w}.z + a${w}.w);
-      if (!full) {
-        let j = k0 + g + lane + ${s.KS * w}u;
-        if (!(rowValid && j < kEnd && visible(b, i, j))) { s${w} = NEG; }
-      }`
+${laneHidden(s, w, `s${w} = NEG;`)}`
       ).join("\n")
     }
       let mNew = max(m, ${W.map((w) => `s${w}`).reduce((a, b) => `max(${a}, ${b})`)});
@@ -1015,7 +1059,7 @@ ${
   if (lane != 0u) {
     Ms[tid] = m;
     Ls[tid] = l;
-${C.map((c) => `    KV[${mergeSlot(s, "lane")} + ${c}u] = o${c};`).join("\n")}
+${laneLeave(s, DVn, "o")}
   }
 ${
       at
@@ -1106,14 +1150,7 @@ function dqLanesKernel(D: number, ty: BwdTypes, s: LaneShape): Kernel {
     ["read", "read", "read", "read", "read", "read", "write", "uniform"],
     () => `
 ${enableF16(qt, kt, vt)}${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<${qt}>;
-@group(0) @binding(1) var<storage, read> k: array<${kt}>;
-@group(0) @binding(2) var<storage, read> v: array<${vt}>;
-@group(0) @binding(3) var<storage, read> mask: array<i32>;
-@group(0) @binding(4) var<storage, read> dout: array<f32>;
-@group(0) @binding(5) var<storage, read> stats: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dq: array<f32>;
-@group(0) @binding(7) var<uniform> p: P;
+${dqBindings(ty)}
 ${tiledHeader(D)}
 const BK: u32 = ${LANE_BK}u;
 var<workgroup> KV: array<vec4<f32>, ${
@@ -1129,28 +1166,14 @@ ${C.map((c) => `  var g${c} = vec4<f32>(0.0);`).join("\n")}
   let li = stats[(b * p.H + h) * p.T + tc];
   let di = stats[p.B * p.H * p.T + (b * p.H + h) * p.T + tc];
   for (var k0 = kStart; k0 < kEnd; k0 += BK) {
-    workgroupBarrier();
-    ${
-      stageRows(D, ["k", kt, "v", vt], "BK", "k0 + r < kEnd", "((b * p.kvStride + k0 + r) * p.Hkv + kvh) * D")
-    }
-    workgroupBarrier();
-    let full = ${BLOCK_FULL};
+    ${laneBlockStart(D, kt, vt)}
     for (var g = 0u; g < BK; g += ${s.KS * s.G}u) {
 ${
       W.map((w) =>
-        `      let kb${w} = (g + lane + ${s.KS * w}u) * SV;
-      var a${w} = q0 * KV[kb${w}];
-      var e${w} = o0 * KV[BK * SV + kb${w}];
-${
-          C.slice(1).map((c) =>
-            `      a${w} = fma(q${c}, KV[kb${w} + ${c}u], a${w});\n      e${w} = fma(o${c}, KV[BK * SV + kb${w} + ${c}u], e${w});`
-          ).join("\n")
-        }
+        `${laneDot(s, DVn, w, "a", "q", "", true)}
+${laneDot(s, DVn, w, "e", "o", "BK * SV + ", false)}
       var d${w} = exp((a${w}.x + a${w}.y) + (a${w}.z + a${w}.w) - li) * ((e${w}.x + e${w}.y) + (e${w}.z + e${w}.w) - di);
-      if (!full) {
-        let j = k0 + g + lane + ${s.KS * w}u;
-        if (!(rowValid && j < kEnd && visible(b, i, j))) { d${w} = 0.0; }
-      }`
+${laneHidden(s, w, `d${w} = 0.0;`)}`
       ).join("\n")
     }
 ${
@@ -1162,7 +1185,7 @@ ${
   }
   workgroupBarrier();
   if (lane != 0u) {
-${C.map((c) => `    KV[${mergeSlot(s, "lane")} + ${c}u] = g${c};`).join("\n")}
+${laneLeave(s, DVn, "g")}
   }
   workgroupBarrier();
   if (rowValid && lane == 0u) {
@@ -1495,14 +1518,7 @@ function dqKernel(D: number, ty: BwdTypes): Kernel {
     ["read", "read", "read", "read", "read", "read", "write", "uniform"],
     () => `
 ${enableF16(qt, kt, vt)}${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<${qt}>;
-@group(0) @binding(1) var<storage, read> k: array<${kt}>;
-@group(0) @binding(2) var<storage, read> v: array<${vt}>;
-@group(0) @binding(3) var<storage, read> mask: array<i32>;
-@group(0) @binding(4) var<storage, read> dout: array<f32>;
-@group(0) @binding(5) var<storage, read> stats: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dq: array<f32>;
-@group(0) @binding(7) var<uniform> p: P;
+${dqBindings(ty)}
 const D: u32 = ${D}u;
 const DV: u32 = ${DVn}u;
 const BK: u32 = ${BK}u;

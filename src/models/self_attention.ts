@@ -115,6 +115,18 @@ function adapterOptions(ctx: LayerContext, state: AdapterState) {
   };
 }
 
+/** The layer's adapter keys, values, gate and softmax settings, as the fused attention kernels take them. */
+function adapterInputs(ctx: LayerContext, a: { state: AdapterState; slot: number }) {
+  return {
+    ka: a.state.ka[a.slot]!,
+    va: a.state.va[a.slot]!,
+    gate: gateView(a.state, a.state.params, a.slot),
+    adapterLen: a.state.config.adapterLen,
+    gateKind: a.state.config.gate,
+    scale: 1 / Math.sqrt(ctx.model.config.headDim),
+  };
+}
+
 /**
  * Records the adapter keys and values of every adapted layer: kₐ = prompt Wkᵀ + bk, vₐ = prompt Wvᵀ + bv.
  *
@@ -166,12 +178,7 @@ export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
     attentionOptions(ctx),
     adapter
       ? {
-        ka: adapter.state.ka[adapter.slot]!,
-        va: adapter.state.va[adapter.slot]!,
-        gate: gateView(adapter.state, adapter.state.params, adapter.slot),
-        adapterLen: adapter.state.config.adapterLen,
-        gateKind: adapter.state.config.gate,
-        scale: adapterOptions(ctx, adapter.state).scale,
+        ...adapterInputs(ctx, adapter),
         out: acts.adp,
         withMain: through,
       }
@@ -275,12 +282,7 @@ export function selfAttentionDecode(ctx: LayerContext, x: Tensor, prologue: Matv
     attentionOptions(ctx),
     adapter
       ? {
-        ka: adapter.state.ka[adapter.slot]!,
-        va: adapter.state.va[adapter.slot]!,
-        gate: gateView(adapter.state, adapter.state.params, adapter.slot),
-        adapterLen: adapter.state.config.adapterLen,
-        scale: 1 / Math.sqrt(c.headDim),
-        gateKind: adapter.state.config.gate,
+        ...adapterInputs(ctx, adapter),
         into: through ? null : x, // llama: attn + adapter through o_proj; gpt2: adapter into x
       }
       : null,
