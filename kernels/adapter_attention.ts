@@ -128,12 +128,23 @@ const PARAMS = `struct P {
   nGroups: u32, _a: u32, _b: u32, _c: u32,
 }`;
 
-const GATE_FN = `
+/**
+ * WGSL `gateOf(h)`: head h's gate for the gate form coded by the u32 expression `mode` (see
+ * {@link ADAPTER_GATE_MODE}); reads a `gate` binding. kernels/attention.ts's fused forward uses it too.
+ *
+ * @param mode WGSL expression of the gate form's code.
+ * @returns The WGSL function.
+ */
+export function gateFunction(mode: string): string {
+  return `
 fn gateOf(h: u32) -> f32 {
-  if (p.gmode == 0u) { return gate[0]; }
-  if (p.gmode == 1u) { return gate[h]; }
+  if (${mode} == 0u) { return gate[0]; }
+  if (${mode} == 1u) { return gate[h]; }
   return tanh(gate[h]);
 }`;
+}
+
+const GATE_FN = gateFunction("p.gmode");
 
 /**
  * Throws a GpuError unless the sizes, gate and dtypes fit (also used by kernels/attention.ts's fused

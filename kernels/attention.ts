@@ -52,6 +52,7 @@ import {
   adapterAttentionForward,
   type AdapterAttentionOptions,
   checkAdapterAttention,
+  gateFunction,
   type GateKind,
 } from "./adapter_attention.ts";
 
@@ -178,8 +179,7 @@ const PARAMS = `struct P {
   B: u32, T: u32, S: u32, H: u32,
   Hkv: u32, kvStride: u32, qOff: u32, window: u32,
   causal: u32, useMask: u32, flag: u32, scale: f32,
-  outPerHead: u32, gridStride: u32, aLen: u32, aMode: u32,
-  aScale: f32, _a: u32, _b: u32, _c: u32,
+  outPerHead: u32, gridStride: u32, aMode: u32, aScale: f32,
 }`;
 
 /** The forward kernels' first bindings: q, k, v, the mask, out and lse (each kernel adds the rest). */
@@ -221,7 +221,7 @@ function params(
   scale: number,
   outPerHead = 0,
   gridStride = 0,
-  adapter: { len: number; mode: number; scale: number } = { len: 0, mode: 0, scale: 0 },
+  adapter: { mode: number; scale: number } = { mode: 0, scale: 0 },
 ): (number | { f32: number })[] {
   return [
     r.B,
@@ -238,12 +238,8 @@ function params(
     f32(scale),
     outPerHead,
     gridStride,
-    adapter.len,
     adapter.mode,
     f32(adapter.scale),
-    0,
-    0,
-    0,
   ];
 }
 
@@ -834,8 +830,9 @@ const D: u32 = ${D}u;
 // heaviest first under the causal mask. No per-key barriers: two per block of BK keys.
 //
 // The forward can also fold in the LLaMA-Adapter attention of the layer (kernels/adapter_attention.ts):
-// the L ≤ 16 adapter keys and values are staged after the main loop, the last lane of each row runs the
-// second softmax over them while lane 0 merges the main one, and lane 0 writes both outputs.
+// the L ≤ 16 adapter keys and values are staged after the main loop; lane 0 merges the main softmax,
+// writes `out` and leaves the row's result in the merge area; then the last lane of each row runs the
+// second softmax over the adapter tokens and writes the adapter output (plus the main one for llama).
 
 /** Shape of a lane kernel: rows per workgroup, lanes per row, keys per online-softmax step. */
 export interface LaneShape {
@@ -988,12 +985,7 @@ function forwardLanesKernel(D: number, ty: ActTypes, s: LaneShape, fused: FusedT
 @group(0) @binding(8) var<storage, read> gate: array<f32>;
 @group(0) @binding(9) var<storage, read_write> aout: array<${at}>;
 @group(0) @binding(10) var<uniform> p: P;
-fn gateOf(h: u32) -> f32 {
-  let mode = p.aMode & 3u;
-  if (mode == 0u) { return gate[0]; }
-  if (mode == 1u) { return gate[h]; }
-  return tanh(gate[h]);
-}`
+${gateFunction("(p.aMode & 3u)")}`
     : `@group(0) @binding(6) var<uniform> p: P;`;
   return defineKernel(
     "attention_fwd_lanes",
@@ -1301,7 +1293,6 @@ export function attentionForward(
         ...(fuse ? [adapter.ka, adapter.va, adapter.gate, adapter.out] : []),
       ],
       params(r, mask !== null, lse ? 1 : 0, opts.scale, 0, 0, {
-        len: fuse ? adapter.adapterLen : 0,
         mode,
         scale: fuse ? adapter.scale / opts.scale : 0,
       }),

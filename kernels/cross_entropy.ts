@@ -254,14 +254,7 @@ function rangesOf(
 
 /** A view of `rows` weight rows starting at local row `r` of a range. */
 function rowView(t: Tensor, r: number, rows: number): Tensor {
-  const C = t.shape[1]!;
-  return new Tensor(
-    t.buffer,
-    [rows, C],
-    t.dtype,
-    t.offset + r * C * DTYPE_BYTES[t.dtype],
-    `${t.label}[${r}:${r + rows}]`,
-  );
+  return rowsOf(t, r, rows, t.shape[1]!);
 }
 
 /**
