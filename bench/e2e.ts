@@ -29,7 +29,9 @@
  * `PROMPTGATE_ATTENTION_TILED=0` (or `=1`) trains with the per-row (or the tiled) attention kernels instead
  * of the default choice (`attentionTuning` in kernels/attention.ts), for a before/after in one call;
  * `PROMPTGATE_ATTENTION_LANES=0` turns the lane kernels (and the adapter folded into the attention
- * dispatch) off, `PROMPTGATE_CE_ROW_SWEEP=0` the row sweep of the LM-head loss (kernels/cross_entropy.ts).
+ * dispatch) off, `PROMPTGATE_CE_ROW_SWEEP=0` the row sweep of the LM-head loss (kernels/cross_entropy.ts),
+ * `PROMPTGATE_MATMUL_K=8` the matmul's K step of 16 (`matmulTuning.kStep` in kernels/matmul.ts),
+ * `PROMPTGATE_MATMUL_TILES8=0` its tiles of 8x8 outputs per thread (`matmulTuning.tiles8`).
  *
  * @module
  */
@@ -54,6 +56,7 @@ import { createOptimizer } from "../src/train/optimizer.ts";
 import { adamwStep, packHyper } from "../kernels/adamw.ts";
 import { attentionTuning } from "../kernels/attention.ts";
 import { crossEntropyTuning } from "../kernels/cross_entropy.ts";
+import { matmulTuning } from "../kernels/matmul.ts";
 import { generate } from "../src/models/generate.ts";
 import { adapterKeyValuesForward } from "../src/models/self_attention.ts";
 import type { Model } from "../src/models/model.ts";
@@ -610,11 +613,13 @@ async function caseMain(args: string[]): Promise<void> {
   if (tiled === "0" || tiled === "1") attentionTuning.tiled = tiled === "1";
   if (Deno.env.get("PROMPTGATE_ATTENTION_LANES") === "0") attentionTuning.lanes = false;
   if (Deno.env.get("PROMPTGATE_CE_ROW_SWEEP") === "0") crossEntropyTuning.rowSweep = false;
+  if (Deno.env.get("PROMPTGATE_MATMUL_K") === "8") matmulTuning.kStep = 8;
+  if (Deno.env.get("PROMPTGATE_MATMUL_TILES8") === "0") matmulTuning.tiles8 = false;
   const kernels = !attentionTuning.tiled ? "per-row" : attentionTuning.lanes ? "lane" : "tiled";
   console.error(
     `[${values.model} ${dtype}] attention kernels: ${kernels}; LM-head loss: ${
       crossEntropyTuning.rowSweep ? "row" : "vocabulary"
-    } sweep`,
+    } sweep; matmul K step: ${matmulTuning.kStep ?? "default"}, 8x8 tiles: ${matmulTuning.tiles8}`,
   );
   await runCase(
     values.model,

@@ -9,9 +9,11 @@
  * Each figure is the median of 3 timed submissions of ≥ 20 ms of GPU work each, after ≥ 100 ms of
  * warm-up on the same product: short timed windows after an idle gap measured the GPU still at its idle
  * clock (on the H200, 4096³ read 29 TFLOP/s in one case and 7.9 in the next, while wall time disagreed).
- * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / matrix-vector variant at the model shapes
+ * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / K step (8 beside the default 16) / matrix-vector
+ * variant at the model shapes
  * (`=matvec`: the matrix-vector variants only; `=prefill`: the products of a 128-token prefill, M = 128,
- * with f32 and with f16 weights and activations)
+ * with f32 and with f16 weights and activations; `=small`: the planner's choice against every tile at the
+ * mid-size training products, M = 2048, each case twice)
  * (the data behind the heuristic in kernels/matmul.ts).
  *
  * `PROMPTGATE_MATMUL_F16_PACKED` compares the tiled kernel's loads of f16 operands in one run: `both` times
@@ -188,28 +190,37 @@ function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; time
 }
 
 const tuneMode = Deno.env.get("PROMPTGATE_BENCH_TUNE");
-const tune = (tuneMode === "1" || tuneMode === "matvec" || tuneMode === "prefill") && "matmulTuning" in mm &&
+const tune = ["1", "matvec", "prefill", "small"].includes(tuneMode ?? "") && "matmulTuning" in mm &&
   "splitK" in mm.matmulTuning;
 if (tune) {
   // every variant at the model shapes: tiles (double-buffered), one single-buffered, split-K; matvec threads
   type Variant = {
     label: string;
-    force: Matmul.MatmulKernelChoice;
+    /** null: the planner's choice */
+    force: Matmul.MatmulKernelChoice | null;
     splitK?: number;
     db?: boolean;
     threads?: 32 | 64 | 128 | 256;
     packed?: boolean;
+    k?: 8;
   };
   const tiles: Matmul.MatmulTile[] = ["128x128", "128x64", "64x128", "64x64", "32x32"];
+  const tiles8: Matmul.MatmulTile[] = ["128x64-8x8", "64x128-8x8", "64x64-8x8"];
+  if (Deno.env.get("PROMPTGATE_MATMUL_TILES8")) tiles.push(...tiles8);
   const big: Variant[] = [
     ...tiles.map((t) => ({ label: t, force: t })),
     { label: "128x128 1buf", force: "128x128", db: false },
     { label: "64x64 1buf", force: "64x64", db: false },
+    ...tiles.map((t) => ({ label: `${t} K8`, force: t, k: 8 as const })),
+    { label: "128x128 K8 1buf", force: "128x128", db: false, k: 8 },
   ];
   const skinny: Variant[] = [
     ...big,
     ...[2, 4, 8].flatMap((s) =>
-      (["128x128", "64x64"] as const).map((t) => ({ label: `${t} splitK${s}`, force: t, splitK: s }))
+      (["128x128", "64x64"] as const).flatMap((t) => [
+        { label: `${t} splitK${s}`, force: t, splitK: s },
+        { label: `${t} splitK${s} K8`, force: t, splitK: s, k: 8 as const },
+      ])
     ),
   ];
   const mv: Variant[] = ([32, 64, 128] as const).flatMap((t) => [
@@ -221,6 +232,33 @@ if (tune) {
     ...[2, 4, 8, 16].map((s) => ({ label: `32x32 splitK${s}`, force: "32x32" as const, splitK: s })),
     { label: "64x64 splitK16", force: "64x64", splitK: 16 },
   ];
+  // `small`: the planner's choice against every tile at the M = 2048 products that fill less than two
+  // waves of 128x128 tiles, each case twice (the spread between the two rows is the noise)
+  const mid: Variant[] = [
+    { label: "planned", force: null },
+    ...[...tiles, ...tiles8].map((t) => ({ label: t, force: t })),
+    ...tiles8.map((t) => ({ label: `${t} K8`, force: t, k: 8 as const })),
+  ];
+  const smallCases: [Case, Variant[], DType[]][] = [
+    ["gpt2 c_attn", 2304, 768],
+    ["gpt2 q/k/v/c_proj", 768, 768],
+    ["gpt2 c_fc", 3072, 768],
+    ["gpt2 mlp c_proj", 768, 3072],
+    ["smollm2 q/o", 576, 576],
+    ["smollm2 k/v", 192, 576],
+    ["smollm2 gate/up", 1536, 576],
+    ["smollm2 down", 576, 1536],
+    ["tinyllama k/v", 256, 2048],
+  ].flatMap(([name, N, K]) =>
+    (["linear", "linear_dx"] as const).flatMap((op) => {
+      const c: [Case, Variant[], DType[]] = [
+        { name: name as string, op, M: 2048, N: N as number, K: K as number },
+        mid,
+        ["f32"],
+      ];
+      return [c, c];
+    })
+  );
   const P = 128; // prompt tokens
   const prefillCases: [Case, Variant[], DType[]][] = [
     ["tinyllama q_proj", "linear", 2048, 2048],
@@ -240,7 +278,11 @@ if (tune) {
     prefill,
     ["f32", "f16"],
   ]);
-  const tuneCases: [Case, Variant[], DType[]][] = tuneMode === "prefill" ? prefillCases : full
+  const tuneCases: [Case, Variant[], DType[]][] = tuneMode === "prefill"
+    ? prefillCases
+    : tuneMode === "small"
+    ? smallCases
+    : full
     ? [
       [{ name: "square 4096", op: "linear", M: 4096, N: 4096, K: 4096 }, big, ["f32", "f16"]],
       [{ name: "tinyllama q_proj", op: "linear", M: 2048, N: 2048, K: 2048 }, big, ["f32"]],
@@ -278,6 +320,7 @@ if (tune) {
         mm.matmulTuning.doubleBuffer = v.db ?? null;
         mm.matmulTuning.matvecThreads = v.threads ?? null;
         mm.matmulTuning.matvecPacked = v.packed ?? null;
+        if ("kStep" in mm.matmulTuning) mm.matmulTuning.kStep = v.k ?? null;
         try {
           const rec = new Recorder(gpu);
           // prefill: an f16 model's products take f16 activations too
@@ -293,6 +336,7 @@ if (tune) {
           mm.matmulTuning.doubleBuffer = null;
           mm.matmulTuning.matvecThreads = null;
           mm.matmulTuning.matvecPacked = null;
+          if ("kStep" in mm.matmulTuning) mm.matmulTuning.kStep = null;
         }
       }
       tuneRows.push(row);
@@ -301,7 +345,7 @@ if (tune) {
   }
   console.log("variants (GFLOP/s, or GB/s of weight for M = 1):");
   console.table(tuneRows);
-  if (tuneMode === "prefill") cases.length = 0; // the prefill sweep stands alone
+  if (tuneMode === "prefill" || tuneMode === "small") cases.length = 0; // these sweeps stand alone
 }
 
 const rows: Record<string, string | number>[] = [];

@@ -45,6 +45,9 @@ const CHOICES: (MatmulKernelChoice | null)[] = [
   "64x128",
   "64x64",
   "32x32",
+  "128x64-8x8",
+  "64x128-8x8",
+  "64x64-8x8",
   "matvec",
 ];
 // (M, N, K): odd sizes, sizes that are and are not multiples of 4 (vec4 and scalar loads), one row;
@@ -58,7 +61,8 @@ const SHAPES: [number, number, number][] = [
   [7, 130, 33],
   [33, 65, 132],
   [130, 36, 20],
-  [128, 128, 24], // whole 128x128 / 64x64 tiles and K steps: the unguarded ("exact") kernel
+  [128, 128, 24], // whole 128x128 / 64x64 tiles and K steps of 8: the unguarded ("exact") kernel
+  [128, 128, 48], // the same with whole K steps of 16 (the default where workgroup memory allows)
 ];
 
 /** Kernel variants beyond the tile choice: split-K (partial sums plus a reduction) and single-buffered tiles. */
@@ -68,11 +72,20 @@ const VARIANTS: {
   splitK?: number;
   doubleBuffer?: boolean;
   matvecPacked?: boolean;
+  kStep?: 8 | 16;
 }[] = [
   { label: "32x32 split-K 3", force: "32x32", splitK: 3 },
   { label: "128x128 split-K 2", force: "128x128", splitK: 2 },
   { label: "64x64 single-buffered", force: "64x64", doubleBuffer: false },
   { label: "matvec with 8 packed halves per weight load", force: "matvec", matvecPacked: true },
+  { label: "128x128 K step 8", force: "128x128", kStep: 8 },
+  {
+    label: "64x64 K step 8 split-K 2 single-buffered",
+    force: "64x64",
+    kStep: 8,
+    splitK: 2,
+    doubleBuffer: false,
+  },
 ];
 
 /**
@@ -90,6 +103,7 @@ async function forEachKernel(body: (choice: string) => Promise<void>): Promise<v
       matmulTuning.splitK = v.splitK ?? null;
       matmulTuning.doubleBuffer = v.doubleBuffer ?? null;
       matmulTuning.matvecPacked = v.matvecPacked ?? null;
+      matmulTuning.kStep = v.kStep ?? null;
       await body(v.label);
     }
   } finally {
@@ -97,6 +111,7 @@ async function forEachKernel(body: (choice: string) => Promise<void>): Promise<v
     matmulTuning.splitK = null;
     matmulTuning.doubleBuffer = null;
     matmulTuning.matvecPacked = null;
+    matmulTuning.kStep = null;
   }
 }
 
