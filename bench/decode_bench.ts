@@ -16,6 +16,9 @@
  * | `step GPU ms` | GPU time of one replayed step attending over all L = 256 cache positions (timestamp queries over 32 steps in one pass), before / after |
  * | `step host ms` | host time to encode and submit one replayed step (128 steps in one command buffer), after |
  *
+ * `PROMPTGATE_DECODE_NR=1|2|4` caps the output rows per thread group of the fused matrix-vector products
+ * (`decodeMatvecTuning.rowsPerGroup` in kernels/decode_matvec.ts), for a comparison between calls.
+ *
  * Full shapes run on a real GPU (`PROMPTGATE_BENCH_FULL=1` forces them, `=0` gives a 2-layer gpt2 with
  * prompt 16 and 16 new tokens, the default on a fallback adapter). Greedy tokens of both paths are
  * checked equal.
@@ -31,6 +34,7 @@ import { runOps } from "../src/gpu/recorder.ts";
 import { profileOps, timeOps } from "../src/gpu/timing.ts";
 import { decodePrefillOps, decodeStepOps, generate } from "../src/models/generate.ts";
 import { activationTuning, decodeTuning } from "../src/models/transformer.ts";
+import { decodeMatvecTuning } from "../kernels/decode_matvec.ts";
 import { createRandomModel, modelConfigFor, type RandomModelName } from "../src/models/random.ts";
 import type { Model } from "../src/models/model.ts";
 
@@ -44,6 +48,8 @@ const dtypes: ("f32" | "f16")[] = gpu.hasF16 ? ["f16", "f32"] : ["f32"];
 const only = Deno.env.get("DECODE_BENCH_MODELS")?.split(",");
 // DECODE_BENCH_COMPARE=act: before = f16 weights with f32 activations, after = f16 activations (f16 rows only)
 const compareActivations = Deno.env.get("DECODE_BENCH_COMPARE") === "act";
+const nr = Deno.env.get("PROMPTGATE_DECODE_NR");
+if (nr === "1" || nr === "2" || nr === "4") decodeMatvecTuning.rowsPerGroup = Number(nr) as 1 | 2 | 4;
 console.log(
   `# decode bench: ${report.description}; prompt ${PROMPT}, ${NEW} new tokens, greedy, adapter on all layers`,
 );
