@@ -31,7 +31,8 @@
  * `PROMPTGATE_ATTENTION_LANES=0` turns the lane kernels (and the adapter folded into the attention
  * dispatch) off, `PROMPTGATE_CE_ROW_SWEEP=0` the row sweep of the LM-head loss (kernels/cross_entropy.ts),
  * `PROMPTGATE_MATMUL_K=8` the matmul's K step of 16 (`matmulTuning.kStep` in kernels/matmul.ts),
- * `PROMPTGATE_MATMUL_TILES8=0` its tiles of 8x8 outputs per thread (`matmulTuning.tiles8`).
+ * `PROMPTGATE_MATMUL_TILES8=0` its tiles of 8x8 outputs per thread (`matmulTuning.tiles8`),
+ * `PROMPTGATE_MATMUL_SMALL_SPLIT=0` its K splits over the mid-size products (`matmulTuning.midSplit`).
  *
  * @module
  */
@@ -615,11 +616,14 @@ async function caseMain(args: string[]): Promise<void> {
   if (Deno.env.get("PROMPTGATE_CE_ROW_SWEEP") === "0") crossEntropyTuning.rowSweep = false;
   if (Deno.env.get("PROMPTGATE_MATMUL_K") === "8") matmulTuning.kStep = 8;
   if (Deno.env.get("PROMPTGATE_MATMUL_TILES8") === "0") matmulTuning.tiles8 = false;
+  if (Deno.env.get("PROMPTGATE_MATMUL_SMALL_SPLIT") === "0") matmulTuning.midSplit = false;
   const kernels = !attentionTuning.tiled ? "per-row" : attentionTuning.lanes ? "lane" : "tiled";
   console.error(
     `[${values.model} ${dtype}] attention kernels: ${kernels}; LM-head loss: ${
       crossEntropyTuning.rowSweep ? "row" : "vocabulary"
-    } sweep; matmul K step: ${matmulTuning.kStep ?? "default"}, 8x8 tiles: ${matmulTuning.tiles8}`,
+    } sweep; matmul K step: ${
+      matmulTuning.kStep ?? "default"
+    }, 8x8 tiles: ${matmulTuning.tiles8}, mid-size K splits: ${matmulTuning.midSplit}`,
   );
   await runCase(
     values.model,

@@ -202,7 +202,7 @@ if (tune) {
     db?: boolean;
     threads?: 32 | 64 | 128 | 256;
     packed?: boolean;
-    k?: 8;
+    k?: 8 | 16;
   };
   const tiles: Matmul.MatmulTile[] = ["128x128", "128x64", "64x128", "64x64", "32x32"];
   const tiles8: Matmul.MatmulTile[] = ["128x64-8x8", "64x128-8x8", "64x64-8x8"];
@@ -238,6 +238,10 @@ if (tune) {
     { label: "planned", force: null },
     ...[...tiles, ...tiles8].map((t) => ({ label: t, force: t })),
     ...tiles8.map((t) => ({ label: `${t} K8`, force: t, k: 8 as const })),
+    ...([2, 3] as const).flatMap((s) => [
+      { label: `64x64-8x8 splitK${s}`, force: "64x64-8x8" as const, splitK: s, k: 16 as const },
+      { label: `64x128-8x8 splitK${s} K8`, force: "64x128-8x8" as const, splitK: s, k: 8 as const },
+    ]),
   ];
   const smallCases: [Case, Variant[], DType[]][] = [
     ["gpt2 c_attn", 2304, 768],

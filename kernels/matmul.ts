@@ -79,7 +79,8 @@ export type MatmulKernelChoice = MatmulTile | "matvec";
  * `kStep` forces the K step of the tiled kernel without packed loads (8 or 16; 16 only where both
  * workgroup tiles of 16 k fit; by default each tile's own, 16 for the 256-thread tiles: 8-12% faster than 8
  * on the H100 at every f32 model shape, bench/RESULTS.md). `tiles8: false` keeps the planner to the
- * 256-thread tiles (the 128- and 64-thread tiles of 8x8 outputs per thread stay available to `force`).
+ * 256-thread tiles (the 128- and 64-thread tiles of 8x8 outputs per thread stay available to `force`);
+ * `midSplit: false` keeps it from splitting K over the mid-size products (`pickTile`).
  * `null` lets the shape heuristic choose (`f16Packed`: on, the measured default).
  */
 export const matmulTuning: {
@@ -92,6 +93,7 @@ export const matmulTuning: {
   f16PackedK: 8 | 16 | null;
   kStep: 8 | 16 | null;
   tiles8: boolean;
+  midSplit: boolean;
 } = {
   force: null,
   splitK: null,
@@ -102,6 +104,7 @@ export const matmulTuning: {
   f16PackedK: null,
   kStep: null,
   tiles8: true,
+  midSplit: true,
 };
 
 /** The smaller K step of the tiled kernel (16 where workgroup memory allows, see `matmulTuning`). */
@@ -791,24 +794,34 @@ function planTiled(g: Gemm): TiledPlan {
     const narrow = g.K >= 16384 && g.N % 128 !== 0 && g.N % 64 === 0;
     tile = narrow ? "64x64" : "128x128";
     splits = narrow ? Math.min(32, chunks1k) : Math.max(base, Math.min(waves, 32, chunks1k));
-  } else tile = pickTile(g);
+  } else ({ tile, splits } = pickTile(g));
   if (matmulTuning.splitK !== null) splits = matmulTuning.splitK;
   return { tile, splits };
 }
 
 /**
- * The smaller tiles for products with few output tiles: the first that makes two waves, else 32x32. The
- * tiles of 8x8 outputs per thread (128 and 64 threads) beat the 256-thread ones of 4x8 and 4x4 by 10-17% at
- * the mid-size model products (H100, M = 2048, bench/RESULTS.md: SmolLM2 gate/up 28.6 -> 33.5 TFLOP/s, q/o
- * 17.4 -> 19.5, gpt2 768x768 23.8 -> 26.5).
+ * The smaller tiles for products with few output tiles: the first that makes two waves, else 32x32, with K
+ * split in 3 over the products just above two waves of 64x64 tiles. The tiles of 8x8 outputs per thread
+ * (128 and 64 threads) beat the 256-thread ones of 4x8 and 4x4 by 10-17% at the mid-size model products
+ * (H100, M = 2048, bench/RESULTS.md: SmolLM2 gate/up 28.6 -> 33.5 TFLOP/s, q/o 17.4 -> 19.5, gpt2 768x768
+ * 23.8 -> 26.5); `matmulTuning.tiles8 = false` restores the 256-thread tiles without splits.
  */
-function pickTile(g: Gemm): MatmulTile {
-  const tiles = matmulTuning.tiles8 ? (["64x128-8x8", "64x64-8x8"] as const) : (["64x128", "64x64"] as const);
-  for (const tile of tiles) {
-    const { bm, bn } = tileDims(tile);
-    if (Math.ceil(g.M / bm) * Math.ceil(g.N / bn) >= 2 * SMS) return tile;
+function pickTile(g: Gemm): TiledPlan {
+  if (!matmulTuning.tiles8) {
+    for (const tile of ["64x128", "64x64"] as const) {
+      const { bm, bn } = tileDims(tile);
+      if (Math.ceil(g.M / bm) * Math.ceil(g.N / bn) >= 2 * SMS) return { tile, splits: 1 };
+    }
+    return { tile: "32x32", splits: 1 };
   }
-  return "32x32";
+  if (Math.ceil(g.M / 64) * Math.ceil(g.N / 128) >= 2 * SMS) return { tile: "64x128-8x8", splits: 1 };
+  // two to two and a half waves of 64x64 tiles over a K of 512 or more: K split in 3 adds the workgroups
+  // (the reduction included; H100, M = 2048, SmolLM2: q/o 20.0 -> 22.4 TFLOP/s, down 20.7 -> 25.9, gate/up
+  // dHidden 21.7 -> 28.7; gpt2's 768x768, at 2.9 waves, gain nothing: -6% to +2%; bench/RESULTS.md)
+  const tiles64 = Math.ceil(g.M / 64) * Math.ceil(g.N / 64);
+  const split = g.K >= 512 && 2 * tiles64 < 5 * SMS && matmulTuning.midSplit;
+  if (tiles64 >= 2 * SMS) return { tile: "64x64-8x8", splits: split ? 3 : 1 };
+  return { tile: "32x32", splits: 1 };
 }
 
 /** Per-device split-K workspace, grown on demand (never shrunk: bind groups of earlier steps use it). */

@@ -86,6 +86,8 @@ const VARIANTS: {
     splitK: 2,
     doubleBuffer: false,
   },
+  { label: "64x128-8x8 (its K step 8) split-K 2", force: "64x128-8x8", splitK: 2 },
+  { label: "64x64-8x8 (K step 16) split-K 3", force: "64x64-8x8", splitK: 3 },
 ];
 
 /**
