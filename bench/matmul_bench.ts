@@ -9,9 +9,8 @@
  * Each figure is the median of 3 timed submissions of ≥ 20 ms of GPU work each, after ≥ 100 ms of
  * warm-up on the same product: short timed windows after an idle gap measured the GPU still at its idle
  * clock (on the H200, 4096³ read 29 TFLOP/s in one case and 7.9 in the next, while wall time disagreed).
- * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / K step (8 beside the default 16) / matrix-vector
- * variant at the model shapes
- * (`=matvec`: the matrix-vector variants only; `=prefill`: the products of a 128-token prefill, M = 128,
+ * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / K step (8 beside the default) /
+ * matrix-vector variant at the model shapes (`=matvec`: the matrix-vector variants only; `=prefill`: the products of a 128-token prefill, M = 128,
  * with f32 and with f16 weights and activations; `=small`: the planner's choice against every tile at the
  * mid-size training products, M = 2048, each case twice)
  * (the data behind the heuristic in kernels/matmul.ts).
@@ -202,11 +201,10 @@ if (tune) {
     db?: boolean;
     threads?: 32 | 64 | 128 | 256;
     packed?: boolean;
-    k?: 8 | 16;
+    k?: 8;
   };
-  const tiles: Matmul.MatmulTile[] = ["128x128", "128x64", "64x128", "64x64", "32x32"];
   const tiles8: Matmul.MatmulTile[] = ["128x64-8x8", "64x128-8x8", "64x64-8x8"];
-  if (Deno.env.get("PROMPTGATE_MATMUL_TILES8")) tiles.push(...tiles8);
+  const tiles: Matmul.MatmulTile[] = ["128x128", "128x64", "64x128", "64x64", "32x32", ...tiles8];
   const big: Variant[] = [
     ...tiles.map((t) => ({ label: t, force: t })),
     { label: "128x128 1buf", force: "128x128", db: false },
@@ -232,14 +230,14 @@ if (tune) {
     ...[2, 4, 8, 16].map((s) => ({ label: `32x32 splitK${s}`, force: "32x32" as const, splitK: s })),
     { label: "64x64 splitK16", force: "64x64", splitK: 16 },
   ];
-  // `small`: the planner's choice against every tile at the M = 2048 products that fill less than two
+  // `small`: the planner's choice against every tile at the M = 2048 products that fill less than three
   // waves of 128x128 tiles, each case twice (the spread between the two rows is the noise)
   const mid: Variant[] = [
     { label: "planned", force: null },
-    ...[...tiles, ...tiles8].map((t) => ({ label: t, force: t })),
+    ...tiles.map((t) => ({ label: t, force: t })),
     ...tiles8.map((t) => ({ label: `${t} K8`, force: t, k: 8 as const })),
     ...([2, 3] as const).flatMap((s) => [
-      { label: `64x64-8x8 splitK${s}`, force: "64x64-8x8" as const, splitK: s, k: 16 as const },
+      { label: `64x64-8x8 splitK${s}`, force: "64x64-8x8" as const, splitK: s },
       { label: `64x128-8x8 splitK${s} K8`, force: "64x128-8x8" as const, splitK: s, k: 8 as const },
     ]),
   ];

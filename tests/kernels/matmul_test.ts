@@ -65,7 +65,10 @@ const SHAPES: [number, number, number][] = [
   [128, 128, 48], // the same with whole K steps of 16 (the default where workgroup memory allows)
 ];
 
-/** Kernel variants beyond the tile choice: split-K (partial sums plus a reduction) and single-buffered tiles. */
+/**
+ * Kernel variants beyond the tile choice: split-K (partial sums plus a reduction), single-buffered tiles and
+ * the other K step.
+ */
 const VARIANTS: {
   label: string;
   force: MatmulKernelChoice;
