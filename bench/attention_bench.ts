@@ -17,13 +17,15 @@ import {
   attentionForward,
   type AttentionOptions,
   attentionTuning,
+  type DkdvTile,
+  dkdvTileBytes,
 } from "../kernels/attention.ts";
 import { adapterAttentionBackward, adapterAttentionForward } from "../kernels/adapter_attention.ts";
 import { addInto } from "../kernels/activation.ts";
 import { decodeAttentionForward } from "../kernels/decode_attention.ts";
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
 import { type Op, Recorder, runOps } from "../src/gpu/recorder.ts";
-import { createTensor, tensorFrom } from "../src/gpu/tensor.ts";
+import { createTensor, readF32, type Tensor, tensorFrom } from "../src/gpu/tensor.ts";
 import { f32ArrayToF16 } from "../src/io/dtype.ts";
 import { timeOpsWarm } from "../src/gpu/timing.ts";
 
@@ -65,6 +67,119 @@ function rand(n: number, seed: number): Float32Array {
 }
 
 const rows: Record<string, string | number>[] = [];
+
+// PROMPTGATE_BENCH_DKDV=1: only the dk/dv pass, once per per-thread tile (attentionTuning.dkdvTiles) that
+// fits the device, and the lane kernels (forward, dq) with and without their key blocks prefetched, each
+// dispatch timed alone at the model shapes (f32 and f16 activations), its outputs compared with the
+// first variant's (NaN-poisoned before each run).
+const dkdvSweep = Deno.env.get("PROMPTGATE_BENCH_DKDV") === "1";
+const SWEEP_TILES: DkdvTile[] = [
+  [2, 2],
+  [1, 4],
+  [2, 3],
+  [2, 4],
+  [3, 2],
+  [4, 1],
+  [1, 2],
+  [2, 1],
+].flatMap(([keys, queries]) =>
+  [false, true].map((prefetch) => ({ keys: keys!, queries: queries!, prefetch }))
+);
+const sweepRows: Record<string, string | number>[] = [];
+
+/** The dk/dv sweep of one model (see `dkdvSweep`). */
+async function sweepDkdv(
+  m: Model,
+  o: AttentionOptions,
+  t: Record<"q" | "k" | "v" | "out" | "dout" | "lse" | "dq" | "dk" | "dv", Tensor>,
+  flops: number,
+): Promise<void> {
+  const fwd = new Recorder(gpu);
+  attentionForward(fwd, t.out, t.lse, t.q, t.k, t.v, null, o);
+  runOps(gpu, fwd.take());
+  const acts = [{ name: "f32", q: t.q, k: t.k, v: t.v, out: t.out }];
+  if (gpu.hasF16) {
+    const f16 = (x: Tensor, seed: number) => tensorFrom(gpu, f32ArrayToF16(rand(x.size, seed)));
+    acts.push({ name: "f16 act", q: f16(t.q, 1), k: f16(t.k, 2), v: f16(t.v, 3), out: f16(t.out, 11) });
+  }
+  const saved = attentionTuning.dkdvTiles;
+  for (const a of acts) {
+    let base: Float32Array[] | null = null;
+    for (const tile of SWEEP_TILES) {
+      if (dkdvTileBytes(o.headDim, tile) > gpu.limits.maxComputeWorkgroupStorageSize) continue;
+      attentionTuning.dkdvTiles = [tile];
+      try {
+        for (const g of [t.dk, t.dv]) {
+          gpu.device.queue.writeBuffer(g.buffer, 0, new Float32Array(g.size).fill(NaN));
+        }
+        const rec = new Recorder(gpu);
+        attentionBackward(rec, t.dq, t.dk, t.dv, t.dout, a.out, t.lse, a.q, a.k, a.v, null, o);
+        const ops = rec.take();
+        runOps(gpu, ops);
+        const got = [await readF32(gpu, t.dk), await readF32(gpu, t.dv)];
+        base ??= got;
+        const diff = Math.max(...got.map((g, i) => maxRelDiff(g, base![i]!)));
+        const ms: Record<string, number> = {};
+        for (const op of ops.filter((x) => x.label.startsWith("attention_bwd_dkdv"))) {
+          ms[op.label.startsWith("attention_bwd_dkdv_reduce") ? "reduce" : "dkdv"] = await warmMedian([op]);
+        }
+        sweepRows.push({
+          case: `${m.name} ${a.name}`,
+          kernel: `dk/dv ${tile.keys}x${tile.queries}${tile.prefetch ? " prefetched" : ""}`,
+          ms: +ms.dkdv!.toFixed(4),
+          "reduce ms": +(ms.reduce ?? 0).toFixed(4),
+          "TFLOP/s": +(2 * flops / ms.dkdv! / 1e9).toFixed(2),
+          "max rel diff": +diff.toExponential(2),
+        });
+      } finally {
+        attentionTuning.dkdvTiles = saved;
+      }
+    }
+    // the lane kernels (forward, dq) with and without their key blocks prefetched
+    const shapes = { forwardShape: attentionTuning.forwardShape, dqShape: attentionTuning.dqShape };
+    for (const pass of ["forward", "dq"] as const) {
+      let base: Float32Array | null = null;
+      for (const prefetch of [false, true]) {
+        const key = pass === "forward" ? "forwardShape" : "dqShape";
+        attentionTuning[key] = { ...shapes[key], prefetch };
+        try {
+          const got = pass === "forward" ? t.out : t.dq;
+          gpu.device.queue.writeBuffer(got.buffer, 0, new Float32Array(got.size).fill(NaN));
+          const rec = new Recorder(gpu);
+          if (pass === "forward") attentionForward(rec, t.out, t.lse, a.q, a.k, a.v, null, o);
+          else attentionBackward(rec, t.dq, t.dk, t.dv, t.dout, a.out, t.lse, a.q, a.k, a.v, null, o);
+          const ops = rec.take();
+          runOps(gpu, ops);
+          const values = a.name === "f32" || pass === "dq" ? await readF32(gpu, got) : null;
+          if (values) base ??= values;
+          const label = pass === "forward" ? "attention_fwd_lanes" : "attention_bwd_dq_lanes";
+          const op = ops.find((x) => x.label.startsWith(label))!;
+          const ms = await warmMedian([op]);
+          sweepRows.push({
+            case: `${m.name} ${a.name}`,
+            kernel: `${pass} lanes${prefetch ? " prefetched" : ""}`,
+            ms: +ms.toFixed(4),
+            "reduce ms": 0,
+            "TFLOP/s": +((pass === "forward" ? 1 : 1.5) * flops / ms / 1e9).toFixed(2),
+            "max rel diff": values ? +maxRelDiff(values, base!).toExponential(2) : "-",
+          });
+        } finally {
+          Object.assign(attentionTuning, shapes);
+        }
+      }
+    }
+  }
+}
+
+/** max |a - b| / max |b|. */
+function maxRelDiff(a: Float32Array, b: Float32Array): number {
+  let d = 0, s = 0;
+  for (let i = 0; i < a.length; i++) {
+    d = Math.max(d, Math.abs(a[i]! - b[i]!));
+    s = Math.max(s, Math.abs(b[i]!));
+  }
+  return d / s;
+}
 const replay: { name: string; ops: Op[] }[] = [];
 
 /**
@@ -144,6 +259,10 @@ for (const m of MODELS) {
     causal: true,
   };
   const fwdFlops = (4 * B * H * T * T * D) / 2;
+  if (dkdvSweep) {
+    await sweepDkdv(m, o, { q, k, v, out, dout, lse, dq, dk, dv }, fwdFlops);
+    continue;
+  }
   const tf = await measure(
     `${m.name} attention fwd B=${B} T=${T}`,
     (r) => attentionForward(r, out, lse, q, k, v, null, o),
@@ -274,6 +393,12 @@ for (const m of MODELS) {
 }
 
 console.log(`attention on ${adapterReport(gpu).description} (${full ? "full" : "small"} shapes)`);
+if (dkdvSweep) {
+  console.log(
+    "dk/dv per thread tile (keys x queries), lane kernels with and without prefetch, each timed alone:",
+  );
+  console.table(sweepRows);
+}
 console.table(rows);
 console.log("per dispatch (each timed alone, warmed):");
 for (const r of kernelRows) {

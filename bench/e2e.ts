@@ -32,7 +32,10 @@
  * dispatch) off, `PROMPTGATE_CE_ROW_SWEEP=0` the row sweep of the LM-head loss (kernels/cross_entropy.ts),
  * `PROMPTGATE_MATMUL_K=8` the matmul's K step of 16 (`matmulTuning.kStep` in kernels/matmul.ts),
  * `PROMPTGATE_MATMUL_TILES8=0` its tiles of 8x8 outputs per thread (`matmulTuning.tiles8`),
- * `PROMPTGATE_MATMUL_SMALL_SPLIT=0` its K splits over the mid-size products (`matmulTuning.midSplit`).
+ * `PROMPTGATE_MATMUL_SMALL_SPLIT=0` its K splits over the mid-size products (`matmulTuning.midSplit`),
+ * `PROMPTGATE_ATTENTION_DKDV="2x2"` (or `"2x4 prefetched"`, ...) forces the tile of the attention's dk/dv
+ * pass (`attentionTuning.dkdvTiles`), `PROMPTGATE_ATTENTION_PREFETCH=0` / `1` the lane kernels' key-block
+ * prefetch.
  *
  * @module
  */
@@ -617,13 +620,22 @@ async function caseMain(args: string[]): Promise<void> {
   if (Deno.env.get("PROMPTGATE_MATMUL_K") === "8") matmulTuning.kStep = 8;
   if (Deno.env.get("PROMPTGATE_MATMUL_TILES8") === "0") matmulTuning.tiles8 = false;
   if (Deno.env.get("PROMPTGATE_MATMUL_SMALL_SPLIT") === "0") matmulTuning.midSplit = false;
+  const dkdv = Deno.env.get("PROMPTGATE_ATTENTION_DKDV")?.match(/^(\d)x(\d)( prefetched)?$/);
+  if (dkdv) attentionTuning.dkdvTiles = [{ keys: +dkdv[1]!, queries: +dkdv[2]!, prefetch: !!dkdv[3] }];
+  const prefetch = Deno.env.get("PROMPTGATE_ATTENTION_PREFETCH");
+  if (prefetch === "0" || prefetch === "1") {
+    attentionTuning.forwardShape = { ...attentionTuning.forwardShape, prefetch: prefetch === "1" };
+    attentionTuning.dqShape = { ...attentionTuning.dqShape, prefetch: prefetch === "1" };
+  }
   const kernels = !attentionTuning.tiled ? "per-row" : attentionTuning.lanes ? "lane" : "tiled";
   console.error(
     `[${values.model} ${dtype}] attention kernels: ${kernels}; LM-head loss: ${
       crossEntropyTuning.rowSweep ? "row" : "vocabulary"
     } sweep; matmul K step: ${
       matmulTuning.kStep ?? "default"
-    }, 8x8 tiles: ${matmulTuning.tiles8}, mid-size K splits: ${matmulTuning.midSplit}`,
+    }, 8x8 tiles: ${matmulTuning.tiles8}, mid-size K splits: ${matmulTuning.midSplit}; dk/dv tiles: ${
+      JSON.stringify(attentionTuning.dkdvTiles)
+    }, lane prefetch: ${!!attentionTuning.forwardShape.prefetch}/${!!attentionTuning.dqShape.prefetch}`,
   );
   await runCase(
     values.model,

@@ -4,6 +4,9 @@ import {
   attentionForward,
   type AttentionOptions,
   attentionTuning,
+  type DkdvTile,
+  dkdvTileBytes,
+  dkdvTileFor,
 } from "../../kernels/attention.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
 import { GpuError } from "../../src/errors.ts";
@@ -214,16 +217,23 @@ const CASES: Record<string, Case> = {
   },
 };
 
-/** The kernel families: lane kernels (the default), tiled kernels, the first per-row kernels. */
-type Kind = "lane kernels" | "tiled kernels" | "per-row kernels";
-const KINDS: Kind[] = ["lane kernels", "tiled kernels", "per-row kernels"];
+/**
+ * The kernel families: lane kernels (the default, key blocks prefetched through registers), the same
+ * without the prefetch, tiled kernels, the first per-row kernels.
+ */
+type Kind = "lane kernels" | "lane kernels, not prefetched" | "tiled kernels" | "per-row kernels";
+const KINDS: Kind[] = ["lane kernels", "lane kernels, not prefetched", "tiled kernels", "per-row kernels"];
 
 /** Runs `fn` with one kernel family (all are tested; the default is in kernels/attention.ts). */
 function withKind(kind: Kind, fn: () => Promise<void>): () => Promise<void> {
   return async () => {
     const saved = { ...attentionTuning };
     attentionTuning.tiled = kind !== "per-row kernels";
-    attentionTuning.lanes = kind === "lane kernels";
+    attentionTuning.lanes = kind.startsWith("lane kernels");
+    if (kind === "lane kernels, not prefetched") {
+      attentionTuning.forwardShape = { ...saved.forwardShape, prefetch: false };
+      attentionTuning.dqShape = { ...saved.dqShape, prefetch: false };
+    }
     try {
       await fn();
     } finally {
@@ -297,6 +307,85 @@ for (const kind of KINDS) {
       )),
   );
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The tiled dk/dv pass at every per-thread tile and with the query block prefetched, on cases whose
+// workgroup memory fits 32 KiB (lavapipe) for every tile: head sizes ≤ 32, odd ones, GQA, masks, windows,
+// partial blocks and several key blocks. The model head size 64 runs the same generated code.
+
+const DKDV_TILES: DkdvTile[] = [1, 2, 3, 4].flatMap((keys) =>
+  [1, 2, 3, 4].filter((queries) => keys * queries <= 8).flatMap((queries) =>
+    [false, true].map((prefetch) => ({ keys, queries, prefetch }))
+  )
+);
+const DKDV_CASES: Record<string, Case> = {
+  "causal GQA 4/2 with left padding, D=8": {
+    ...CASES["causal GQA (H=4, Hkv=2), B=2, T=S=7, D=8"]!,
+    leftPad: [2, 0],
+  },
+  "non-causal, padding mask, D=5":
+    CASES["non-causal with a padding mask, T=S=70 (two query blocks), H=3, D=5"]!,
+  "sliding window 16 at T=S=130, D=4":
+    CASES["sliding window 16 at T=S=130 (window smaller than the tiles, causal skip)"]!,
+  "chunked prefill T=3 at S=130, D=7": CASES["chunked prefill T=3 at S=130 with a window, D=7"]!,
+  "GQA 4/1, T=S=150, D=32": {
+    ...base,
+    numHeads: 4,
+    numKvHeads: 1,
+    headDim: 32,
+    batch: 1,
+    queryLen: 150,
+    keyLen: 150,
+  },
+};
+
+for (const tile of DKDV_TILES) {
+  const name = `${tile.keys}x${tile.queries}${tile.prefetch ? " prefetched" : ""}`;
+  Deno.test(`the tiled dk/dv pass matches the float64 reference with the ${name} tile`, async (t) => {
+    const g = await gpu();
+    const saved = { ...attentionTuning };
+    attentionTuning.dkdvTiles = [tile];
+    attentionTuning.lanes = false;
+    try {
+      let seed = 300;
+      for (const [label, c] of Object.entries(DKDV_CASES)) {
+        // never a silent fallback to the default tile
+        assert.deepEqual(dkdvTileFor(new Recorder(g), c.headDim), tile, `${name} must fit at D=${c.headDim}`);
+        const s = seed++;
+        await t.step(label, () => checkBackward(c, s, false));
+      }
+      await t.step(
+        "accumulate",
+        () => checkBackward(DKDV_CASES["causal GQA 4/2 with left padding, D=8"]!, 9, true),
+      );
+    } finally {
+      Object.assign(attentionTuning, saved);
+    }
+  });
+}
+
+Deno.test("dkdvTileFor takes the first tile that fits the device's workgroup memory, else 2x2", async () => {
+  const g = await gpu();
+  const rec = new Recorder(g);
+  const limit = g.limits.maxComputeWorkgroupStorageSize;
+  const saved = attentionTuning.dkdvTiles;
+  try {
+    const big = { keys: 4, queries: 4 };
+    assert.ok(dkdvTileBytes(64, big) > 65536, "the 4x4 tile at D=64 needs more than any device gives");
+    attentionTuning.dkdvTiles = [big, { keys: 2, queries: 4, prefetch: true }];
+    const want = dkdvTileBytes(64, { keys: 2, queries: 4 }) <= limit
+      ? { keys: 2, queries: 4, prefetch: true }
+      : { keys: 2, queries: 2 };
+    assert.deepEqual(dkdvTileFor(rec, 64), want);
+    assert.ok(dkdvTileBytes(8, big) <= 32768);
+    assert.deepEqual(dkdvTileFor(rec, 8), big);
+    attentionTuning.dkdvTiles = [big];
+    assert.deepEqual(dkdvTileFor(rec, 64), { keys: 2, queries: 2 });
+    assert.ok(dkdvTileBytes(64, { keys: 2, queries: 2 }) <= 32768, "2x2 fits 32 KiB at D=64");
+  } finally {
+    attentionTuning.dkdvTiles = saved;
+  }
+});
 
 // ---------------------------------------------------------------------------------------------------
 // f16 activations: q, k, v and out each f32 or f16; lse, dout and the gradients f32.
