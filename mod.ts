@@ -29,7 +29,8 @@ export type {
   RopeType,
 } from "./src/io/hf_config.ts";
 export type { Layout } from "./src/models/layout.ts";
-export type { LayerWeights, Linear, Norm, Weights } from "./src/models/weights.ts";
+export type { LayerWeights, Linear, Norm, StackedLinear, Weights } from "./src/models/weights.ts";
+export type { ColumnGroups } from "./kernels/matmul.ts";
 export type { AdapterLayerSlot, AdapterState } from "./src/adapters/state.ts";
 export type { Activations, LayerActivations } from "./src/models/activations.ts";
 export type { BindingKind, Kernel } from "./src/gpu/kernel.ts";

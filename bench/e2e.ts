@@ -35,7 +35,7 @@
  * `PROMPTGATE_MATMUL_SMALL_SPLIT=0` its K splits over the mid-size products (`matmulTuning.midSplit`),
  * `PROMPTGATE_ATTENTION_DKDV="2x2"` (or `"2x4 prefetched"`, ...) forces the tile of the attention's dk/dv
  * pass (`attentionTuning.dkdvTiles`), `PROMPTGATE_ATTENTION_PREFETCH=0` / `1` the lane kernels' key-block
- * prefetch.
+ * prefetch, `PROMPTGATE_QKV_STACK=0` runs q, k and v as three products instead of one stacked product.
  *
  * @module
  */
@@ -245,11 +245,18 @@ async function runCase(
   const rng = new Random(1234);
   const t0 = performance.now();
   resetGpuBytesPeak();
-  const model: Model = await createRandomModel(config, {
+  const created: Model = await createRandomModel(config, {
     dtype,
     seed: 0,
     maxSeqLen: Math.max(s.seq, s.prompt + s.newTokens),
   });
+  // PROMPTGATE_QKV_STACK=0: three q/k/v products (the same weights, unstacked) for a before/after
+  const model: Model = Deno.env.get("PROMPTGATE_QKV_STACK") === "0"
+    ? {
+      ...created,
+      weights: { ...created.weights, layers: created.weights.layers.map((l) => ({ ...l, qkv: null })) },
+    }
+    : created;
   await gpu.device.queue.onSubmittedWorkDone();
   const weightBytes = gpuBytesAllocated;
   details.createModelS = (performance.now() - t0) / 1000;

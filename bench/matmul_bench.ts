@@ -12,7 +12,8 @@
  * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / K step (8 beside the default) /
  * matrix-vector variant at the model shapes (`=matvec`: the matrix-vector variants only; `=prefill`: the products of a 128-token prefill, M = 128,
  * with f32 and with f16 weights and activations; `=small`: the planner's choice against every tile at the
- * mid-size training products, M = 2048, each case twice)
+ * mid-size training products, M = 2048, each case twice; `PROMPTGATE_TUNE_CASES`, a regular expression
+ * matched against "case op", keeps only the sweep cases it matches)
  * (the data behind the heuristic in kernels/matmul.ts).
  *
  * `PROMPTGATE_MATMUL_F16_PACKED` compares the tiled kernel's loads of f16 operands in one run: `both` times
@@ -251,6 +252,8 @@ if (tune) {
     ["smollm2 gate/up", 1536, 576],
     ["smollm2 down", 576, 1536],
     ["tinyllama k/v", 256, 2048],
+    ["smollm2 q/k/v stacked", 960, 576],
+    ["tinyllama q/k/v stacked", 2560, 2048],
   ].flatMap(([name, N, K]) =>
     (["linear", "linear_dx"] as const).flatMap((op) => {
       const c: [Case, Variant[], DType[]] = [
@@ -308,7 +311,11 @@ if (tune) {
       [{ name: "decode 512x256", op: "linear", M: 1, N: 512, K: 256 }, mv, ["f32"]],
     ];
   const tuneRows: Record<string, string | number>[] = [];
-  for (const [c, variants, dts] of tuneCases.filter(([c]) => tuneMode !== "matvec" || c.M <= 4)) {
+  const tuneFilter = new RegExp(Deno.env.get("PROMPTGATE_TUNE_CASES") ?? "");
+  const picked = tuneCases.filter(([c]) =>
+    (tuneMode !== "matvec" || c.M <= 4) && tuneFilter.test(`${c.name} ${c.op}`)
+  );
+  for (const [c, variants, dts] of picked) {
     for (const dtype of dts.filter((d) => dtypes.includes(d))) {
       const row: Record<string, string | number> = {
         case: c.name,

@@ -29,6 +29,9 @@
  *   vec4 weight loads in flight each; "kn" has 4 vec4 columns per workgroup and 64 K slices.
  * The shape heuristic (`planTiled`, `matvecThreads`) is fitted to H200 and H100 measurements in
  * bench/RESULTS.md.
+ * Column groups ({@link ColumnGroups}): one product can write its output as up to three row-major blocks
+ * of consecutive columns (a layer's q, k and v from their stacked weights) or read A that way (their
+ * gradients, for the input gradient), through an index function in the epilogue or the A loads.
  * Sizes, leading dimensions and column offsets travel in the uniform, so one pipeline serves every shape;
  * the WGSL changes only with the options in the kernel key (tile, layout, weight dtype, activation dtypes,
  * vec4 or packed loads, K step, bias, accumulate). Packed loads' leading dimensions and offsets travel in
@@ -147,6 +150,11 @@ interface GemmOptions {
   vecB: boolean;
   bias: boolean;
   accumulate: boolean;
+  /**
+   * Column groups (see {@link ColumnGroups}): "out" = the output's columns are stored as up to three
+   * row-major blocks, "a" = A's columns (the reduction dimension) are; "none" otherwise.
+   */
+  grouped: "none" | "out" | "a";
 }
 
 /** Options of the tiled kernel beyond the product's. */
@@ -174,8 +182,22 @@ const PARAMS_WGSL = `struct P {
   ldc: u32, cOff: u32, // output row stride and column offset (elements)
   tilesN: u32, groupsX: u32, tiles: u32,
   kChunk: u32,         // K range of one split (a multiple of the K step), K when not split
-  tilesMN: u32, _p0: u32, _p1: u32, _p2: u32,
+  tilesMN: u32,
+  g1: u32, g2: u32,    // column groups: boundaries of the blocks (see ColumnGroups)
+  _p2: u32,
 }`;
+
+/**
+ * WGSL index functions of column-grouped operands: columns [0, g1), [g1, g2) and [g2, n) of an (M, n)
+ * matrix stored as three consecutive row-major blocks (M, g1), (M, g2 - g1), (M, n - g2).
+ */
+function groupIndex(name: string, n: string, shift: string): string {
+  return `fn ${name}(m: u32, c: u32) -> u32 {
+  if (c < p.g1) { return (m * p.g1 + c)${shift}; }
+  if (c < p.g2) { return (p.M * p.g1 + m * (p.g2 - p.g1) + c - p.g1)${shift}; }
+  return (p.M * p.g2 + m * (${n} - p.g2) + c - p.g2)${shift};
+}`;
+}
 
 function header(o: GemmOptions, bType?: string, aType?: string): string {
   const bElem = o.f16 ? "f16" : "f32";
@@ -225,7 +247,14 @@ function load4(
   zero: "row" | "col",
   vec: boolean,
   exact: boolean,
+  grouped = false,
 ): string {
+  if (grouped) {
+    // A with column groups (vec4 only): a vec4 never straddles two blocks (g1, g2 are multiples of 4)
+    if (exact) return `vec4<f32>(${arr}[aIndex(${row}, ${col})])`;
+    const value = `vec4<f32>(${arr}[aIndex(min(${row}, ${rows} - 1u), min(${col}, ${cols} - 4u))])`;
+    return `select(vec4<f32>(0.0), ${value}, ${col} < ${cols})`;
+  }
   if (exact && vec) return `vec4<f32>(${arr}[(${row}) * ${ld} + ${off} + ((${col}) >> 2u)])`;
   const r = `min(${row}, ${rows} - 1u)`;
   if (vec) {
@@ -348,6 +377,7 @@ function tiledKernel(o: TiledOptions): Kernel {
       tile: string,
       packed: boolean,
       vec: boolean,
+      grouped = false,
     ) =>
       packed
         ? slotLoads(
@@ -382,10 +412,24 @@ function tiledKernel(o: TiledOptions): Kernel {
               "col",
               vec,
               ex,
+              grouped,
             ),
           kMajorStore(tileRows, tile),
         );
-    const A = kMajorLoads("a", "la", aSlots, "m0", "p.M", "p.lda", "p.aOff", bm, "As", o.h8A, o.vecA);
+    const A = kMajorLoads(
+      "a",
+      "la",
+      aSlots,
+      "m0",
+      "p.M",
+      "p.lda",
+      "p.aOff",
+      bm,
+      "As",
+      o.h8A,
+      o.vecA,
+      o.grouped === "a",
+    );
     const B = o.bLayout === "nk"
       ? kMajorLoads("b", "lb", bSlots, "n0", "p.N", "p.ldb", "0u", bn, "Bs", o.h8B, o.vecB)
       : o.h8B
@@ -436,6 +480,8 @@ function tiledKernel(o: TiledOptions): Kernel {
     const packed = "vec4<u32>";
     emit(header(o.split ? { ...o, bias: false } : o, o.h8B ? packed : undefined, o.h8A ? packed : undefined));
     const stages = o.db ? 2 : 1;
+    if (o.grouped === "a") emit(groupIndex("aIndex", "p.K", " >> 2u"));
+    if (o.grouped === "out") emit(groupIndex("outIndex", "p.N", ""));
     emit(`var<workgroup> As: array<vec4<f32>, ${(stages * bk * bm) / 4}>;`);
     emit(`var<workgroup> Bs: array<vec4<f32>, ${(stages * bk * bn) / 4}>;`);
     emit(`@compute @workgroup_size(${wx}, ${wy})`);
@@ -502,10 +548,13 @@ function tiledKernel(o: TiledOptions): Kernel {
       emit(`  {`);
       emit(`    let m = m0 + ${Math.floor(r / 4) * wy * 4 + (r % 4)}u + ty * 4u;`);
       emit(ex ? `    {` : `    if (m < p.M) {`);
-      emit(`      let row = plane + m * p.ldc + p.cOff;`);
+      if (o.grouped !== "out") emit(`      let row = plane + m * p.ldc + p.cOff;`);
       for (let j = 0; j < cb; j++) {
         const v = bias ? `c${r}_${j} + bias${j}` : `c${r}_${j}`;
-        emit(`      { let v = ${v};`);
+        // column groups: the 4 columns of a vec4 lie in one block (g1, g2 are multiples of 4)
+        emit(
+          `      { let v = ${v};${o.grouped === "out" ? ` let row = outIndex(m, col${j}) - col${j};` : ""}`,
+        );
         for (let c = 0; c < 4; c++) {
           const store = storeOut(o.ct, `row + col${j} + ${c}u`, `v.${"xyzw"[c]}`, acc);
           emit(ex ? `        ${store}` : `        if (col${j} + ${c}u < p.N) { ${store} }`);
@@ -527,7 +576,9 @@ const REDUCE_WG = 256;
  * The split-K reduction: `out[m, cOff + n] (+)= sum_s ws[s, m, n] (+ bias[n])`, one output per thread.
  * Uses the product uniform: `tiles` = M * N outputs, `kChunk` = number of splits.
  */
-function splitReduceKernel(o: { bias: boolean; accumulate: boolean; ct: ActivationType }): Kernel {
+function splitReduceKernel(
+  o: { bias: boolean; accumulate: boolean; ct: ActivationType; grouped: boolean },
+): Kernel {
   const binds: ("read" | "write" | "uniform")[] = o.bias
     ? ["write", "read", "read", "uniform"]
     : ["write", "read", "uniform"];
@@ -539,6 +590,7 @@ function splitReduceKernel(o: { bias: boolean; accumulate: boolean; ct: Activati
       `@group(0) @binding(1) var<storage, read> ws: array<f32>;`,
       o.bias ? `@group(0) @binding(2) var<storage, read> bias: array<f32>;` : "",
       `@group(0) @binding(${o.bias ? 3 : 2}) var<uniform> p: P;`,
+      o.grouped ? groupIndex("outIndex", "p.N", "") : "",
       `@compute @workgroup_size(${REDUCE_WG})`,
       `fn main(@builtin(global_invocation_id) gid: vec3u) {`,
       `  let i = gid.x + gid.y * p.groupsX;`,
@@ -548,7 +600,7 @@ function splitReduceKernel(o: { bias: boolean; accumulate: boolean; ct: Activati
       `  var s = 0.0;`,
       `  for (var sp = 0u; sp < p.kChunk; sp++) { s += ws[sp * p.tiles + i]; }`,
       o.bias ? `  s += bias[n];` : "",
-      `  let o = m * p.ldc + p.cOff + n;`,
+      o.grouped ? `  let o = outIndex(m, n);` : `  let o = m * p.ldc + p.cOff + n;`,
       `  ${storeOut(o.ct, "o", "s", o.accumulate)}`,
       `}`,
     ].join("\n"));
@@ -729,6 +781,14 @@ function bindings(bias: boolean): ("read" | "write" | "uniform")[] {
   return bias ? ["write", "read", "read", "read", "uniform"] : ["write", "read", "read", "uniform"];
 }
 
+/**
+ * Column groups `[g1, g2]` of an (M, n) matrix stored as three consecutive row-major blocks: columns
+ * [0, g1) as (M, g1), then [g1, g2) as (M, g2 - g1), then [g2, n) as (M, n - g2) — e.g. a layer's q, k
+ * and v activations in one buffer, written or read by one product against their stacked weights. g1 and
+ * g2 are multiples of 4 with 0 < g1 ≤ g2 ≤ n (g2 = n: two blocks).
+ */
+export type ColumnGroups = readonly [number, number];
+
 /** One product `out[m, cOff + n] (+)= sum_k a[m, aOff + k] B(k, n) (+ bias[n])`, sizes in elements. */
 interface Gemm {
   out: Tensor;
@@ -747,6 +807,18 @@ interface Gemm {
   /** Element types of A and of the output (checked by the public functions). */
   at: ActivationType;
   ct: ActivationType;
+  /** The output's (`on: "out"`) or A's (`on: "a"`) columns in groups, or none. */
+  groups?: { on: "out" | "a"; bounds: ColumnGroups } | undefined;
+}
+
+/** Throws unless `groups` can describe an operand of n columns (see {@link ColumnGroups}). */
+function checkGroups(what: string, groups: ColumnGroups, n: number): void {
+  const [g1, g2] = groups;
+  if (!(g1 > 0 && g1 <= g2 && g2 <= n && g1 % 4 === 0 && g2 % 4 === 0)) {
+    throw new GpuError(
+      `${what}: column groups [${groups}] must satisfy 0 < g1 <= g2 <= ${n} with g1 and g2 multiples of 4`,
+    );
+  }
 }
 
 /** Multiprocessors of the GPU the heuristic plans for (H100/H200: 132); waves are counted in these. */
@@ -773,8 +845,10 @@ function planTiled(g: Gemm): TiledPlan {
   else if (tiles128 >= 2 * SMS - 8) {
     // two waves or more: the big tile wins (30-39 TFLOP/s), except over a K below 2048 with under three
     // waves, where 128 threads of 8x8 outputs over 64x128 tiles do better (H100, M = 2048: TinyLlama k/v
-    // dHidden 30.9 -> 34.5 TFLOP/s, gpt2 mlp c_proj dHidden 36.7 -> 38.2; but TinyLlama q 36.7 -> 34.6)
-    const fewWaves = tiles128 < 3 * SMS && g.K < 2048;
+    // dHidden 30.9 -> 34.5 TFLOP/s, gpt2 mlp c_proj dHidden 36.7 -> 38.2; but TinyLlama q 36.7 -> 34.6),
+    // and over any K where the big tiles spill into a third wave (TinyLlama's stacked q/k/v, 320 tiles:
+    // 31.1 -> 35.9)
+    const fewWaves = tiles128 < 3 * SMS && (g.K < 2048 || tiles128 > 2 * SMS);
     tile = fewWaves && matmulTuning.tiles8 ? "64x128-8x8" : "128x128";
   } else if (g.M <= 128) {
     // a short prompt's prefill (M = 128 measured, bench/results/prefill-tune-*): K split in 8 everywhere;
@@ -868,6 +942,12 @@ function recordGemm(rec: Recorder, g: Gemm): void {
   const ldb = g.bLayout === "nk" ? g.K : g.N;
   const vecA = g.K % 4 === 0 && g.lda % 4 === 0 && g.aOff % 4 === 0;
   const vecB = ldb % 4 === 0;
+  const grouped = g.groups?.on ?? "none";
+  if (g.groups) {
+    checkGroups("matmul", g.groups.bounds, g.groups.on === "out" ? g.N : g.K);
+    const plain = g.groups.on === "out" ? g.ldc === g.N && g.cOff === 0 : g.lda === g.K && g.aOff === 0;
+    if (!plain) throw new GpuError("matmul: column groups take no leading dimension or column offset");
+  }
   const o: GemmOptions = {
     bLayout: g.bLayout,
     f16,
@@ -877,8 +957,10 @@ function recordGemm(rec: Recorder, g: Gemm): void {
     vecB,
     bias: g.bias !== null,
     accumulate: g.accumulate,
+    grouped,
   };
-  const canMatvec = g.M <= MV_MAX_M && vecA && vecB;
+  // column groups: the tiled kernel only (any M)
+  const canMatvec = g.M <= MV_MAX_M && vecA && vecB && grouped === "none";
   const forced = matmulTuning.force;
   const buffers = g.bias ? [g.out, g.a, g.b, g.bias] : [g.out, g.a, g.b];
   // elements per load of A and B: 1, 4 (vec4), or 8 (packed f16, the tiled kernel's h8A / h8B)
@@ -898,8 +980,8 @@ function recordGemm(rec: Recorder, g: Gemm): void {
     tiles,
     kChunk,
     tilesMN,
-    0,
-    0,
+    g.groups?.bounds[0] ?? 0,
+    g.groups?.bounds[1] ?? 0,
     0,
   ];
   if (canMatvec && (forced === null || forced === "matvec")) {
@@ -924,7 +1006,8 @@ function recordGemm(rec: Recorder, g: Gemm): void {
   const db = matmulTuning.doubleBuffer ?? true;
   // packed f16 loads (8 halves): where the contiguous dimension, leading dimension and offset allow
   const packed = matmulTuning.f16Packed ?? true;
-  const h8A = packed && g.at === "f16" && g.K % 8 === 0 && g.lda % 8 === 0 && g.aOff % 8 === 0;
+  const h8A = packed && g.at === "f16" && g.K % 8 === 0 && g.lda % 8 === 0 && g.aOff % 8 === 0 &&
+    grouped !== "a";
   const h8B = packed && f16 && ldb % 8 === 0;
   if (h8A) aUnit = 8;
   if (h8B) bUnit = 8;
@@ -941,7 +1024,19 @@ function recordGemm(rec: Recorder, g: Gemm): void {
   const split = nSplits > 1;
   const exact = vecA && vecB && g.M % bm === 0 && g.N % bn === 0 && g.K % bk === 0;
   // split-K partial sums go to the f32 workspace; the reduction rounds to the output type
-  const kernel = tiledKernel({ ...o, ct: split ? "f32" : o.ct, tile, exact, db, split, bk, h8A, h8B });
+  // split-K with grouped output: the workspace planes are plain, the reduction writes the groups
+  const kernel = tiledKernel({
+    ...o,
+    ct: split ? "f32" : o.ct,
+    grouped: split && grouped === "out" ? "none" : grouped,
+    tile,
+    exact,
+    db,
+    split,
+    bk,
+    h8A,
+    h8B,
+  });
   const tiles = tilesMN * nSplits;
   const { groups, stride } = grid1d(tiles, 1);
   if (!split) {
@@ -958,7 +1053,12 @@ function recordGemm(rec: Recorder, g: Gemm): void {
   const red = grid1d(outputs, REDUCE_WG);
   const redParams = params(tilesN, red.stride, outputs, nSplits, tilesMN);
   rec.dispatch(
-    splitReduceKernel({ bias: g.bias !== null, accumulate: g.accumulate, ct: g.ct }),
+    splitReduceKernel({
+      bias: g.bias !== null,
+      accumulate: g.accumulate,
+      ct: g.ct,
+      grouped: grouped === "out",
+    }),
     g.bias ? [g.out, ws, g.bias] : [g.out, ws],
     redParams,
     red.groups,
@@ -1001,7 +1101,9 @@ function checkGradient(t: Tensor, what: string): void {
  * @param w Weight, (N, K) f32 or f16.
  * @param bias Bias, (N) f32, or null.
  * @param opts `accumulate`: add into `out`; `outColOffset`: first output column (default 0); `ldOut`:
- *   output row length (default N).
+ *   output row length (default N); `outGroups`: out's columns stored as row-major blocks
+ *   ({@link ColumnGroups}; e.g. q, k and v from their stacked weights in one product), instead of
+ *   `outColOffset` and `ldOut`.
  * @throws {GpuError} when the shapes do not fit, or a tensor has a dtype it may not have.
  */
 export function linearForward(
@@ -1010,7 +1112,7 @@ export function linearForward(
   x: Tensor,
   w: Tensor,
   bias: Tensor | null,
-  opts: { accumulate?: boolean; outColOffset?: number; ldOut?: number } = {},
+  opts: { accumulate?: boolean; outColOffset?: number; ldOut?: number; outGroups?: ColumnGroups } = {},
 ): void {
   // x: (M, K), w: (N, K), out: (M, ldOut)
   const [N, K] = dims2(w, "linearForward");
@@ -1037,6 +1139,7 @@ export function linearForward(
     accumulate: opts.accumulate ?? false,
     at,
     ct,
+    groups: opts.outGroups ? { on: "out", bounds: opts.outGroups } : undefined,
   });
 }
 
@@ -1050,7 +1153,9 @@ export function linearForward(
  * @param dy Output gradient, (M, ldDy) f32.
  * @param w Weight, (N, K) f32 or f16.
  * @param opts `accumulate`: add into `dx`; `dyColOffset`: first column of dy (default 0); `ldDy`: row
- *   length of dy (default N).
+ *   length of dy (default N); `dyGroups`: dy's columns stored as row-major blocks ({@link ColumnGroups};
+ *   e.g. the gradients of q, k and v through their stacked weights in one product), instead of
+ *   `dyColOffset` and `ldDy`.
  * @throws {GpuError} when the shapes do not fit, or dy or dx is not f32 (gradients stay f32).
  */
 export function linearBackwardInput(
@@ -1058,7 +1163,7 @@ export function linearBackwardInput(
   dx: Tensor,
   dy: Tensor,
   w: Tensor,
-  opts: { accumulate?: boolean; dyColOffset?: number; ldDy?: number } = {},
+  opts: { accumulate?: boolean; dyColOffset?: number; ldDy?: number; dyGroups?: ColumnGroups } = {},
 ): void {
   // dy: (M, ldDy), w: (N, K), dx: (M, K)
   const [N, K] = dims2(w, "linearBackwardInput");
@@ -1087,6 +1192,7 @@ export function linearBackwardInput(
     accumulate: opts.accumulate ?? false,
     at: "f32",
     ct: "f32",
+    groups: opts.dyGroups ? { on: "a", bounds: opts.dyGroups } : undefined,
   });
 }
 

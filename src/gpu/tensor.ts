@@ -164,6 +164,45 @@ export function tensorFrom(gpu: Gpu, data: HostArray, shape?: readonly number[],
 }
 
 /**
+ * Tensors of the given shapes at consecutive offsets of one new buffer, e.g. a layer's q, k and v, so
+ * that one product writes or reads all three (see `ColumnGroups` in kernels/matmul.ts) while every other
+ * kernel binds each on its own. Null when an offset would not be a multiple of the device's
+ * `minStorageBufferOffsetAlignment` (the parts could not be bound alone): the caller then creates them
+ * separately.
+ *
+ * @param gpu The GPU.
+ * @param shapes The parts' shapes, in order.
+ * @param dtype Their element type.
+ * @param label A name for messages.
+ * @param names The parts' names (default `label.0`, `label.1`, ...).
+ * @returns The whole (one dimension) and the parts, or null.
+ * @example q, k and v of 2048 rows
+ * ```ts ignore
+ * const qkv = createStacked(gpu, [[2048, 576], [2048, 192], [2048, 192]], "f32", "layer0.qkv");
+ * ```
+ */
+export function createStacked(
+  gpu: Gpu,
+  shapes: readonly (readonly number[])[],
+  dtype: DType,
+  label: string,
+  names: readonly string[] = shapes.map((_, i) => `${label}.${i}`),
+): { whole: Tensor; parts: Tensor[] } | null {
+  const align = gpu.limits.minStorageBufferOffsetAlignment;
+  const bytes = shapes.map((s) => numel(s) * DTYPE_BYTES[dtype]);
+  if (bytes.slice(0, -1).some((b) => b % align !== 0)) return null;
+  const total = bytes.reduce((a, b) => a + b, 0);
+  const whole = createTensor(gpu, [total / DTYPE_BYTES[dtype]], dtype, label);
+  let offset = 0;
+  const parts = shapes.map((shape, i) => {
+    const t = new Tensor(whole.buffer, shape, dtype, offset, names[i] ?? `${label}.${i}`);
+    offset += bytes[i]!;
+    return t;
+  });
+  return { whole, parts };
+}
+
+/**
  * Uploads host data into a tensor (queued; no wait).
  *
  * @param gpu The GPU.

@@ -10,7 +10,7 @@
  */
 
 import type { Gpu } from "../gpu/device.ts";
-import { createTensor, type Tensor } from "../gpu/tensor.ts";
+import { createStacked, createTensor, type DType, type Tensor } from "../gpu/tensor.ts";
 import type { ModelConfig } from "../io/hf_config.ts";
 import { checkActivationsFit } from "./memory.ts";
 
@@ -28,6 +28,8 @@ export interface LayerActivations {
   readonly k: Tensor;
   /** Values (N, Hkv*D). */
   readonly v: Tensor;
+  /** q, k and v as one stack (their buffer, in that order) for one product, or null when apart. */
+  readonly qkv: Tensor | null;
   /** Main attention output, before the adapter is added (N, H*D). */
   readonly attn: Tensor;
   /** Log-sum-exp of the attention rows (B, H, T). */
@@ -95,6 +97,8 @@ export interface Activations {
     readonly q: Tensor;
     readonly k: Tensor;
     readonly v: Tensor;
+    /** d q, d k, d v as one stack, or null when apart. */
+    readonly qkv: Tensor | null;
     readonly g: Tensor;
     readonly u: Tensor;
     readonly a: Tensor;
@@ -131,13 +135,19 @@ export function createActivations(
   const t = (shape: number[], label: string, type: "f32" | "i32" = "f32") =>
     createTensor(gpu, shape, type, label);
   const a = (shape: number[], label: string) => createTensor(gpu, shape, dtype, label);
+  // q, k and v in one buffer where their offsets can be bound (one product writes them, one reads d q/k/v)
+  const qkvSet = (type: DType, label: string) => {
+    const shapes = [[N, H * D], [N, Hkv * D], [N, Hkv * D]];
+    const names = ["q", "k", "v"].map((n) => `${label}.${n}`);
+    const s = createStacked(gpu, shapes, type, `${label}.qkv`, names);
+    const [q, k, v] = s ? s.parts : shapes.map((shape, i) => createTensor(gpu, shape, type, names[i]));
+    return { q: q!, k: k!, v: v!, qkv: s ? s.whole : null };
+  };
   const layerSet = (label: string, x: Tensor): LayerActivations => ({
     x,
     rstd1: t([N], `${label}.rstd1`),
     mean1: t([N], `${label}.mean1`),
-    q: a([N, H * D], `${label}.q`),
-    k: a([N, Hkv * D], `${label}.k`),
-    v: a([N, Hkv * D], `${label}.v`),
+    ...qkvSet(dtype, label),
     attn: a([N, H * D], `${label}.attn`),
     lse: t([B, H, T], `${label}.lse`),
     x2: a([N, C], `${label}.x2`),
@@ -183,9 +193,9 @@ export function createActivations(
       res: g([N, C], "d.res"),
       h: g([N, C], "d.h"),
       attn: g([N, Math.max(H * D, C)], "d.attn"),
-      q: g([N, H * D], "d.q"),
-      k: g([N, Hkv * D], "d.k"),
-      v: g([N, Hkv * D], "d.v"),
+      ...(training
+        ? qkvSet("f32", "d")
+        : { q: t([1], "d.q"), k: t([1], "d.k"), v: t([1], "d.v"), qkv: null }),
       g: g([N, I], "d.g"),
       u: g([N, I], "d.u"),
       a: g([N, I], "d.a"),

@@ -7,7 +7,8 @@
 
 import type { Recorder } from "../gpu/recorder.ts";
 import type { Tensor } from "../gpu/tensor.ts";
-import { linearBackwardInput, linearForward } from "../../kernels/matmul.ts";
+import { type ColumnGroups, linearBackwardInput, linearForward } from "../../kernels/matmul.ts";
+import { GpuError } from "../errors.ts";
 import { addBiasRows } from "../../kernels/activation.ts";
 import type { Linear } from "./weights.ts";
 import type { ModelConfig } from "../io/hf_config.ts";
@@ -21,6 +22,7 @@ import type { ModelConfig } from "../io/hf_config.ts";
  * @param lin The linear layer.
  * @param accumulate Add into `out` instead of overwriting it.
  * @param withBias Whether to add the bias (default true).
+ * @param outGroups `out`'s columns as consecutive blocks (a stacked q/k/v product; one row range only).
  */
 export function linear(
   rec: Recorder,
@@ -29,13 +31,15 @@ export function linear(
   lin: Linear,
   accumulate = false,
   withBias = true,
+  outGroups?: ColumnGroups,
 ): void {
   const N = lin.w.shape[0]!;
   const bias = withBias ? lin.b : null;
   if (lin.ranges.length === 1) {
-    linearForward(rec, out, x, lin.w, bias, { accumulate });
+    linearForward(rec, out, x, lin.w, bias, outGroups ? { accumulate, outGroups } : { accumulate });
     return;
   }
+  if (outGroups) throw new GpuError(`linear: ${lin.w.label} in row ranges cannot write column groups`);
   for (const { rowStart, tensor } of lin.ranges) {
     linearForward(rec, out, x, tensor, null, { accumulate, outColOffset: rowStart, ldOut: N });
   }
@@ -50,13 +54,22 @@ export function linear(
  * @param dy Output gradient (M, out).
  * @param lin The linear layer.
  * @param accumulate Add into `dx` instead of overwriting it.
+ * @param dyGroups `dy`'s columns as consecutive blocks (a stacked q/k/v product; one row range only).
  */
-export function linearBackward(rec: Recorder, dx: Tensor, dy: Tensor, lin: Linear, accumulate = false): void {
+export function linearBackward(
+  rec: Recorder,
+  dx: Tensor,
+  dy: Tensor,
+  lin: Linear,
+  accumulate = false,
+  dyGroups?: ColumnGroups,
+): void {
   const N = lin.w.shape[0]!;
   if (lin.ranges.length === 1) {
-    linearBackwardInput(rec, dx, dy, lin.w, { accumulate });
+    linearBackwardInput(rec, dx, dy, lin.w, dyGroups ? { accumulate, dyGroups } : { accumulate });
     return;
   }
+  if (dyGroups) throw new GpuError(`linearBackward: ${lin.w.label} in row ranges cannot read column groups`);
   lin.ranges.forEach(({ rowStart, tensor }, i) => {
     linearBackwardInput(rec, dx, dy, tensor, {
       accumulate: accumulate || i > 0,

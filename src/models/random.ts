@@ -28,6 +28,7 @@ import type {
   TensorSource,
   Weights,
 } from "./weights.ts";
+import { uploadProjections } from "./weights.ts";
 
 /** Models whose shapes {@link modelConfigFor} knows. */
 export type RandomModelName = "gpt2-124M" | "smollm2-135M" | "tinyllama-1.1B";
@@ -292,15 +293,26 @@ export function randomWeights(
   const layers: LayerWeights[] = [];
   for (let i = 0; i < config.numLayers; i++) {
     const p = layout.layerPrefix(i);
-    const qkv = "fused" in m.qkv
-      ? (["q", "k", "v"] as const).map((part) =>
-        linear(`${p}${(m.qkv as { fused: string }).fused}.${part}`, C, C, true)
-      )
-      : [
-        linear(`${p}${m.qkv.q}`, H * D, C, config.attentionBias),
-        linear(`${p}${m.qkv.k}`, Hkv * D, C, config.attentionBias),
-        linear(`${p}${m.qkv.v}`, Hkv * D, C, config.attentionBias),
-      ];
+    // q, k, v: tape windows of the same names as before, stacked in one buffer where possible
+    const parts = ("fused" in m.qkv
+      ? (["q", "k", "v"] as const).map((part) => ({
+        name: `${p}${(m.qkv as { fused: string }).fused}.${part}`,
+        rows: C,
+        bias: true,
+      }))
+      : [[m.qkv.q, H * D], [m.qkv.k, Hkv * D], [m.qkv.v, Hkv * D]].map(([module, rows]) => ({
+        name: `${p}${module}`,
+        rows: rows as number,
+        bias: config.attentionBias,
+      }))).map(({ name, rows, bias }) => {
+        const at = tape.offset(`${name}.weight`), n = rows * C;
+        checkBufferFits(gpu, n * (dtype === "f16" ? 2 : 4), name);
+        const data = dtype === "f16" ? tape.f16.subarray(at, at + n) : tape.f32.subarray(at, at + n);
+        return { data, rows, bias: bias ? new Float32Array(rows) : null, label: `${name}.weight` };
+      });
+    const projections = uploadProjections(gpu, parts, C, `${p}qkv`);
+    bytes += projections.bytes;
+    const qkv = projections.linears;
     const o = linear(`${p}${m.o}`, C, H * D, config.attentionBias || config.family === "gpt2");
     const mlp = "gate" in m.mlp
       ? {
@@ -318,6 +330,7 @@ export function randomWeights(
       q: qkv[0]!,
       k: qkv[1]!,
       v: qkv[2]!,
+      qkv: projections.stacked,
       o,
       norm2: norm(`${p}${m.norm2}`),
       ...mlp,

@@ -152,9 +152,14 @@ export function adapterKeyValuesForward(rec: Recorder, model: Model, state: Adap
  */
 export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
   const { rec, model, acts, la, w } = ctx;
-  linear(rec, la.q, h, w.q);
-  linear(rec, la.k, h, w.k);
-  linear(rec, la.v, h, w.v);
+  if (w.qkv && la.qkv) {
+    // (N, C) -> q, k, v in one product against the stacked weights
+    linear(rec, la.qkv, h, w.qkv.lin, false, true, w.qkv.groups);
+  } else {
+    linear(rec, la.q, h, w.q);
+    linear(rec, la.k, h, w.k);
+    linear(rec, la.v, h, w.v);
+  }
   ropeQueriesKeys(ctx);
   let keys = la.k, values = la.v;
   if (ctx.cache) {
@@ -351,6 +356,10 @@ export function selfAttentionBackward(ctx: LayerContext, needInput: boolean): vo
   if (model.layout.rope) {
     ropeBackwardInPlace(rec, d.q, model.invFreq!, acts.positions, c.numHeads);
     ropeBackwardInPlace(rec, d.k, model.invFreq!, acts.positions, c.numKvHeads);
+  }
+  if (w.qkv && d.qkv) {
+    linearBackward(rec, d.h, d.qkv, w.qkv.lin, false, w.qkv.groups);
+    return;
   }
   linearBackward(rec, d.h, d.q, w.q);
   linearBackward(rec, d.h, d.k, w.k, true);

@@ -2,14 +2,18 @@
  * Base-model weights on the GPU, read from a checkpoint one tensor at a time (never the whole file in
  * memory), normalised to one shape per family: every 2-D projection as HF `Linear` `[out, in]` (gpt2's
  * `Conv1D` weights are transposed on the way in, and its fused `c_attn` is split into q, k and v), norms
- * and biases in f32, projections and embeddings in the compute dtype (f32, or f16 on `shader-f16`).
+ * and biases in f32, projections and embeddings in the compute dtype (f32, or f16 on `shader-f16`). A
+ * layer's q, k and v weights share one buffer where the device can bind each part alone
+ * ({@link uploadProjections}), so that training computes the three in one product and their input
+ * gradient in one more (kernels/matmul.ts, column groups); decode and the adapter use the parts.
  *
  * @module
  */
 
 import type { Gpu } from "../gpu/device.ts";
 import { checkBufferFits, fmtBytes } from "../gpu/device.ts";
-import { splitRows, type Tensor, tensorFrom } from "../gpu/tensor.ts";
+import { createStacked, splitRows, type Tensor, tensorFrom, writeTensor } from "../gpu/tensor.ts";
+import type { ColumnGroups } from "../../kernels/matmul.ts";
 import type { ModelConfig } from "../io/hf_config.ts";
 import { f32ArrayToF16 } from "../io/dtype.ts";
 import { InvalidFileError } from "../errors.ts";
@@ -35,6 +39,17 @@ export interface Linear {
   readonly b: Tensor | null;
 }
 
+/**
+ * A layer's q, k and v projections stacked `[Nq + 2 Nkv, in]` in one buffer (the layer's `q`, `k` and `v`
+ * are views of it), so that one product computes all three (and one their input gradient).
+ */
+export interface StackedLinear {
+  /** The stacked weight (and bias) as one linear layer. */
+  readonly lin: Linear;
+  /** Where the blocks end along the output columns: `[Nq, Nq + Nkv]`. */
+  readonly groups: ColumnGroups;
+}
+
 /** A norm's parameters (LayerNorm has a bias). */
 export interface Norm {
   /** Scale `[C]`. */
@@ -53,6 +68,8 @@ export interface LayerWeights {
   readonly k: Linear;
   /** Value projection. */
   readonly v: Linear;
+  /** q, k and v stacked in one buffer, or null where they could not be (see {@link uploadProjections}). */
+  readonly qkv: StackedLinear | null;
   /** Output projection. */
   readonly o: Linear;
   /** Norm before the MLP. */
@@ -79,6 +96,63 @@ export interface Weights {
   readonly lmHead: Linear;
   /** Bytes uploaded. */
   readonly bytes: number;
+}
+
+/**
+ * Uploads a layer's q, k and v weights (`[rows, in]` each, f32 or f16 bits) and biases: into one buffer
+ * when each part's offset can be bound on its own and the stack fits one binding — the three then are
+ * views of it and `stacked` is the whole, for one product — else as three uploads (`stacked` null).
+ *
+ * @param gpu The GPU.
+ * @param parts q, k, v: values in the compute dtype, rows, f32 bias or null, label.
+ * @param cols Input features.
+ * @param label A name for the stack.
+ * @returns The three layers, the stack or null, and the bytes uploaded.
+ */
+export function uploadProjections(
+  gpu: Gpu,
+  parts: { data: Float32Array | Uint16Array; rows: number; bias: Float32Array | null; label: string }[],
+  cols: number,
+  label: string,
+): { linears: Linear[]; stacked: StackedLinear | null; bytes: number } {
+  let bytes = 0;
+  const vector = (data: Float32Array, name: string) => {
+    const t = tensorFrom(gpu, data, [data.length], name);
+    bytes += t.byteLength;
+    return t;
+  };
+  const biases = parts.map((p) => (p.bias ? vector(p.bias, `${p.label}.bias`) : null));
+  const dtype = parts[0]!.data instanceof Uint16Array ? "f16" : "f32";
+  const rows = parts.reduce((a, p) => a + p.rows, 0);
+  const fits = rows * cols * (dtype === "f16" ? 2 : 4) <= gpu.limits.maxStorageBufferBindingSize;
+  const sameBias = biases.every((b) => b !== null) || biases.every((b) => b === null);
+  const stack = fits && sameBias && parts.length === 3
+    ? createStacked(gpu, parts.map((p) => [p.rows, cols]), dtype, label, parts.map((p) => p.label))
+    : null;
+  if (!stack) {
+    const linears = parts.map((p, i) => {
+      const w = tensorFrom(gpu, p.data, [p.rows, cols], p.label);
+      bytes += w.byteLength;
+      return { w, b: biases[i]!, ranges: splitRows(gpu, w) };
+    });
+    return { linears, stacked: null, bytes };
+  }
+  bytes += stack.whole.byteLength;
+  const linears = parts.map((p, i) => {
+    const w = stack.parts[i]!;
+    writeTensor(gpu, w, p.data);
+    return { w, b: biases[i]!, ranges: [{ rowStart: 0, tensor: w }] };
+  });
+  const whole = stack.whole.reshape([rows, cols]);
+  const bias = biases[0]
+    ? vector(Float32Array.from(parts.flatMap((p) => Array.from(p.bias!))), `${label}.bias`)
+    : null;
+  const q = parts[0]!.rows, k = parts[1]!.rows;
+  return {
+    linears,
+    stacked: { lin: { w: whole, b: bias, ranges: [{ rowStart: 0, tensor: whole }] }, groups: [q, q + k] },
+    bytes,
+  };
 }
 
 /**
@@ -183,28 +257,39 @@ export async function loadWeights(
   for (let i = 0; i < config.numLayers; i++) {
     const p = layout.layerPrefix(i);
     const m = layout.modules;
-    let q: Linear, k: Linear, v: Linear;
+    const inDtype = (data: Float32Array) => (dtype === "f16" ? f32ArrayToF16(data) : data);
+    let parts: { data: Float32Array | Uint16Array; rows: number; bias: Float32Array | null; label: string }[];
     if ("fused" in m.qkv) {
       // gpt2 c_attn: Conv1D [C, 3C] = [q | k | v] along the output columns
       const name = `${p}${m.qkv.fused}`;
       need(`${name}.weight`, [C, 3 * C]);
       const wt = transpose(await source.readF32(`${name}.weight`), C, 3 * C); // [3C, C]
+      need(`${name}.bias`, [3 * C]);
       const bias = await source.readF32(`${name}.bias`);
-      const part = (j: number, label: string): Linear => {
-        const w = upload(wt.slice(j * C * C, (j + 1) * C * C), [C, C], `${name}.${label}`);
-        const b = tensorFrom(gpu, bias.slice(j * C, (j + 1) * C), [C], `${name}.${label}.bias`);
-        bytes += b.byteLength;
-        return makeLinear(w, b);
-      };
-      q = part(0, "q");
-      k = part(1, "k");
-      v = part(2, "v");
+      parts = ["q", "k", "v"].map((label, j) => ({
+        data: inDtype(wt.subarray(j * C * C, (j + 1) * C * C)),
+        rows: C,
+        bias: bias.slice(j * C, (j + 1) * C),
+        label: `${name}.${label}`,
+      }));
     } else {
-      const bias = config.attentionBias;
-      q = await linear(`${p}${m.qkv.q}`, H * D, C, bias);
-      k = await linear(`${p}${m.qkv.k}`, Hkv * D, C, bias);
-      v = await linear(`${p}${m.qkv.v}`, Hkv * D, C, bias);
+      parts = [];
+      for (const [module, rows] of [[m.qkv.q, H * D], [m.qkv.k, Hkv * D], [m.qkv.v, Hkv * D]] as const) {
+        const name = `${p}${module}`;
+        need(`${name}.weight`, [rows, C]);
+        const b = config.attentionBias && source.has(`${name}.bias`);
+        if (b) need(`${name}.bias`, [rows]);
+        parts.push({
+          data: inDtype(await source.readF32(`${name}.weight`)),
+          rows,
+          bias: b ? await source.readF32(`${name}.bias`) : null,
+          label: `${name}.weight`,
+        });
+      }
     }
+    const projections = uploadProjections(gpu, parts, C, `${p}qkv`);
+    bytes += projections.bytes;
+    const [q, k, v] = projections.linears as [Linear, Linear, Linear];
     const o = await linear(`${p}${m.o}`, C, H * D, config.attentionBias || config.family === "gpt2");
     const I = config.intermediateSize;
     let gate: Linear | null = null, up: Linear, down: Linear;
@@ -221,6 +306,7 @@ export async function loadWeights(
       q,
       k,
       v,
+      qkv: projections.stacked,
       o,
       norm2: await norm(`${p}${m.norm2}`),
       gate,

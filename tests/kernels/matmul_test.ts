@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import {
+  type ColumnGroups,
   conv1dBackwardInput,
   conv1dForward,
   linearBackwardInput,
@@ -227,6 +228,121 @@ Deno.test("the analytic input gradients of Linear and Conv1D match central finit
     }
     assert.ok(relError(analytic, numeric) < 1e-7, `${name}: ${relError(analytic, numeric)}`);
   }
+});
+
+/** (M, N) row-major → its column groups [g1, g2] as consecutive row-major blocks (see `ColumnGroups`). */
+function toGroups(a: ArrayLike<number>, M: number, N: number, [g1, g2]: ColumnGroups): Float64Array {
+  const out = new Float64Array(M * N);
+  let at = 0;
+  for (const [c0, c1] of [[0, g1], [g1, g2], [g2, N]] as const) {
+    for (let m = 0; m < M; m++) for (let n = c0; n < c1; n++) out[at++] = a[m * N + n]!;
+  }
+  return out;
+}
+
+// (M, K, column groups, N): three blocks, an empty middle block, two blocks (g2 = N); whole and partial tiles
+const GROUPED: [number, number, ColumnGroups, number][] = [
+  [37, 36, [16, 28], 40],
+  [128, 48, [64, 96], 128],
+  [5, 20, [12, 12], 24],
+  [70, 12, [8, 24], 24],
+];
+
+Deno.test("linearForward writes column groups (q, k, v in one product) with bias, accumulate and f16 out", async () => {
+  const g = await gpu();
+  const rng = new Rng(21);
+  await forEachKernel(async (choice) => {
+    for (const [M, K, groups, N] of GROUPED) {
+      const x = rng.randn(M * K);
+      const w = rng.randn(N * K, 0.5);
+      const b = rng.randn(N);
+      const want = toGroups(linearForwardRef(x, w, b, M, N, K), M, N, groups);
+      const out = poisoned(g, [M * N]);
+      const got = await run(
+        g,
+        out,
+        (rec) =>
+          linearForward(rec, out, upload(g, x, [M, K]), upload(g, w, [N, K]), upload(g, b), {
+            outGroups: groups,
+          }),
+      );
+      assertClose(got, want, TOL, `grouped ${choice} ${M}x${N}x${K} [${groups}]`);
+      const init = rng.randn(M * N);
+      const acc = upload(g, init);
+      const gotAcc = await run(
+        g,
+        acc,
+        (rec) =>
+          linearForward(rec, acc, upload(g, x, [M, K]), upload(g, w, [N, K]), null, {
+            outGroups: groups,
+            accumulate: true,
+          }),
+      );
+      const plain = toGroups(linearForwardRef(x, w, null, M, N, K), M, N, groups);
+      assertClose(gotAcc, plain.map((v, i) => v + init[i]!), TOL, `grouped accumulate ${choice}`);
+      if (g.hasF16) {
+        const out16 = poisoned(g, [M * N], "f16");
+        const got16 = await run(
+          g,
+          out16,
+          (rec) =>
+            linearForward(rec, out16, upload(g, x, [M, K]), upload(g, w, [N, K]), upload(g, b), {
+              outGroups: groups,
+            }),
+        );
+        assertClose(got16, want, TOL_F16_OUT, `grouped f16 out ${choice}`);
+      }
+    }
+  });
+});
+
+Deno.test("linearBackwardInput reads dy in column groups (the q, k, v gradients in one product)", async () => {
+  const g = await gpu();
+  const rng = new Rng(22);
+  await forEachKernel(async (choice) => {
+    for (const [M, K, groups, N] of GROUPED) {
+      const dy = rng.randn(M * N);
+      const w = rng.randn(N * K, 0.5);
+      const want = linearBackwardInputRef(dy, w, M, N, K);
+      const dyGrouped = Float32Array.from(toGroups(dy, M, N, groups));
+      const dx = poisoned(g, [M, K]);
+      const got = await run(
+        g,
+        dx,
+        (rec) =>
+          linearBackwardInput(rec, dx, upload(g, dyGrouped), upload(g, w, [N, K]), { dyGroups: groups }),
+      );
+      assertClose(got, want, TOL, `grouped dy ${choice} ${M}x${N}x${K} [${groups}]`);
+      const init = rng.randn(M * K);
+      const acc = upload(g, init, [M, K]);
+      const gotAcc = await run(
+        g,
+        acc,
+        (rec) =>
+          linearBackwardInput(rec, acc, upload(g, dyGrouped), upload(g, w, [N, K]), {
+            dyGroups: groups,
+            accumulate: true,
+          }),
+      );
+      assertClose(gotAcc, want.map((v, i) => v + init[i]!), TOL, `grouped dy accumulate ${choice}`);
+    }
+  });
+});
+
+Deno.test("column groups that are not multiples of 4, or come with an offset, are refused", async () => {
+  const g = await gpu();
+  const x = upload(g, new Float32Array(4 * 8), [4, 8]);
+  const w = upload(g, new Float32Array(12 * 8), [12, 8]);
+  const out = createTensor(g, [4 * 12]);
+  const rec = new Recorder(g);
+  assert.throws(() => linearForward(rec, out, x, w, null, { outGroups: [6, 8] }), GpuError);
+  assert.throws(() => linearForward(rec, out, x, w, null, { outGroups: [8, 16] }), GpuError);
+  assert.throws(() => linearForward(rec, out, x, w, null, { outGroups: [0, 8] }), GpuError);
+  assert.throws(
+    () => linearForward(rec, createTensor(g, [4 * 16]), x, w, null, { outGroups: [4, 8], ldOut: 16 }),
+    GpuError,
+  );
+  assert.throws(() => linearBackwardInput(rec, x, out, w, { dyGroups: [4, 10] }), GpuError);
 });
 
 Deno.test("linearBackwardInput matches the reference, including dy column slices and accumulate", async () => {

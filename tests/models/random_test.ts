@@ -19,6 +19,7 @@ import {
 import { getGpu } from "../../src/gpu/device.ts";
 import { Tensor } from "../../src/gpu/tensor.ts";
 import { loadWeights, type Weights } from "../../src/models/weights.ts";
+import type { Model } from "../../src/models/model.ts";
 import { Rng } from "../_util.ts";
 
 /** Parameter counts of the published checkpoints (embedding counted once when tied). */
@@ -143,5 +144,47 @@ for (const [family, raw] of Object.entries(TINY)) {
     // the first step starts at the base model (gate zero), so the loss is the base loss to f32 rounding
     assert.ok(Math.abs(losses[0]! - loss!) <= 1e-5 * loss!, `first loss ${losses[0]} should equal ${loss}`);
     assert.ok(losses.at(-1)! < losses[0]! - 1e-4, `losses ${losses} should fall`);
+  });
+}
+
+for (const [family, raw] of Object.entries(TINY)) {
+  Deno.test(`a tiny random ${family}: q, k and v in one stacked product train exactly as three products`, async () => {
+    const config = normalizeConfig(raw);
+    const stacked = await createRandomModel(config, { seed: 5, maxSeqLen: 32 });
+    assert.ok(stacked.weights.layers.every((l) => l.qkv !== null), "the tiny model's q, k, v are stacked");
+    // the same weights (views), without the stack: three products forward, three input gradients backward
+    const apart: Model = {
+      ...stacked,
+      weights: { ...stacked.weights, layers: stacked.weights.layers.map((l) => ({ ...l, qkv: null })) },
+      adapters: new Map(),
+      activations: new Map(),
+    };
+    const rng = new Rng(12);
+    const ids = Array.from({ length: 2 }, () => Array.from(rng.ints(8, config.vocabSize)));
+    const batch = { inputIds: ids, labels: ids };
+    const losses = [];
+    for (const model of [stacked, apart]) {
+      addAdaptionPrompt(model, { adapterLen: 4, adapterLayers: 3, seed: 9 });
+      const opt = createOptimizer(model, { lr: 5e-2, weightDecay: 0 });
+      const run: number[] = [];
+      for (let i = 0; i < 4; i++) run.push(await opt.step(batch));
+      const { logits } = await forward(model, batch);
+      losses.push({ run, logits });
+      // the stack ran where it could: every saved layer's q, k, v and their gradients share one buffer
+      const acts = [...model.activations.values()].find((a) => a.training)!;
+      assert.equal(acts.layers.every((la) => la.qkv !== null) && acts.grad.qkv !== null, true);
+    }
+    const [a, b] = losses as [
+      { run: number[]; logits: Float32Array },
+      { run: number[]; logits: Float32Array },
+    ];
+    assert.ok(a.run.every((x, i) => Math.abs(x - b.run[i]!) <= 1e-5 * Math.abs(x)), `${a.run} vs ${b.run}`);
+    assert.ok(a.run.at(-1)! < a.run[0]! - 1e-4, `losses ${a.run} should fall`);
+    let d = 0, s = 0;
+    for (let i = 0; i < a.logits.length; i++) {
+      d = Math.max(d, Math.abs(a.logits[i]! - b.logits[i]!));
+      s = Math.max(s, Math.abs(b.logits[i]!));
+    }
+    assert.ok(d <= 1e-5 * s, `logits differ by ${d} (max ${s})`);
   });
 }
