@@ -20,7 +20,11 @@ import {
   type DkdvTile,
   dkdvTileBytes,
 } from "../kernels/attention.ts";
-import { adapterAttentionBackward, adapterAttentionForward } from "../kernels/adapter_attention.ts";
+import {
+  adapterAttentionBackward,
+  adapterAttentionForward,
+  adapterAttentionTuning,
+} from "../kernels/adapter_attention.ts";
 import { addInto } from "../kernels/activation.ts";
 import { decodeAttentionForward } from "../kernels/decode_attention.ts";
 import { adapterReport, getGpu } from "../src/gpu/device.ts";
@@ -69,7 +73,8 @@ function rand(n: number, seed: number): Float32Array {
 const rows: Record<string, string | number>[] = [];
 
 // PROMPTGATE_BENCH_DKDV=1: only the dk/dv pass, once per per-thread tile (attentionTuning.dkdvTiles) that
-// fits the device, and the lane kernels (forward, dq) with and without their key blocks prefetched, each
+// fits the device, the lane kernels (forward, dq) with and without their key blocks prefetched, and the
+// adapter backward's row blocks and load batches (`adapterAttentionTuning`, both dispatches), each
 // dispatch timed alone at the model shapes (f32 and f16 activations), its outputs compared with the
 // first variant's (NaN-poisoned before each run).
 const dkdvSweep = Deno.env.get("PROMPTGATE_BENCH_DKDV") === "1";
@@ -166,6 +171,46 @@ async function sweepDkdv(
         } finally {
           Object.assign(attentionTuning, shapes);
         }
+      }
+    }
+    // the adapter attention backward (L = 10): row blocks per workgroup × rows per load batch
+    const ka = tensorFrom(gpu, rand(o.numKvHeads * L * o.headDim, 5));
+    const va = tensorFrom(gpu, rand(o.numKvHeads * L * o.headDim, 6));
+    const gate = tensorFrom(gpu, rand(o.numHeads, 7));
+    const grads = [ka, va, gate].map((x) => createTensor(gpu, [x.size]));
+    const ao = {
+      numHeads: o.numHeads,
+      numKvHeads: o.numKvHeads,
+      headDim: o.headDim,
+      adapterLen: L,
+      rows: o.batch * o.queryLen,
+      scale: 1 / Math.sqrt(o.headDim),
+      gateKind: "per-head-tanh" as const,
+      accumulate: false,
+    };
+    const tuning = { ...adapterAttentionTuning };
+    let first: Float32Array | null = null;
+    for (const [subChunks, rowBatch] of [[4, 1], [4, 8], [2, 8], [4, 4], [4, 16], [8, 8]] as const) {
+      Object.assign(adapterAttentionTuning, { subChunks, rowBatch });
+      try {
+        const rec = new Recorder(gpu);
+        adapterAttentionBackward(rec, t.dq, grads[0]!, grads[1]!, grads[2]!, t.dout, a.q, ka, va, gate, ao);
+        const ops = rec.take();
+        runOps(gpu, ops);
+        const got = await readF32(gpu, grads[0]!);
+        first ??= got;
+        let ms = 0;
+        for (const op of ops) ms += await warmMedian([op]);
+        sweepRows.push({
+          case: `${m.name} ${a.name}`,
+          kernel: `adapter bwd ${subChunks} blocks, ${rowBatch} rows per load batch`,
+          ms: +ms.toFixed(4),
+          "reduce ms": 0,
+          "TFLOP/s": 0,
+          "max rel diff": +maxRelDiff(got, first).toExponential(2),
+        });
+      } finally {
+        Object.assign(adapterAttentionTuning, tuning);
       }
     }
   }

@@ -61,11 +61,37 @@ const WG = 64;
 
 /**
  * Backward tuning: `subChunks` is how many blocks of rows one partials workgroup reduces in turn (fewer
- * partials to sum, fewer workgroups). Measured on an H100 at B*T = 2048, L = 10 (2026-11-27, the first
- * partials kernel): 1 is 8-15% faster than 4 for gpt2 and SmolLM2 and 41% slower for TinyLlama, so 4
- * stays the default. `pairs` takes the two-threads-per-row partials kernel for L ≤ 16 (both are tested).
+ * partials to sum, fewer workgroups); null (the default) picks the power of two that gives closest to 320
+ * workgroups ({@link adapterSubChunks}; H100, B*T = 2048, L = 10, paired partials: 2 for gpt2 and
+ * SmolLM2, 8 for TinyLlama, 15-27% faster than 4 with one row per load, bench/RESULTS.md). `pairs` takes
+ * the two-threads-per-row partials kernel for L ≤ 16 (both are tested); its dka/dva sums over a whole
+ * block of rows load `rowBatch` rows at a time (1 = one per loop step, the earlier loop).
  */
-export const adapterAttentionTuning: { subChunks: number; pairs: boolean } = { subChunks: 4, pairs: true };
+export const adapterAttentionTuning: { subChunks: number | null; pairs: boolean; rowBatch: number } = {
+  subChunks: null,
+  pairs: true,
+  rowBatch: 8,
+};
+
+/**
+ * Row blocks per partials workgroup: `adapterAttentionTuning.subChunks`, or the power of two (1-16) whose
+ * workgroup count `ceil(rows / (RC * sub)) * H` is closest to 320 (about 2.4 per multiprocessor of an
+ * H100) in ratio.
+ *
+ * @param rows Query rows B*T.
+ * @param H Query heads.
+ * @param RC Rows per block.
+ * @returns Blocks per workgroup.
+ */
+export function adapterSubChunks(rows: number, H: number, RC: number): number {
+  if (adapterAttentionTuning.subChunks !== null) return adapterAttentionTuning.subChunks;
+  let best = 1;
+  for (const sub of [1, 2, 4, 8, 16]) {
+    const off = (s: number) => Math.abs(Math.log((Math.ceil(rows / (RC * s)) * H) / 320));
+    if (off(sub) < off(best)) best = sub;
+  }
+  return best;
+}
 
 /** Each gate form's code in the kernels' params (`gmode`; kernels/attention.ts's fused forward too). */
 export const ADAPTER_GATE_MODE: Readonly<Record<GateKind, number>> = {
@@ -73,6 +99,10 @@ export const ADAPTER_GATE_MODE: Readonly<Record<GateKind, number>> = {
   "per-head": 1,
   "per-head-tanh": 2,
 };
+
+function range(n: number): number[] {
+  return Array.from({ length: n }, (_, i) => i);
+}
 
 function dvOf(D: number): number {
   return Math.ceil(D / 4);
@@ -489,7 +519,14 @@ const PAIRED_MAX_L = 16;
  * reads the block's q and dout rows (cached: the pairs just read them) and keeps its sums in registers
  * across the row blocks, writing its scratch slots once.
  */
-function pairedPartialsKernel(D: number, L: number, RC: number, SUB: number, qt: ActivationType): Kernel {
+function pairedPartialsKernel(
+  D: number,
+  L: number,
+  RC: number,
+  SUB: number,
+  qt: ActivationType,
+  RB: number,
+): Kernel {
   const DV = dvOf(D);
   const HALF = Math.ceil(DV / 2);
   const JG = Math.max(1, Math.floor(WG / DV)); // token groups for the dka/dva sums
@@ -519,7 +556,7 @@ function pairedPartialsKernel(D: number, L: number, RC: number, SUB: number, qt:
     }).join(" ");
   return defineKernel(
     "adapter_attention_bwd_pairs",
-    { D, L, RC, SUB, qt },
+    { D, L, RC, SUB, qt, RB },
     ["read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
 ${backwardBindings(qt)}
@@ -603,6 +640,34 @@ ${
     }
     }
     if (jg < ${JG}u) {
+      ${
+      RB > 1
+        ? `if (r0 + ${RC}u <= p.rows) {
+        // a whole block: ${RB} rows' loads issued together, then their sums
+        for (var rr0 = 0u; rr0 < ${RC}u; rr0 += ${RB}u) {
+${
+          range(RB).map((i) =>
+            `          let rb${i} = ((r0 + rr0 + ${i}u) * p.H + h) * D;
+          let qv${i} = ${load("q", `rb${i}`, "col", qt)};
+          let ov${i} = ${load("dout", `rb${i}`, "col", "f32")};`
+          ).join("\n")
+        }
+${
+          U.map((u) =>
+            `          if (jg + ${u * JG}u < L) {
+${
+              range(RB).map((i) =>
+                `            sk${u} = sk${u} + DS[(rr0 + ${i}u) * L + jg + ${u * JG}u] * qv${i};
+            sv${u} = sv${u} + PS[(rr0 + ${i}u) * L + jg + ${u * JG}u] * ov${i};`
+              ).join("\n")
+            }
+          }`
+          ).join("\n")
+        }
+        }
+      } else {`
+        : "{"
+    }
       for (var rr = 0u; rr < ${RC}u; rr++) {
         let nn = r0 + rr;
         if (nn >= p.rows) { break; }
@@ -617,6 +682,7 @@ ${
         }`
       ).join("\n")
     }
+      }
       }
     }
     if (tid == 0u) {
@@ -749,15 +815,22 @@ export function adapterAttentionBackward(
   const { numHeads: H, numKvHeads: Hkv, headDim: D, adapterLen: L, rows: N } = opts;
   const LMAX = lmaxOf(L);
   const RC = rowsPerChunk(L);
-  const SUB = adapterAttentionTuning.subChunks;
+  const SUB = adapterSubChunks(N, H, RC);
   const nGroups = Math.max(1, Math.ceil(N / (RC * SUB)));
   if (nGroups > rec.gpu.limits.maxComputeWorkgroupsPerDimension) {
     throw new GpuError(`adapter attention backward: ${N} rows is too many for one dispatch; split the rows`);
   }
   const scr = scratchFor(rec, dka, 2 * nGroups * H * L * D + nGroups * H);
   const paired = adapterAttentionTuning.pairs && L <= PAIRED_MAX_L && RC === 32;
+  if (paired && RC % adapterAttentionTuning.rowBatch !== 0) {
+    throw new GpuError(
+      `adapterAttentionTuning.rowBatch must divide ${RC}, got ${adapterAttentionTuning.rowBatch}`,
+    );
+  }
   rec.dispatch(
-    paired ? pairedPartialsKernel(D, L, RC, SUB, qt) : partialsKernel(D, LMAX, RC, SUB, qt),
+    paired
+      ? pairedPartialsKernel(D, L, RC, SUB, qt, adapterAttentionTuning.rowBatch)
+      : partialsKernel(D, LMAX, RC, SUB, qt),
     [q, ka, va, gate, dout, dq, scr],
     params(opts, 0, nGroups),
     [nGroups, H],

@@ -4,6 +4,7 @@ import {
   adapterAttentionForward,
   type AdapterAttentionOptions,
   adapterAttentionTuning,
+  adapterSubChunks,
   type GateKind,
 } from "../../kernels/adapter_attention.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
@@ -92,13 +93,14 @@ for (const kind of KINDS) {
   }
 }
 
-for (const pairs of [true, false]) {
+for (const [pairs, rowBatch] of [[true, 8], [true, 1], [false, 8]] as const) {
   for (const subChunks of [1, 4]) {
-    const kernel = pairs ? "paired partials" : "first partials";
+    const kernel = pairs ? `paired partials, ${rowBatch} rows per load batch` : "first partials";
     Deno.test(`adapter attention at D=64, L=10, 300 rows (several row groups, ${subChunks} row blocks each, ${kernel}), H=3/Hkv=1, odd D path D=6`, async () => {
       const saved = { ...adapterAttentionTuning };
       adapterAttentionTuning.subChunks = subChunks;
       adapterAttentionTuning.pairs = pairs;
+      adapterAttentionTuning.rowBatch = rowBatch;
       try {
         await check(opts(3, 1, 64, 10, 300, "per-head-tanh", true), 7);
         await check(opts(3, 3, 6, 33, 131, "scalar", false), 8);
@@ -250,5 +252,19 @@ Deno.test("the reference adapter gradients (incl. dgate) match central finite di
       }
       assertClose(grads[name], fd, 1e-7, `${kind}: d${name} vs finite differences`);
     }
+  }
+});
+
+Deno.test("the adapter backward's row blocks per workgroup aim at about 320 workgroups, unless set", () => {
+  const saved = adapterAttentionTuning.subChunks;
+  try {
+    adapterAttentionTuning.subChunks = null;
+    // B*T = 2048 rows in blocks of 32: gpt2 (H 12) and SmolLM2 (H 9) take 2, TinyLlama (H 32) takes 8
+    assert.deepEqual([12, 9, 32].map((H) => adapterSubChunks(2048, H, 32)), [2, 2, 8]);
+    assert.equal(adapterSubChunks(7, 4, 32), 1, "one block of rows: one workgroup per head");
+    adapterAttentionTuning.subChunks = 4;
+    assert.equal(adapterSubChunks(2048, 32, 32), 4);
+  } finally {
+    adapterAttentionTuning.subChunks = saved;
   }
 });
