@@ -947,6 +947,9 @@ function recordGemm(rec: Recorder, g: Gemm): void {
     checkGroups("matmul", g.groups.bounds, g.groups.on === "out" ? g.N : g.K);
     const plain = g.groups.on === "out" ? g.ldc === g.N && g.cOff === 0 : g.lda === g.K && g.aOff === 0;
     if (!plain) throw new GpuError("matmul: column groups take no leading dimension or column offset");
+    if (g.groups.on === "a" && !vecA) {
+      throw new GpuError(`matmul: grouped A needs K (${g.K}) a multiple of 4`);
+    }
   }
   const o: GemmOptions = {
     bLayout: g.bLayout,

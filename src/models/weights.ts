@@ -126,7 +126,9 @@ export function uploadProjections(
   const rows = parts.reduce((a, p) => a + p.rows, 0);
   const fits = rows * cols * (dtype === "f16" ? 2 : 4) <= gpu.limits.maxStorageBufferBindingSize;
   const sameBias = biases.every((b) => b !== null) || biases.every((b) => b === null);
-  const stack = fits && sameBias && parts.length === 3
+  // column groups end on multiples of 4 (the products read and write them as vec4)
+  const whole4 = parts.every((p) => p.rows % 4 === 0);
+  const stack = fits && sameBias && whole4 && parts.length === 3
     ? createStacked(gpu, parts.map((p) => [p.rows, cols]), dtype, label, parts.map((p) => p.label))
     : null;
   if (!stack) {

@@ -343,6 +343,12 @@ Deno.test("column groups that are not multiples of 4, or come with an offset, ar
     GpuError,
   );
   assert.throws(() => linearBackwardInput(rec, x, out, w, { dyGroups: [4, 10] }), GpuError);
+  // grouped dy needs its row length (the weight's rows) a multiple of 4
+  const w13 = upload(g, new Float32Array(13 * 8), [13, 8]);
+  assert.throws(
+    () => linearBackwardInput(rec, x, createTensor(g, [4 * 13]), w13, { dyGroups: [4, 8] }),
+    GpuError,
+  );
 });
 
 Deno.test("linearBackwardInput matches the reference, including dy column slices and accumulate", async () => {

@@ -17,8 +17,8 @@ import {
   randomWeights,
 } from "../../src/models/random.ts";
 import { getGpu } from "../../src/gpu/device.ts";
-import { Tensor } from "../../src/gpu/tensor.ts";
-import { loadWeights, type Weights } from "../../src/models/weights.ts";
+import { readF32, Tensor } from "../../src/gpu/tensor.ts";
+import { loadWeights, uploadProjections, type Weights } from "../../src/models/weights.ts";
 import type { Model } from "../../src/models/model.ts";
 import { Rng } from "../_util.ts";
 
@@ -188,3 +188,35 @@ for (const [family, raw] of Object.entries(TINY)) {
     assert.ok(d <= 1e-5 * s, `logits differ by ${d} (max ${s})`);
   });
 }
+
+Deno.test("uploadProjections stacks q, k and v only where each part binds alone and the groups are whole vec4s", async () => {
+  const g = await getGpu();
+  const rng = new Rng(4);
+  const parts = (rows: number[], cols: number) =>
+    rows.map((r, i) => ({
+      data: Float32Array.from(rng.randn(r * cols)),
+      rows: r,
+      bias: null,
+      label: `p${i}`,
+    }));
+  const stacked = parts([8, 4, 4], 16); // 512- and 256-byte parts: bindable offsets
+  const up = uploadProjections(g, stacked, 16, "s");
+  assert.ok(up.stacked, "stacked");
+  assert.deepEqual(up.stacked.groups, [8, 12]);
+  assert.deepEqual(up.stacked.lin.w.shape, [16, 16]);
+  assert.ok(
+    up.linears.every((l) => l.w.buffer === up.stacked!.lin.w.buffer),
+    "the parts are views of the stack",
+  );
+  for (const [i, l] of up.linears.entries()) assert.deepEqual(await readF32(g, l.w), stacked[i]!.data);
+  assert.deepEqual(
+    await readF32(g, up.stacked.lin.w),
+    Float32Array.from(stacked.flatMap((p) => [...p.data])),
+  );
+  // rows not multiples of 4, or offsets the device cannot bind: three separate buffers
+  for (const [rows, cols] of [[[6, 2, 2], 64], [[4, 4, 4], 4]] as const) {
+    const apart = uploadProjections(g, parts([...rows], cols), cols, "a");
+    assert.equal(apart.stacked, null, `rows ${rows} x ${cols}`);
+    assert.equal(new Set(apart.linears.map((l) => l.w.buffer)).size, 3);
+  }
+});
