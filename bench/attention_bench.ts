@@ -19,6 +19,7 @@ import {
   attentionTuning,
   type DkdvTile,
   dkdvTileBytes,
+  type LaneShape,
 } from "../kernels/attention.ts";
 import {
   adapterAttentionBackward,
@@ -140,13 +141,24 @@ async function sweepDkdv(
         attentionTuning.dkdvTiles = saved;
       }
     }
-    // the lane kernels (forward, dq) with and without their key blocks prefetched
+    // the lane kernels (forward, dq): the default shape without and with its key blocks prefetched, then
+    // other prefetched shapes (rows per workgroup R, lanes per row KS, keys per step G; with 48 keys per
+    // block only R = 64, KS = 2 leaves room for the lanes' merge area)
     const shapes = { forwardShape: attentionTuning.forwardShape, dqShape: attentionTuning.dqShape };
+    const others: Record<"forward" | "dq", [number, number, number][]> = {
+      forward: [[64, 2, 2], [64, 2, 3], [64, 2, 6]],
+      dq: [[64, 2, 2], [64, 2, 3]],
+    };
     for (const pass of ["forward", "dq"] as const) {
       let base: Float32Array | null = null;
-      for (const prefetch of [false, true]) {
-        const key = pass === "forward" ? "forwardShape" : "dqShape";
-        attentionTuning[key] = { ...shapes[key], prefetch };
+      const key = pass === "forward" ? "forwardShape" : "dqShape";
+      const variants: LaneShape[] = [
+        { ...shapes[key], prefetch: false },
+        { ...shapes[key], prefetch: true },
+        ...others[pass].map(([R, KS, G]) => ({ R, KS, G, prefetch: true })),
+      ];
+      for (const shape of variants) {
+        attentionTuning[key] = shape;
         try {
           const got = pass === "forward" ? t.out : t.dq;
           gpu.device.queue.writeBuffer(got.buffer, 0, new Float32Array(got.size).fill(NaN));
@@ -158,11 +170,12 @@ async function sweepDkdv(
           const values = a.name === "f32" || pass === "dq" ? await readF32(gpu, got) : null;
           if (values) base ??= values;
           const label = pass === "forward" ? "attention_fwd_lanes" : "attention_bwd_dq_lanes";
-          const op = ops.find((x) => x.label.startsWith(label))!;
+          const op = ops.find((x) => x.label.startsWith(label));
+          if (!op) continue; // the shape does not fit the device's workgroup memory: another kernel ran
           const ms = await warmMedian([op]);
           sweepRows.push({
             case: `${m.name} ${a.name}`,
-            kernel: `${pass} lanes${prefetch ? " prefetched" : ""}`,
+            kernel: `${pass} lanes ${shape.R}/${shape.KS}/${shape.G}${shape.prefetch ? " prefetched" : ""}`,
             ms: +ms.toFixed(4),
             "reduce ms": 0,
             "TFLOP/s": +((pass === "forward" ? 1 : 1.5) * flops / ms / 1e9).toFixed(2),
