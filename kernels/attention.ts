@@ -391,7 +391,9 @@ ${each(DVn, (c) => `    ${vecStore(D, c, "out", "ob", `(o${c} * inv)`, "", ot)}`
 // the score phase thread (ra, ca) computes an RT × KT block of scores (rows RT*ra + i, columns ca + 8j)
 // from vec4 dot products, in the accumulation phase it owns the same RT rows and the vec4 columns
 // ca + 8*cc of the output. Probabilities / score gradients travel between the phases through workgroup
-// memory. No per-key barriers: three or four per tile of 16-32 keys or queries.
+// memory. No per-key barriers: three or four per tile of 16-32 keys or queries. The dk/dv pass takes its
+// RT × KT from `attentionTuning.dkdvTiles` (see there) and loads the next query block into registers while
+// it computes the current one.
 
 const TILE_MAX_D = 64;
 const NT = 128; // threads per tiled workgroup: 16 row groups × 8 column groups
