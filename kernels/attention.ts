@@ -732,6 +732,7 @@ function dkdvTiledKernel(D: number, ty: BwdTypes, tile: DkdvTile): Kernel {
   const J = range(KT);
   const CC = range(NCB);
   const { qt, kt, vt } = ty;
+  const pq = tile.prefetch ? prefetchQueries(D, BQ, qt) : null;
   return defineKernel(
     "attention_bwd_dkdv",
     { D, tiled: 1, RT, KT, pf: tile.prefetch ? 1 : 0, ...ty },
@@ -784,11 +785,11 @@ ${
   // query rows that can see some key of this block: causal needs i >= k0, the window i < kLast + window
   let tStart = select(0u, select(0u, k0 - p.qOff, k0 > p.qOff), p.causal != 0u);
   let tEnd = select(p.T, min(p.T, select(0u, kLast + p.window - p.qOff, kLast + p.window > p.qOff)), p.window != 0u);
-${tile.prefetch ? prefetchQueries(D, BQ, qt).declare : ""}
+${pq ? pq.declare : ""}
   for (var t0 = tStart; t0 < tEnd; t0 += ${BQ}u) {
     workgroupBarrier();
     ${
-      tile.prefetch ? prefetchQueries(D, BQ, qt).put : `${
+      pq ? pq.put : `${
         loadTile(
           D,
           BQ,
@@ -804,7 +805,7 @@ ${tile.prefetch ? prefetchQueries(D, BQ, qt).declare : ""}
     }`
     }
     workgroupBarrier();
-${tile.prefetch ? prefetchQueries(D, BQ, qt).fetchNext : ""}
+${pq ? pq.fetchNext : ""}
 ${I.flatMap((i) => J.map((j) => `    var s${i}_${j} = 0.0;\n    var e${i}_${j} = 0.0;`)).join("\n")}
     for (var c = 0u; c < DV; c++) {
 ${
@@ -1749,7 +1750,7 @@ function partialsScratch(rec: Recorder, dk: Tensor, n: number): [Tensor, Tensor]
  * The dk/dv pass runs the first tile of `dkdvTiles` whose workgroup memory fits the device
  * ({@link dkdvTileFor}), with the next query block prefetched the same way: 2 keys × 4 queries per thread
  * where 48 KiB allow it (H100/H200: 20-27% less time than the 2×2 tile at the model shapes), else 2 × 1
- * (fits 32 KiB at D = 64; 16-31% less). Every tile is tested (on lavapipe's 32 KiB at head sizes up to 32);
+ * (fits 32 KiB at D = 64; 16-31% less); where none fits, the per-row kernels run. Every tile is tested (on lavapipe's 32 KiB at head sizes up to 32);
  * all tiles give the same bits, as each sums over the queries in the same order.
  */
 export const attentionTuning: {
@@ -1766,13 +1767,13 @@ export const attentionTuning: {
   dkdvTiles: [{ keys: 2, queries: 4, prefetch: true }, { keys: 2, queries: 1, prefetch: true }],
 };
 
-/** The smallest dk/dv tile, whose workgroup memory fits 32 KiB up to D = 64. */
-const DKDV_BASE: DkdvTile = { keys: 2, queries: 2 };
-
-/** The first tile of `attentionTuning.dkdvTiles` whose workgroup memory fits the device, else 2×2. */
-export function dkdvTileFor(rec: Recorder, D: number): DkdvTile {
+/**
+ * The first tile of `attentionTuning.dkdvTiles` whose workgroup memory fits the device, or null when none
+ * does (the backward then runs the per-row kernels, which need little workgroup memory).
+ */
+export function dkdvTileFor(rec: Recorder, D: number): DkdvTile | null {
   const limit = rec.gpu.limits.maxComputeWorkgroupStorageSize;
-  return attentionTuning.dkdvTiles.find((t) => dkdvTileBytes(D, t) <= limit) ?? DKDV_BASE;
+  return attentionTuning.dkdvTiles.find((t) => dkdvTileBytes(D, t) <= limit) ?? null;
 }
 
 /** Scratch `[lse | Di]`, each `(B, H, T)`, cached per dq buffer (no allocation on replays). */
@@ -1834,13 +1835,13 @@ export function attentionBackward(
   const group = r.H / r.Hkv;
   const partN = r.B * r.S * r.H * r.D;
   const partsFit = group === 1 || partN * 4 <= rec.gpu.limits.maxStorageBufferBindingSize;
-  if (r.D > TILE_MAX_D || !attentionTuning.tiled || !partsFit) {
+  const tile = r.D <= TILE_MAX_D && attentionTuning.tiled ? dkdvTileFor(rec, r.D) : null;
+  if (!tile || !partsFit) {
     const grid: [number, number, number] = [Math.ceil(r.S / BKB), r.Hkv, r.B];
     rec.dispatch(dkdvKernel(r.D, ty), [q, k, v, m, dout, stats, dk, dv], prm, grid);
     rec.dispatch(dqKernel(r.D, ty), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
     return;
   }
-  const tile = dkdvTileFor(rec, r.D);
   const kvGrid: [number, number, number] = [Math.ceil(r.S / (16 * tile.keys)), r.H, r.B];
   if (group === 1) {
     rec.dispatch(dkdvTiledKernel(r.D, ty, tile), [q, k, v, m, dout, stats, dk, dv], prm, kvGrid);
