@@ -186,6 +186,37 @@ async function sweepDkdv(
         }
       }
     }
+    // dq: the lane pass against dq from the scores the dk/dv pass writes (1, 2, 4 rows per thread); the
+    // dk/dv pass's own time with and without writing the scores
+    const tuned = { ...attentionTuning };
+    let dqBase: Float32Array | null = null;
+    for (const rowsPerThread of [0, 1, 2, 4]) {
+      attentionTuning.dqFromScores = rowsPerThread > 0;
+      attentionTuning.dqScoresRows = rowsPerThread || tuned.dqScoresRows;
+      try {
+        gpu.device.queue.writeBuffer(t.dq.buffer, 0, new Float32Array(t.dq.size).fill(NaN));
+        const rec = new Recorder(gpu);
+        attentionBackward(rec, t.dq, t.dk, t.dv, t.dout, a.out, t.lse, a.q, a.k, a.v, null, o);
+        const ops = rec.take();
+        runOps(gpu, ops);
+        const got = await readF32(gpu, t.dq);
+        dqBase ??= got;
+        const dkdvOp = ops.find((x) => x.label.startsWith("attention_bwd_dkdv|"));
+        const dqOp = ops.find((x) => x.label.startsWith("attention_bwd_dq"));
+        const dqMs = await warmMedian([dqOp!]);
+        sweepRows.push({
+          case: `${m.name} ${a.name}`,
+          kernel: rowsPerThread ? `dq from scores, ${rowsPerThread} rows per thread` : "dq lane pass",
+          ms: +dqMs.toFixed(4),
+          "reduce ms": 0,
+          "dk/dv ms": +(await warmMedian([dkdvOp!])).toFixed(4),
+          "TFLOP/s": +(1.5 * flops / dqMs / 1e9).toFixed(2),
+          "max rel diff": +maxRelDiff(got, dqBase).toExponential(2),
+        });
+      } finally {
+        Object.assign(attentionTuning, tuned);
+      }
+    }
     // the adapter attention backward (L = 10): row blocks per workgroup × rows per load batch
     const ka = tensorFrom(gpu, rand(o.numKvHeads * L * o.headDim, 5));
     const va = tensorFrom(gpu, rand(o.numKvHeads * L * o.headDim, 6));

@@ -35,7 +35,9 @@
  * `PROMPTGATE_MATMUL_SMALL_SPLIT=0` its K splits over the mid-size products (`matmulTuning.midSplit`),
  * `PROMPTGATE_ATTENTION_DKDV="2x2"` (or `"2x4 prefetched"`, ...) forces the tile of the attention's dk/dv
  * pass (`attentionTuning.dkdvTiles`), `PROMPTGATE_ATTENTION_PREFETCH=0` / `1` the lane kernels' key-block
- * prefetch, `PROMPTGATE_QKV_STACK=0` runs q, k and v as three products instead of one stacked product.
+ * prefetch, `PROMPTGATE_QKV_STACK=0` runs q, k and v as three products instead of one stacked product,
+ * `PROMPTGATE_ATTENTION_DQ_SCORES=0` runs the lane dq pass instead of dq from the dk/dv pass's scores
+ * (`attentionTuning.dqFromScores`) and `PROMPTGATE_ATTENTION_DQ_ROWS=1|2|4` sets that pass's rows per thread.
  *
  * @module
  */
@@ -634,6 +636,9 @@ async function caseMain(args: string[]): Promise<void> {
     attentionTuning.forwardShape = { ...attentionTuning.forwardShape, prefetch: prefetch === "1" };
     attentionTuning.dqShape = { ...attentionTuning.dqShape, prefetch: prefetch === "1" };
   }
+  if (Deno.env.get("PROMPTGATE_ATTENTION_DQ_SCORES") === "0") attentionTuning.dqFromScores = false;
+  const dqRows = Deno.env.get("PROMPTGATE_ATTENTION_DQ_ROWS");
+  if (dqRows === "1" || dqRows === "2" || dqRows === "4") attentionTuning.dqScoresRows = +dqRows;
   const kernels = !attentionTuning.tiled ? "per-row" : attentionTuning.lanes ? "lane" : "tiled";
   console.error(
     `[${values.model} ${dtype}] attention kernels: ${kernels}; LM-head loss: ${
@@ -642,7 +647,11 @@ async function caseMain(args: string[]): Promise<void> {
       matmulTuning.kStep ?? "default"
     }, 8x8 tiles: ${matmulTuning.tiles8}, mid-size K splits: ${matmulTuning.midSplit}; dk/dv tiles: ${
       JSON.stringify(attentionTuning.dkdvTiles)
-    }, lane prefetch: ${!!attentionTuning.forwardShape.prefetch}/${!!attentionTuning.dqShape.prefetch}`,
+    }, lane prefetch: ${!!attentionTuning.forwardShape.prefetch}/${!!attentionTuning.dqShape.prefetch}; dq: ${
+      attentionTuning.dqFromScores
+        ? `from scores, ${attentionTuning.dqScoresRows} rows per thread`
+        : "lane pass"
+    }`,
   );
   await runCase(
     values.model,

@@ -9,12 +9,14 @@
  * The backward is FlashAttention-2's, without atomics and deterministic: a small kernel computes
  * `Di = rowsum(dout_i * out_i)`, one pass parallel over key blocks computes dk and dv (looping over the
  * query rows and over the query heads that share the key/value head), and one pass parallel over query
- * blocks computes dq. Both recompute `p = exp(s - lse)` from q, k and the saved lse.
+ * blocks computes dq. Both recompute `p = exp(s - lse)` from q, k and the saved lse, unless the dk/dv
+ * pass leaves the `ds` it computed in a scratch (`dqFromScores` in `attentionTuning`, while the `B·H·T·S`
+ * floats fit its budget): dq is then the product `ds k` over the visible keys.
  *
- * For D ≤ 64 the forward (T ≥ 48) and dq run lane kernels and the dk/dv pass a tiled one (see "Lane kernels"
- * and "Tiled kernels" below; both load their next block into registers while computing the current one,
- * and the dk/dv tile is chosen by the device's workgroup memory, see `attentionTuning`); the forward can
- * fold in the layer's adapter attention. The tiled dk/dv pass
+ * For D ≤ 64 the forward (T ≥ 48) runs a lane kernel, the dk/dv pass a tiled one and dq the product from
+ * the scores, or a lane kernel (see "Lane kernels" and "Tiled kernels" below; they load their next block
+ * into registers while computing the current one, and the dk/dv tile is chosen by the device's workgroup
+ * memory, see `attentionTuning`); the forward can fold in the layer's adapter attention. The tiled dk/dv pass
  * runs one workgroup per (key block, query head, batch) and, under GQA, writes per-head partials that a
  * second small kernel sums in a fixed order (still deterministic, no atomics).
  *
@@ -707,8 +709,8 @@ function prefetchQueries(D: number, BQ: number, qt: ActivationType) {
     `${rows.fetch(t0)}
     if (tid < ${BQ}u) {
       let t = min(${t0} + tid, p.T - 1u);
-      fl = stats[(b * p.H + h) * p.T + t];
-      fd = stats[BHT + (b * p.H + h) * p.T + t];
+      fl = stat((b * p.H + h) * p.T + t);
+      fd = stat(BHT + (b * p.H + h) * p.T + t);
     }`;
   return {
     declare: `${rows.declare}\n  var fl = 0.0;\n  var fd = 0.0;\n  if (tStart < tEnd) {\n${
@@ -719,7 +721,28 @@ function prefetchQueries(D: number, BQ: number, qt: ActivationType) {
   };
 }
 
-function dkdvTiledKernel(D: number, ty: BwdTypes, tile: DkdvTile): Kernel {
+/**
+ * WGSL of the scores scratch `[lse | Di | ds]` seen as vec4s (the dq-from-scores path): `stat(i)` reads
+ * float i of lse/Di, and ds row `(b, h, t)` starts at vec4 `dsRow(...)`: the ds block begins at the first
+ * vec4 boundary after `[lse | Di]` and each row of S keys is padded to a multiple of 4.
+ */
+const SCORES_VIEW = `
+fn stat(i: u32) -> f32 { return stats[i >> 2u][i & 3u]; }
+fn dsRow(b: u32, h: u32, t: u32) -> u32 {
+  return (2u * p.B * p.H * p.T + 3u) / 4u + ((b * p.H + h) * p.T + t) * ((p.S + 3u) / 4u);
+}`;
+
+/** Floats of the scores scratch `[lse | Di | ds]` (see {@link SCORES_VIEW}). */
+function scoresScratchFloats(B: number, H: number, T: number, S: number): number {
+  return Math.ceil((2 * B * H * T) / 4) * 4 + B * H * T * Math.ceil(S / 4) * 4;
+}
+
+/**
+ * The tiled dk/dv pass. With `emitScores` it also writes every `ds = p * (dp - Di)` it computes (unscaled)
+ * into the scores scratch after `[lse | Di]`, as `(B, H, T, S)` rows (see {@link SCORES_VIEW}), for
+ * {@link dqScoresKernel}; only the (query, key) entries of its query steps are written.
+ */
+function dkdvTiledKernel(D: number, ty: BwdTypes, tile: DkdvTile, emitScores = false): Kernel {
   const DVn = dv(D);
   const RT = tile.keys; // keys per thread
   const KT = tile.queries; // queries per thread
@@ -735,8 +758,8 @@ function dkdvTiledKernel(D: number, ty: BwdTypes, tile: DkdvTile): Kernel {
   const pq = tile.prefetch ? prefetchQueries(D, BQ, qt) : null;
   return defineKernel(
     "attention_bwd_dkdv",
-    { D, tiled: 1, RT, KT, pf: tile.prefetch ? 1 : 0, ...ty },
-    ["read", "read", "read", "read", "read", "read", "write", "write", "uniform"],
+    { D, tiled: 1, RT, KT, pf: tile.prefetch ? 1 : 0, ...ty, ds: emitScores ? 1 : 0 },
+    ["read", "read", "read", "read", "read", emitScores ? "write" : "read", "write", "write", "uniform"],
     () => `
 ${enableF16(qt, kt, vt)}${PARAMS}
 @group(0) @binding(0) var<storage, read> q: array<${qt}>;
@@ -744,10 +767,13 @@ ${enableF16(qt, kt, vt)}${PARAMS}
 @group(0) @binding(2) var<storage, read> v: array<${vt}>;
 @group(0) @binding(3) var<storage, read> mask: array<i32>;
 @group(0) @binding(4) var<storage, read> dout: array<f32>;
-@group(0) @binding(5) var<storage, read> stats: array<f32>;
+@group(0) @binding(5) var<storage, ${
+      emitScores ? "read_write> stats: array<vec4<f32>>" : "read> stats: array<f32>"
+    };
 @group(0) @binding(6) var<storage, read_write> dk: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dv: array<f32>;
 @group(0) @binding(8) var<uniform> p: P;
+${emitScores ? SCORES_VIEW : "fn stat(i: u32) -> f32 { return stats[i]; }"}
 ${tiledHeader(D)}
 var<workgroup> Ks: array<vec4<f32>, ${BK * SVn}>;
 var<workgroup> Vs: array<vec4<f32>, ${BK * SVn}>;
@@ -800,8 +826,8 @@ ${pq ? pq.declare : ""}
       }
     if (tid < ${BQ}u) {
       let t = min(t0 + tid, p.T - 1u);
-      Ls[tid] = stats[(b * p.H + h) * p.T + t];
-      Ds[tid] = stats[BHT + (b * p.H + h) * p.T + t];
+      Ls[tid] = stat((b * p.H + h) * p.T + t);
+      Ds[tid] = stat(BHT + (b * p.H + h) * p.T + t);
     }`
     }
     workgroupBarrier();
@@ -845,6 +871,19 @@ ${
       ).join("\n")
     }
     workgroupBarrier();
+${
+      emitScores
+        ? `    // ds rows for the dq pass, 4 keys per store (k0 is a multiple of 4; keys ≥ S hold ds = 0)
+    for (var x = tid; x < ${BQ * BK / 4}u; x += ${NT}u) {
+      let r = x / ${BK / 4}u;
+      let c = 4u * (x % ${BK / 4}u);
+      if (t0 + r < p.T && k0 + c < p.S) {
+        let sb = r * ${PS}u + c;
+        stats[dsRow(b, h, t0 + r) + (k0 + c) / 4u] = vec4<f32>(St[sb], St[sb + 1u], St[sb + 2u], St[sb + 3u]);
+      }
+    }`
+        : ""
+    }
     for (var jj = 0u; jj < ${BQ}u; jj++) {
 ${
       I.map((i) =>
@@ -927,6 +966,139 @@ const D: u32 = ${D}u;
   }
   let o = ((b * p.kvStride + j) * p.Hkv + kvh) * D + d;
   if (p.flag != 0u) { dk[o] = dk[o] + sk; dv[o] = dv[o] + sv; } else { dk[o] = sk; dv[o] = sv; }
+}`,
+  );
+}
+
+const DQS_BK = 32; // keys per block of the dq-from-scores pass
+
+/**
+ * dq from the scores the tiled dk/dv pass wrote (`emitScores`): `dq_t = scale * Σ_j ds_tj k_j`, a small
+ * matrix product per (batch, head) over the visible keys only (the dk/dv pass leaves the other entries of
+ * the scratch unwritten; they are read as 0). One workgroup per (16·rows query rows, head, batch),
+ * heaviest causal blocks first; a thread keeps `rows` rows × its vec4 columns (ca, ca + 8) of dq in
+ * registers and steps over blocks of 32 keys and their ds (4 keys per vec4) staged in workgroup memory,
+ * the next block loaded into registers while the current one is computed. Where the lane dq pass
+ * recomputes both dot products of every (query, key) pair, this one reads ds once.
+ */
+function dqScoresKernel(D: number, kt: ActivationType, rows: number): Kernel {
+  const DVn = dv(D);
+  const NCB = Math.ceil(DVn / 8);
+  const SVn = oddStride(DVn);
+  const BT = 16 * rows;
+  const C4 = DQS_BK / 4; // vec4s of ds per row of a block
+  const PS = C4 + 1;
+  const I = range(rows);
+  const CC = range(NCB);
+  const E = range(4);
+  const keyRows = prefetchRows({
+    D,
+    rows: DQS_BK,
+    threads: NT,
+    srcs: [["pk", "k", kt, "Ks", ""]],
+    valid: (k0, r) => `${k0} + ${r} < kEnd`,
+    base: (k0, r) => `((b * p.kvStride + ${k0} + ${r}) * p.Hkv + kvh) * D`,
+  });
+  // BT rows × C4 vec4s of ds per block: `rows` vec4s per thread
+  const fetchDs = (k0: string) =>
+    I.map((s) =>
+      `    pd${s} = dsAt(b, h, t0 + (tid + ${s * NT}u) / ${C4}u, ${k0} + 4u * ((tid + ${
+        s * NT
+      }u) % ${C4}u), ${k0}, kEnd, iFirst, iLast);`
+    )
+      .join("\n");
+  return defineKernel(
+    "attention_bwd_dq_scores",
+    { D, kt, rows },
+    ["read", "read", "read", "write", "uniform"],
+    () => `
+${enableF16(kt)}${PARAMS}
+@group(0) @binding(0) var<storage, read> k: array<${kt}>;
+@group(0) @binding(1) var<storage, read> mask: array<i32>;
+@group(0) @binding(2) var<storage, read> stats: array<vec4<f32>>; // lse | Di | ds rows
+@group(0) @binding(3) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(4) var<uniform> p: P;
+${SCORES_VIEW}
+${tiledHeader(D)}
+const BK: u32 = ${DQS_BK}u;
+const BT: u32 = ${BT}u;
+var<workgroup> Ks: array<vec4<f32>, ${DQS_BK * SVn}>;
+var<workgroup> Ss: array<vec4<f32>, ${BT * PS}>;
+${VISIBLE}
+// ds of query t for keys key..key+3 of the block at k0 (0 where hidden: never an unwritten entry)
+fn dsAt(b: u32, h: u32, t: u32, key: u32, k0: u32, kEnd: u32, iFirst: u32, iLast: u32) -> vec4<f32> {
+  if (t >= p.T || key >= kEnd) { return vec4<f32>(0.0); }
+  let d = stats[dsRow(b, h, t) + key / 4u];
+  if (${BLOCK_FULL}) { return d; }
+  let i = p.qOff + t;
+  return vec4<f32>(${E.map((e) => `select(0.0, d[${e}], visible(b, i, key + ${e}u))`).join(", ")});
+}
+@compute @workgroup_size(${NT}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  let nb = (p.T + BT - 1u) / BT;
+  let t0 = (nb - 1u - wid.x) * BT; // heaviest causal blocks first
+  let h = wid.y;
+  let b = wid.z;
+  let kvh = h / (p.H / p.Hkv);
+  let ra = tid / 8u;
+  let ca = tid % 8u;
+  let rb = ${rows}u * ra;
+  let tLast = min(t0 + BT, p.T) - 1u;
+  let iFirst = p.qOff + t0;
+  let iLast = p.qOff + tLast;
+  let kEnd = select(p.S, min(p.S, iLast + 1u), p.causal != 0u);
+  // from a multiple of 4 keys (ds is read 4 keys at a time; the keys before the window read as hidden)
+  let kStart = select(0u, iFirst + 1u - p.window, p.window != 0u && iFirst + 1u > p.window) / 4u * 4u;
+${I.flatMap((i) => CC.map((cc) => `  var g${i}_${cc} = vec4<f32>(0.0);`)).join("\n")}
+${keyRows.declare}
+${I.map((s) => `  var pd${s} = vec4<f32>(0.0);`).join("\n")}
+  if (kStart < kEnd) {
+${keyRows.fetch("kStart")}
+${fetchDs("kStart")}
+  }
+  for (var k0 = kStart; k0 < kEnd; k0 += BK) {
+    workgroupBarrier();
+    ${keyRows.put}
+${
+      I.map((s) => `    Ss[((tid + ${s * NT}u) / ${C4}u) * ${PS}u + (tid + ${s * NT}u) % ${C4}u] = pd${s};`)
+        .join("\n")
+    }
+    workgroupBarrier();
+    if (k0 + BK < kEnd) {
+${keyRows.fetch("(k0 + BK)")}
+${fetchDs("(k0 + BK)")}
+    }
+    for (var j4 = 0u; j4 < ${C4}u; j4++) {
+${I.map((i) => `      let d${i} = Ss[(rb + ${i}u) * ${PS}u + j4];`).join("\n")}
+${
+      E.map((e) =>
+        CC.map((cc) =>
+          `      if (${colGuard(DVn, cc)}) {
+        let kv = Ks[(4u * j4 + ${e}u) * SV + ca + ${8 * cc}u];
+${I.map((i) => `        g${i}_${cc} = fma(vec4<f32>(d${i}[${e}]), kv, g${i}_${cc});`).join("\n")}
+      }`
+        ).join("\n")
+      ).join("\n")
+    }
+    }
+  }
+${
+      I.map((i) =>
+        `  {
+    let t = t0 + rb + ${i}u;
+    if (t < p.T) {
+      let qb = ((b * p.T + t) * p.H + h) * D;
+${
+          CC.map((cc) =>
+            `      if (${colGuard(DVn, cc)}) {
+        let c = ca + ${8 * cc}u;
+        ${scatter(D, "dq", "qb + 4u * c", "c", `(g${i}_${cc} * p.scale)`, "p.flag != 0u")}
+      }`
+          ).join("\n")
+        }
+    }
+  }`
+      ).join("\n")
+    }
 }`,
   );
 }
@@ -1752,6 +1924,14 @@ function partialsScratch(rec: Recorder, dk: Tensor, n: number): [Tensor, Tensor]
  * where 48 KiB allow it (H100/H200: 20-27% less time than the 2×2 tile at the model shapes), else 2 × 1
  * (fits 32 KiB at D = 64; 16-31% less); where none fits, the per-row kernels run. Every tile is tested (on lavapipe's 32 KiB at head sizes up to 32);
  * all tiles give the same bits, as each sums over the queries in the same order.
+ *
+ * `dqFromScores` (with the tiled dk/dv pass): that pass also writes the ds it computes into a scratch of
+ * `B·H·T·S` floats and dq is the product of ds and k ({@link dqScoresKernel}, `dqScoresRows` rows per
+ * thread) instead of the lane dq pass, which recomputes both dot products of every (query, key) pair;
+ * used while the scratch (one per device) stays within `scoresMaxBytes` and the device's binding size,
+ * else the lane dq pass runs. H100, B=4, T=512, f32, per layer: dq 0.257 → 0.065 ms (SmolLM2), 0.714 →
+ * 0.184 (TinyLlama), 0.341 → 0.087 (gpt2) at 2 rows per thread (1 and 4 are 10-40% slower); the dk/dv pass
+ * takes 4-5% longer writing ds; the scratch is 38 MB (SmolLM2), 50 MB (gpt2), 134 MB (TinyLlama).
  */
 export const attentionTuning: {
   tiled: boolean;
@@ -1759,12 +1939,18 @@ export const attentionTuning: {
   forwardShape: LaneShape;
   dqShape: LaneShape;
   dkdvTiles: DkdvTile[];
+  dqFromScores: boolean;
+  dqScoresRows: number;
+  scoresMaxBytes: number;
 } = {
   tiled: true,
   lanes: true,
   forwardShape: { R: 64, KS: 2, G: 4, prefetch: true },
   dqShape: { R: 64, KS: 2, G: 1, prefetch: true },
   dkdvTiles: [{ keys: 2, queries: 4, prefetch: true }, { keys: 2, queries: 1, prefetch: true }],
+  dqFromScores: true,
+  dqScoresRows: 2,
+  scoresMaxBytes: 512 * 2 ** 20,
 };
 
 /**
@@ -1774,6 +1960,63 @@ export const attentionTuning: {
 export function dkdvTileFor(rec: Recorder, D: number): DkdvTile | null {
   const limit = rec.gpu.limits.maxComputeWorkgroupStorageSize;
   return attentionTuning.dkdvTiles.find((t) => dkdvTileBytes(D, t) <= limit) ?? null;
+}
+
+const scoresCache = new WeakMap<GPUDevice, Tensor>();
+
+/**
+ * Scratch `[lse | Di | ds]` (`(B, H, T)` twice, then `(B, H, T, S)`) of the dq-from-scores path: one per
+ * device, grown when a larger one is needed (recorded steps keep the one they bound).
+ */
+function scoresScratch(rec: Recorder, n: number): Tensor {
+  const hit = scoresCache.get(rec.gpu.device);
+  if (hit && hit.size >= n) return hit;
+  const t = createTensor(rec.gpu, [n], "f32", "attention scores scratch");
+  scoresCache.set(rec.gpu.device, t);
+  return t;
+}
+
+/**
+ * The device's `[lse | Di | ds]` scratch of the dq-from-scores path, or null before the first backward that
+ * used it (tests poison it to show that no unwritten entry is read).
+ */
+export function attentionScoresScratch(rec: Recorder): Tensor | null {
+  return scoresCache.get(rec.gpu.device) ?? null;
+}
+
+/** How {@link attentionBackward} computes the gradients for these options on this device. */
+export interface AttentionBackwardPlan {
+  /** The dk/dv pass's per-thread tile, or null for the per-row kernels. */
+  dkdv: DkdvTile | null;
+  /** dq: from the scores the dk/dv pass wrote, by the lane kernel, or by the per-row kernel. */
+  dq: "scores" | "lanes" | "rows";
+}
+
+/**
+ * The kernels {@link attentionBackward} runs for `opts` on this device (see `attentionTuning`).
+ *
+ * @example
+ * ```ts ignore
+ * const plan = attentionBackwardPlan(rec, opts); // { dkdv: { keys: 2, queries: 4, prefetch: true }, dq: "scores" }
+ * ```
+ */
+export function attentionBackwardPlan(rec: Recorder, opts: AttentionOptions): AttentionBackwardPlan {
+  const r = resolve(opts);
+  const group = r.H / r.Hkv;
+  const partN = r.B * r.S * r.H * r.D;
+  const limit = rec.gpu.limits.maxStorageBufferBindingSize;
+  const partsFit = group === 1 || partN * 4 <= limit;
+  const tile = r.D <= TILE_MAX_D && attentionTuning.tiled ? dkdvTileFor(rec, r.D) : null;
+  if (!tile || !partsFit) return { dkdv: null, dq: "rows" };
+  const scoresBytes = 4 * scoresScratchFloats(r.B, r.H, r.T, r.S);
+  if (
+    attentionTuning.dqFromScores && scoresBytes <= Math.min(attentionTuning.scoresMaxBytes, limit) &&
+    scoresBytes <= rec.gpu.limits.maxBufferSize
+  ) {
+    return { dkdv: tile, dq: "scores" };
+  }
+  const lanes = attentionTuning.lanes && laneShapeFits(rec, r.D, attentionTuning.dqShape);
+  return { dkdv: tile, dq: lanes ? "lanes" : "rows" };
 }
 
 /** Scratch `[lse | Di]`, each `(B, H, T)`, cached per dq buffer (no allocation on replays). */
@@ -1825,8 +2068,12 @@ export function attentionBackward(
   requireF32("attentionBackward", { dq, dk, dv, dout, lse });
   const { ot, ...ty } = actTypes(rec, "attentionBackward", q, k, v, out);
   const bht = r.B * r.H * r.T;
-  // lse and Di travel in one scratch so that no pass binds more than 8 storage buffers
-  const stats = statsScratch(rec, dq, 2 * bht);
+  const plan = attentionBackwardPlan(rec, opts);
+  const fromScores = plan.dq === "scores";
+  // lse and Di (and ds) travel in one scratch so that no pass binds more than 8 storage buffers
+  const stats = fromScores
+    ? scoresScratch(rec, scoresScratchFloats(r.B, r.H, r.T, r.S))
+    : statsScratch(rec, dq, 2 * bht);
   const g = grid1d(bht, 64);
   rec.dispatch(rowDotKernel(r.D, ot), [dout, out, lse, stats], [bht, r.T, r.H, g.stride], g.groups);
   const flag = opts.accumulate ? 1 : 0;
@@ -1834,9 +2081,8 @@ export function attentionBackward(
   const prm = params(r, mask !== null, flag, opts.scale);
   const group = r.H / r.Hkv;
   const partN = r.B * r.S * r.H * r.D;
-  const partsFit = group === 1 || partN * 4 <= rec.gpu.limits.maxStorageBufferBindingSize;
-  const tile = r.D <= TILE_MAX_D && attentionTuning.tiled ? dkdvTileFor(rec, r.D) : null;
-  if (!tile || !partsFit) {
+  const tile = plan.dkdv;
+  if (!tile) {
     const grid: [number, number, number] = [Math.ceil(r.S / BKB), r.Hkv, r.B];
     rec.dispatch(dkdvKernel(r.D, ty), [q, k, v, m, dout, stats, dk, dv], prm, grid);
     rec.dispatch(dqKernel(r.D, ty), [q, k, v, m, dout, stats, dq], prm, [Math.ceil(r.T / RQ), r.H, r.B]);
@@ -1844,12 +2090,12 @@ export function attentionBackward(
   }
   const kvGrid: [number, number, number] = [Math.ceil(r.S / (16 * tile.keys)), r.H, r.B];
   if (group === 1) {
-    rec.dispatch(dkdvTiledKernel(r.D, ty, tile), [q, k, v, m, dout, stats, dk, dv], prm, kvGrid);
+    rec.dispatch(dkdvTiledKernel(r.D, ty, tile, fromScores), [q, k, v, m, dout, stats, dk, dv], prm, kvGrid);
   } else {
     // one workgroup per (key block, query head): partials per query head, summed in a fixed order
     const [pk, pv] = partialsScratch(rec, dk, partN);
     rec.dispatch(
-      dkdvTiledKernel(r.D, ty, tile),
+      dkdvTiledKernel(r.D, ty, tile, fromScores),
       [q, k, v, m, dout, stats, pk, pv],
       params(r, mask !== null, 0, opts.scale, 1),
       kvGrid,
@@ -1862,9 +2108,18 @@ export function attentionBackward(
       rg.groups,
     );
   }
+  if (fromScores) {
+    const BT = 16 * attentionTuning.dqScoresRows;
+    rec.dispatch(dqScoresKernel(r.D, ty.kt, attentionTuning.dqScoresRows), [k, mask ?? k, stats, dq], prm, [
+      Math.ceil(r.T / BT),
+      r.H,
+      r.B,
+    ]);
+    return;
+  }
   // dq: the per-row kernel (q, dout and dq in registers, k/v tiles broadcast) measured faster than a
   // tiled one here (H200, 2026-11-27: TinyLlama 0.72 vs 1.04 ms)
-  if (attentionTuning.lanes && laneShapeFits(rec, r.D, attentionTuning.dqShape)) {
+  if (plan.dq === "lanes") {
     const s = attentionTuning.dqShape;
     rec.dispatch(dqLanesKernel(r.D, ty, s), [q, k, v, m, dout, stats, dq], prm, [
       Math.ceil(r.T / s.R),

@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
 import {
   attentionBackward,
+  attentionBackwardPlan,
   attentionForward,
   type AttentionOptions,
+  attentionScoresScratch,
   attentionTuning,
   type DkdvTile,
   dkdvTileBytes,
@@ -109,8 +111,10 @@ async function checkBackward(c: Case, seed: number, accumulate: boolean): Promis
   const dk = accumulate ? upload(g, base.dk) : poisoned(g, [x.k.length]);
   const dv = accumulate ? upload(g, base.dv) : poisoned(g, [x.k.length]);
   const rec = new Recorder(g);
+  if (expectedDq) assert.equal(attentionBackwardPlan(rec, opts(c)).dq, expectedDq, "dq pass");
   attentionForward(rec, out, lse, q, k, v, m, opts(c));
   attentionBackward(rec, dq, dk, dv, upload(g, x.dout), out, lse, q, k, v, m, { ...opts(c), accumulate });
+  poisonScoresScratch(g, rec, opts(c));
   rec.submit();
   const stride = c.kvStride ?? c.keyLen;
   const validKv = c.batch * stride * c.numKvHeads * c.headDim;
@@ -218,11 +222,44 @@ const CASES: Record<string, Case> = {
 };
 
 /**
- * The kernel families: lane kernels (the default, key blocks prefetched through registers), the same
- * without the prefetch, tiled kernels, the first per-row kernels.
+ * NaN into the whole dq-from-scores scratch before the recorded passes run (the write goes ahead of them on
+ * the queue): the dk/dv pass writes only the visible (query, key) entries, so an entry the dq pass reads
+ * without the dk/dv pass having written it shows as NaN.
  */
-type Kind = "lane kernels" | "lane kernels, not prefetched" | "tiled kernels" | "per-row kernels";
-const KINDS: Kind[] = ["lane kernels", "lane kernels, not prefetched", "tiled kernels", "per-row kernels"];
+function poisonScoresScratch(g: Gpu, rec: Recorder, o: AttentionOptions): void {
+  const scratch = attentionScoresScratch(rec);
+  if (attentionBackwardPlan(rec, o).dq !== "scores" || !scratch) return;
+  g.device.queue.writeBuffer(scratch.buffer, 0, new Float32Array(scratch.size).fill(NaN));
+}
+
+/**
+ * The kernel families: lane kernels (the default, key blocks prefetched through registers, dq from the
+ * scores the dk/dv pass writes), the same with the lane dq pass, with it and without the prefetch, tiled
+ * kernels (dq from the scores), the first per-row kernels.
+ */
+type Kind =
+  | "lane kernels"
+  | "lane kernels, dq lane pass"
+  | "lane kernels, not prefetched"
+  | "tiled kernels"
+  | "per-row kernels";
+const KINDS: Kind[] = [
+  "lane kernels",
+  "lane kernels, dq lane pass",
+  "lane kernels, not prefetched",
+  "tiled kernels",
+  "per-row kernels",
+];
+
+/** The dq pass each family must run (checked by {@link checkBackward}: never a silent fallback). */
+const KIND_DQ: Record<Kind, "scores" | "lanes" | "rows"> = {
+  "lane kernels": "scores",
+  "lane kernels, dq lane pass": "lanes",
+  "lane kernels, not prefetched": "lanes",
+  "tiled kernels": "scores",
+  "per-row kernels": "rows",
+};
+let expectedDq: "scores" | "lanes" | "rows" | null = null;
 
 /** Runs `fn` with one kernel family (all are tested; the default is in kernels/attention.ts). */
 function withKind(kind: Kind, fn: () => Promise<void>): () => Promise<void> {
@@ -230,6 +267,8 @@ function withKind(kind: Kind, fn: () => Promise<void>): () => Promise<void> {
     const saved = { ...attentionTuning };
     attentionTuning.tiled = kind !== "per-row kernels";
     attentionTuning.lanes = kind.startsWith("lane kernels");
+    attentionTuning.dqFromScores = KIND_DQ[kind] === "scores";
+    expectedDq = KIND_DQ[kind];
     if (kind === "lane kernels, not prefetched") {
       attentionTuning.forwardShape = { ...saved.forwardShape, prefetch: false };
       attentionTuning.dqShape = { ...saved.dqShape, prefetch: false };
@@ -238,6 +277,7 @@ function withKind(kind: Kind, fn: () => Promise<void>): () => Promise<void> {
       await fn();
     } finally {
       Object.assign(attentionTuning, saved);
+      expectedDq = null;
     }
   };
 }
@@ -351,6 +391,11 @@ for (const tile of DKDV_TILES) {
       for (const [label, c] of Object.entries(DKDV_CASES)) {
         // never a silent fallback to the default tile
         assert.deepEqual(dkdvTileFor(new Recorder(g), c.headDim), tile, `${name} must fit at D=${c.headDim}`);
+        assert.equal(
+          attentionBackwardPlan(new Recorder(g), opts(c)).dq,
+          "scores",
+          "ds written by every tile",
+        );
         const s = seed++;
         await t.step(label, () => checkBackward(c, s, false));
       }
@@ -363,6 +408,77 @@ for (const tile of DKDV_TILES) {
     }
   });
 }
+
+// dq from the scores the dk/dv pass wrote, at every rows-per-thread choice (16, 32 and 64 query rows per
+// workgroup): partial row and key blocks, GQA, masks, windows, a query offset, accumulate.
+for (const rows of [1, 2, 4]) {
+  Deno.test(`dq from the dk/dv pass's scores matches the float64 reference at ${rows} rows per thread`, async (t) => {
+    const saved = { ...attentionTuning };
+    attentionTuning.dqFromScores = true;
+    attentionTuning.dqScoresRows = rows;
+    expectedDq = "scores";
+    try {
+      let seed = 400;
+      const cases: Record<string, Case> = {
+        ...DKDV_CASES,
+        "explicit queryOffset T=7 S=20 offset 5":
+          CASES["explicit queryOffset T=7 S=20 offset 5 (non-final chunk)"]!,
+        "D=64, GQA 4/2, T=S=150, left padding": {
+          ...base,
+          numHeads: 4,
+          numKvHeads: 2,
+          headDim: 64,
+          batch: 2,
+          queryLen: 150,
+          keyLen: 150,
+          leftPad: [3, 0],
+        },
+      };
+      for (const [label, c] of Object.entries(cases)) {
+        const s = seed++;
+        await t.step(label, () => checkBackward(c, s, false));
+      }
+      await t.step(
+        "accumulate",
+        () => checkBackward(DKDV_CASES["causal GQA 4/2 with left padding, D=8"]!, 19, true),
+      );
+    } finally {
+      Object.assign(attentionTuning, saved);
+      expectedDq = null;
+    }
+  });
+}
+
+Deno.test("attentionBackwardPlan: dq from the scores while the scratch fits its budget, else the lane or per-row pass", async () => {
+  const g = await gpu();
+  const rec = new Recorder(g);
+  const o: AttentionOptions = {
+    numHeads: 4,
+    numKvHeads: 2,
+    headDim: 64,
+    batch: 2,
+    queryLen: 150,
+    keyLen: 150,
+    scale: 0.125,
+    causal: true,
+  };
+  const saved = { ...attentionTuning };
+  try {
+    assert.equal(attentionBackwardPlan(rec, o).dq, "scores");
+    // [lse | Di | ds] = 4 · (2·B·H·T + B·H·T·S4) bytes, ds rows padded to S4 = 152 keys (a multiple of 4)
+    const bytes = 4 * (2 * 2 * 4 * 150 + 2 * 4 * 150 * 152);
+    attentionTuning.scoresMaxBytes = bytes;
+    assert.equal(attentionBackwardPlan(rec, o).dq, "scores");
+    attentionTuning.scoresMaxBytes = bytes - 4;
+    assert.equal(attentionBackwardPlan(rec, o).dq, "lanes");
+    attentionTuning.lanes = false;
+    assert.equal(attentionBackwardPlan(rec, o).dq, "rows");
+    attentionTuning.tiled = false;
+    assert.deepEqual(attentionBackwardPlan(rec, o), { dkdv: null, dq: "rows" });
+  } finally {
+    Object.assign(attentionTuning, saved);
+  }
+});
 
 Deno.test("dkdvTileFor takes the first tile that fits the device's workgroup memory; with none the per-row kernels run", async () => {
   const g = await gpu();
