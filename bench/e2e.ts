@@ -37,7 +37,8 @@
  * pass (`attentionTuning.dkdvTiles`), `PROMPTGATE_ATTENTION_PREFETCH=0` / `1` the lane kernels' key-block
  * prefetch, `PROMPTGATE_QKV_STACK=0` runs q, k and v as three products instead of one stacked product,
  * `PROMPTGATE_ATTENTION_DQ_SCORES=0` runs the lane dq pass instead of dq from the dk/dv pass's scores
- * (`attentionTuning.dqFromScores`) and `PROMPTGATE_ATTENTION_DQ_ROWS=1|2|4` sets that pass's rows per thread.
+ * (`attentionTuning.dqFromScores`) and `PROMPTGATE_ATTENTION_DQ_ROWS=1|2|4` sets that pass's rows per thread;
+ * `PROMPTGATE_STEP_REPLAY=0` makes the optimizer record every training step anew instead of replaying it.
  *
  * @module
  */
@@ -295,7 +296,11 @@ async function runCase(
     // training: the peak counts the weights plus what this phase creates
     await phase("train", 2000, async () => {
       const before = resetGpuBytesPeak();
-      const opt = createOptimizer(model, { lr: 1e-3 });
+      // PROMPTGATE_STEP_REPLAY=0: record every step anew (the optimizer's `replay: false`)
+      const opt = createOptimizer(model, {
+        lr: 1e-3,
+        replay: Deno.env.get("PROMPTGATE_STEP_REPLAY") !== "0",
+      });
       let loss = opt.stepAsync(batch);
       for (let i = 1; i < s.warmup; i++) loss = opt.stepAsync(batch);
       const firstLoss = (await readF32(gpu, loss))[0]!;

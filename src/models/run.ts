@@ -9,6 +9,7 @@ import { Recorder } from "../gpu/recorder.ts";
 import { createTensor, readF32, type Tensor } from "../gpu/tensor.ts";
 import { AdapterError } from "../errors.ts";
 import { splitFlat } from "../adapters/manage.ts";
+import type { AdapterState } from "../adapters/state.ts";
 import type { Activations } from "./activations.ts";
 import { type Model, runningAdapter } from "./model.ts";
 import {
@@ -102,6 +103,32 @@ export async function loss(model: Model, batch: Batch): Promise<number> {
  * @returns The activations (their `loss` holds the mean loss once submitted).
  */
 export function recordLossAndGradients(rec: Recorder, model: Model, batch: Batch): Activations {
+  const step = uploadTrainingBatch(model, batch);
+  recordTrainingStep(rec, model, step);
+  return step.acts;
+}
+
+/** A training batch uploaded into its activation buffers: what recording its step depends on. */
+export interface TrainingBatch {
+  /** The activation buffers of the batch shape (the ids, mask and labels now in them). */
+  acts: Activations;
+  /** The running adapter. */
+  adapter: AdapterState;
+  /** Whether some position is padding (the attention then reads the mask). */
+  masked: boolean;
+}
+
+/**
+ * Checks a training batch and writes its ids, mask and labels into the activation buffers of its shape
+ * (cached on the model). The step {@link recordTrainingStep} records for it depends only on the returned
+ * fields (and the model), not on the token values, so a recording may be replayed for another batch of
+ * the same shape and mask pattern.
+ *
+ * @param model The model (with a running adapter).
+ * @param batch The batch (labels required).
+ * @returns The activation buffers, the running adapter and whether the batch has padding.
+ */
+export function uploadTrainingBatch(model: Model, batch: Batch): TrainingBatch {
   const adapter = runningAdapter(model);
   if (!adapter) {
     throw new AdapterError(
@@ -116,9 +143,20 @@ export function recordLossAndGradients(rec: Recorder, model: Model, batch: Batch
   }
   const acts = activationsFor(model, p.B, p.T, true);
   uploadBatch(model, acts, p);
-  recordForward(rec, model, acts, { adapter, masked: p.masked, head: { lossGradient: true } });
-  recordBackward(rec, model, acts, adapter, p.masked);
-  return acts;
+  return { acts, adapter, masked: p.masked };
+}
+
+/**
+ * Records forward + loss + backward of an uploaded training batch (no submit).
+ *
+ * @param rec The recorder.
+ * @param model The model.
+ * @param step What {@link uploadTrainingBatch} returned.
+ */
+export function recordTrainingStep(rec: Recorder, model: Model, step: TrainingBatch): void {
+  const { acts, adapter, masked } = step;
+  recordForward(rec, model, acts, { adapter, masked, head: { lossGradient: true } });
+  recordBackward(rec, model, acts, adapter, masked);
 }
 
 /**
