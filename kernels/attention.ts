@@ -1928,7 +1928,7 @@ function partialsScratch(rec: Recorder, dk: Tensor, n: number): [Tensor, Tensor]
  * `dqFromScores` (with the tiled dk/dv pass): that pass also writes the ds it computes into a scratch of
  * `B·H·T·S` floats and dq is the product of ds and k ({@link dqScoresKernel}, `dqScoresRows` rows per
  * thread) instead of the lane dq pass, which recomputes both dot products of every (query, key) pair;
- * used while the scratch (one per device) stays within `scoresMaxBytes` and the device's binding size,
+ * used while the scratch (one per dq buffer) stays within `scoresMaxBytes` and the device's binding size,
  * else the lane dq pass runs. H100, B=4, T=512, f32, per layer: dq 0.257 → 0.065 ms (SmolLM2), 0.714 →
  * 0.184 (TinyLlama), 0.341 → 0.087 (gpt2) at 2 rows per thread (1 and 4 are 10-40% slower); the dk/dv pass
  * takes 4-5% longer writing ds; the scratch is 38 MB (SmolLM2), 50 MB (gpt2), 134 MB (TinyLlama).
@@ -1962,26 +1962,27 @@ export function dkdvTileFor(rec: Recorder, D: number): DkdvTile | null {
   return attentionTuning.dkdvTiles.find((t) => dkdvTileBytes(D, t) <= limit) ?? null;
 }
 
-const scoresCache = new WeakMap<GPUDevice, Tensor>();
+const scoresCache = new WeakMap<GPUBuffer, Tensor>();
 
 /**
- * Scratch `[lse | Di | ds]` (`(B, H, T)` twice, then `(B, H, T, S)`) of the dq-from-scores path: one per
- * device, grown when a larger one is needed (recorded steps keep the one they bound).
+ * Scratch `[lse | Di | ds]` (`(B, H, T)` twice, then `(B, H, T, S)`) of the dq-from-scores path, cached per
+ * dq buffer like the stats scratch (the layers of a model share their gradient buffers, so one per
+ * activation set), grown when a larger one is needed (recorded steps keep the one they bound).
  */
-function scoresScratch(rec: Recorder, n: number): Tensor {
-  const hit = scoresCache.get(rec.gpu.device);
+function scoresScratch(rec: Recorder, dq: Tensor, n: number): Tensor {
+  const hit = scoresCache.get(dq.buffer);
   if (hit && hit.size >= n) return hit;
   const t = createTensor(rec.gpu, [n], "f32", "attention scores scratch");
-  scoresCache.set(rec.gpu.device, t);
+  scoresCache.set(dq.buffer, t);
   return t;
 }
 
 /**
- * The device's `[lse | Di | ds]` scratch of the dq-from-scores path, or null before the first backward that
- * used it (tests poison it to show that no unwritten entry is read).
+ * The `[lse | Di | ds]` scratch of the dq-from-scores path for this dq, or null before the first backward
+ * that used it (tests poison it to show that no unwritten entry is read).
  */
-export function attentionScoresScratch(rec: Recorder): Tensor | null {
-  return scoresCache.get(rec.gpu.device) ?? null;
+export function attentionScoresScratch(dq: Tensor): Tensor | null {
+  return scoresCache.get(dq.buffer) ?? null;
 }
 
 /** How {@link attentionBackward} computes the gradients for these options on this device. */
@@ -2072,7 +2073,7 @@ export function attentionBackward(
   const fromScores = plan.dq === "scores";
   // lse and Di (and ds) travel in one scratch so that no pass binds more than 8 storage buffers
   const stats = fromScores
-    ? scoresScratch(rec, scoresScratchFloats(r.B, r.H, r.T, r.S))
+    ? scoresScratch(rec, dq, scoresScratchFloats(r.B, r.H, r.T, r.S))
     : statsScratch(rec, dq, 2 * bht);
   const g = grid1d(bht, 64);
   rec.dispatch(rowDotKernel(r.D, ot), [dout, out, lse, stats], [bht, r.T, r.H, g.stride], g.groups);

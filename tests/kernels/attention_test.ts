@@ -114,7 +114,7 @@ async function checkBackward(c: Case, seed: number, accumulate: boolean): Promis
   if (expectedDq) assert.equal(attentionBackwardPlan(rec, opts(c)).dq, expectedDq, "dq pass");
   attentionForward(rec, out, lse, q, k, v, m, opts(c));
   attentionBackward(rec, dq, dk, dv, upload(g, x.dout), out, lse, q, k, v, m, { ...opts(c), accumulate });
-  poisonScoresScratch(g, rec, opts(c));
+  poisonScoresScratch(g, rec, opts(c), dq);
   rec.submit();
   const stride = c.kvStride ?? c.keyLen;
   const validKv = c.batch * stride * c.numKvHeads * c.headDim;
@@ -226,8 +226,8 @@ const CASES: Record<string, Case> = {
  * the queue): the dk/dv pass writes only the visible (query, key) entries, so an entry the dq pass reads
  * without the dk/dv pass having written it shows as NaN.
  */
-function poisonScoresScratch(g: Gpu, rec: Recorder, o: AttentionOptions): void {
-  const scratch = attentionScoresScratch(rec);
+function poisonScoresScratch(g: Gpu, rec: Recorder, o: AttentionOptions, dq: Tensor): void {
+  const scratch = attentionScoresScratch(dq);
   if (attentionBackwardPlan(rec, o).dq !== "scores" || !scratch) return;
   g.device.queue.writeBuffer(scratch.buffer, 0, new Float32Array(scratch.size).fill(NaN));
 }
