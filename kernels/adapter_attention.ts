@@ -29,7 +29,7 @@ import {
   type Kernel,
 } from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
-import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
+import { cachedScratch, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
 
@@ -769,11 +769,7 @@ const D: u32 = ${D}u;
 const scratchCache = new WeakMap<GPUBuffer, Tensor>();
 
 function scratchFor(rec: Recorder, dka: Tensor, n: number): Tensor {
-  const hit = scratchCache.get(dka.buffer);
-  if (hit && hit.size >= n) return hit;
-  const t = createTensor(rec.gpu, [n], "f32", "adapter attention partials");
-  scratchCache.set(dka.buffer, t);
-  return t;
+  return cachedScratch(scratchCache, rec.gpu, dka, n, "adapter attention partials");
 }
 
 /**

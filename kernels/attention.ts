@@ -47,7 +47,7 @@ import {
   type Kernel,
 } from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
-import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
+import { cachedScratch, createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
 import { addInto } from "./activation.ts";
@@ -1970,11 +1970,7 @@ const scoresCache = new WeakMap<GPUBuffer, Tensor>();
  * activation set), grown when a larger one is needed (recorded steps keep the one they bound).
  */
 function scoresScratch(rec: Recorder, dq: Tensor, n: number): Tensor {
-  const hit = scoresCache.get(dq.buffer);
-  if (hit && hit.size >= n) return hit;
-  const t = createTensor(rec.gpu, [n], "f32", "attention scores scratch");
-  scoresCache.set(dq.buffer, t);
-  return t;
+  return cachedScratch(scoresCache, rec.gpu, dq, n, "attention scores scratch");
 }
 
 /**
@@ -2022,11 +2018,7 @@ export function attentionBackwardPlan(rec: Recorder, opts: AttentionOptions): At
 
 /** Scratch `[lse | Di]`, each `(B, H, T)`, cached per dq buffer (no allocation on replays). */
 function statsScratch(rec: Recorder, dq: Tensor, n: number): Tensor {
-  const hit = statsCache.get(dq.buffer);
-  if (hit && hit.size >= n) return hit;
-  const t = createTensor(rec.gpu, [n], "f32", "attention stats");
-  statsCache.set(dq.buffer, t);
-  return t;
+  return cachedScratch(statsCache, rec.gpu, dq, n, "attention stats");
 }
 /**
  * Records the FlashAttention-2 backward: `Di = rowsum(dout_i * out_i)`; `p` recomputed from q, k and lse;

@@ -197,3 +197,18 @@ export function assertClose(
     );
   }
 }
+
+/** HF configs of a tiny llama (GQA 4/2) and a tiny gpt2 for whole-model tests on any device. */
+export const TINY_CONFIGS = {
+  llama: {
+    model_type: "llama",
+    vocab_size: 96,
+    hidden_size: 32,
+    intermediate_size: 64,
+    num_hidden_layers: 3,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    max_position_embeddings: 64,
+  },
+  gpt2: { model_type: "gpt2", vocab_size: 96, n_embd: 32, n_layer: 3, n_head: 4, n_positions: 64 },
+};

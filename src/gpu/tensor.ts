@@ -112,6 +112,32 @@ export function resetGpuBytesPeak(): number {
 }
 
 /**
+ * An f32 scratch tensor of at least `n` elements kept in `cache` under an owner tensor's buffer: created on
+ * first use, replaced by a larger one when `n` grows (recorded ops keep the one they bound), gone with the
+ * owner. Kernels key their scratch by a buffer of the activation set they serve, so replays allocate nothing.
+ *
+ * @param cache The caller's cache.
+ * @param gpu The GPU.
+ * @param owner The tensor whose buffer keys the scratch.
+ * @param n Elements needed.
+ * @param label A name for messages.
+ * @returns The scratch.
+ */
+export function cachedScratch(
+  cache: WeakMap<GPUBuffer, Tensor>,
+  gpu: Gpu,
+  owner: Tensor,
+  n: number,
+  label: string,
+): Tensor {
+  const hit = cache.get(owner.buffer);
+  if (hit && hit.size >= n) return hit;
+  const t = createTensor(gpu, [n], "f32", label);
+  cache.set(owner.buffer, t);
+  return t;
+}
+
+/**
  * Creates a tensor in a fresh buffer (contents zero).
  *
  * @param gpu The GPU.

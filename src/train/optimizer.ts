@@ -36,7 +36,9 @@ export interface OptimizerOptions {
   maxGradNorm?: number;
   /**
    * Replay the recorded step while the batch shape and mask pattern stay the same (default true); false
-   * records every step anew (same results, more host time).
+   * records every step anew (same results, more host time). A recording keeps the kernel choices of the
+   * moment it was made (`attentionTuning`, `matmulTuning`, ...): benchmarks that change them between steps
+   * create a new optimizer or pass false.
    */
   replay?: boolean;
 }

@@ -20,7 +20,7 @@ import { getGpu } from "../../src/gpu/device.ts";
 import { readF32, Tensor } from "../../src/gpu/tensor.ts";
 import { loadWeights, uploadProjections, type Weights } from "../../src/models/weights.ts";
 import type { Model } from "../../src/models/model.ts";
-import { Rng } from "../_util.ts";
+import { Rng, TINY_CONFIGS } from "../_util.ts";
 
 /** Parameter counts of the published checkpoints (embedding counted once when tied). */
 const PARAMS: Record<string, number> = {
@@ -47,20 +47,6 @@ Deno.test("built-in configs have the published models' parameter counts", () => 
   ]);
 });
 
-const TINY = {
-  llama: {
-    model_type: "llama",
-    vocab_size: 96,
-    hidden_size: 32,
-    intermediate_size: 64,
-    num_hidden_layers: 3,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
-    max_position_embeddings: 64,
-  },
-  gpt2: { model_type: "gpt2", vocab_size: 96, n_embd: 32, n_layer: 3, n_head: 4, n_positions: 64 },
-};
-
 /** Every tensor of a Weights object with its path, for structural comparison. */
 function describeWeights(w: Weights): string[] {
   const out: string[] = [];
@@ -78,7 +64,7 @@ function describeWeights(w: Weights): string[] {
 for (const family of ["llama", "gpt2"] as const) {
   Deno.test(`randomWeights makes the tensors loadWeights makes of a ${family} checkpoint (shapes, dtypes, bytes)`, async () => {
     const g = await getGpu();
-    const config = normalizeConfig(TINY[family]);
+    const config = normalizeConfig(TINY_CONFIGS[family]);
     for (const dtype of ["f32", "f16"] as const) {
       if (dtype === "f16" && !g.hasF16) continue;
       const fast = randomWeights(g, config, LAYOUTS[family], dtype, 1);
@@ -109,7 +95,7 @@ Deno.test("the invented checkpoint is deterministic in the seed and differs betw
   assert.ok((await a.readF32("transformer.h.0.attn.c_attn.bias")).every((x) => x === 0), "biases are 0");
 });
 
-for (const [family, raw] of Object.entries(TINY)) {
+for (const [family, raw] of Object.entries(TINY_CONFIGS)) {
   Deno.test(`a tiny random ${family}: finite loss near ln V, and AdamW on an adapter lowers it`, async () => {
     const config = normalizeConfig(raw);
     const model = await createRandomModel(config, { seed: 3, maxSeqLen: 32 });
@@ -147,7 +133,7 @@ for (const [family, raw] of Object.entries(TINY)) {
   });
 }
 
-for (const [family, raw] of Object.entries(TINY)) {
+for (const [family, raw] of Object.entries(TINY_CONFIGS)) {
   Deno.test(`a tiny random ${family}: q, k and v in one stacked product train exactly as three products`, async () => {
     const config = normalizeConfig(raw);
     const stacked = await createRandomModel(config, { seed: 5, maxSeqLen: 32 });

@@ -10,18 +10,7 @@ import { createRandomModel } from "../../src/models/random.ts";
 import { readF32 } from "../../src/gpu/tensor.ts";
 import type { Batch } from "../../src/models/transformer.ts";
 import { stepsRecorded } from "../../src/train/optimizer.ts";
-import { Rng } from "../_util.ts";
-
-const LLAMA = {
-  model_type: "llama",
-  vocab_size: 96,
-  hidden_size: 32,
-  intermediate_size: 64,
-  num_hidden_layers: 3,
-  num_attention_heads: 4,
-  num_key_value_heads: 2,
-  max_position_embeddings: 64,
-};
+import { Rng, TINY_CONFIGS } from "../_util.ts";
 
 function batchOf(rng: Rng, B: number, T: number, leftPad = 0): Batch {
   const ids = Array.from({ length: B }, () => Array.from(rng.ints(T, 96)));
@@ -32,7 +21,7 @@ function batchOf(rng: Rng, B: number, T: number, leftPad = 0): Batch {
 }
 
 Deno.test("replayed optimizer steps train exactly as steps recorded anew; a new shape or mask pattern records again", async () => {
-  const config = normalizeConfig(LLAMA);
+  const config = normalizeConfig(TINY_CONFIGS.llama);
   const rng = new Rng(21);
   // same shape twice, then padding (another mask pattern), no padding again, another length
   const batches = [
@@ -68,7 +57,7 @@ Deno.test("replayed optimizer steps train exactly as steps recorded anew; a new 
 });
 
 Deno.test("a replayed step reads the batch uploaded for it, not the recorded one", async () => {
-  const config = normalizeConfig(LLAMA);
+  const config = normalizeConfig(TINY_CONFIGS.llama);
   const rng = new Rng(5);
   const [a, b] = [batchOf(rng, 2, 8), batchOf(rng, 2, 8)];
   const lossAfter = async (first: Batch, second: Batch) => {
