@@ -469,6 +469,19 @@ const SV: u32 = ${oddStride(DVn)}u;
 const NEG: f32 = ${NEG};`;
 }
 
+/**
+ * WGSL: a tiled workgroup's (query head, batch, key/value head) from its id, and its thread's place: row
+ * group `ra` of 16 (rows `rb`.. of `rowsPerThread` each) and vec4 column group `ca` of 8.
+ */
+function tiledThreads(rowsPerThread: number): string {
+  return `let h = wid.y;
+  let b = wid.z;
+  let kvh = h / (p.H / p.Hkv);
+  let ra = tid / 8u;
+  let ca = tid % 8u;
+  let rb = ${rowsPerThread}u * ra;`;
+}
+
 /** Column guard of the accumulation phase: vec4 column ca + 8*cc exists. */
 function colGuard(DVn: number, cc: number): string {
   return (cc + 1) * 8 <= DVn ? "true" : `ca + ${8 * cc}u < DV`;
@@ -508,12 +521,7 @@ var<workgroup> Cs: array<f32, ${BQ}>;
 ${VISIBLE}
 @compute @workgroup_size(${NT}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
   let t0 = wid.x * ${BQ}u;
-  let h = wid.y;
-  let b = wid.z;
-  let kvh = h / (p.H / p.Hkv);
-  let ra = tid / 8u;
-  let ca = tid % 8u;
-  let rb = ${RT}u * ra;
+  ${tiledThreads(RT)}
   ${loadTile(D, BQ, [["Qs", "q", qt]], "t0 + r < p.T", "((b * p.T + t0 + r) * p.H + h) * D")}
   var m = NEG;
   var l = 0.0;
@@ -786,12 +794,7 @@ var<workgroup> Ds: array<f32, ${BQ}>;
 ${VISIBLE}
 @compute @workgroup_size(${NT}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
   let k0 = wid.x * ${BK}u;
-  let h = wid.y;
-  let b = wid.z;
-  let kvh = h / (p.H / p.Hkv);
-  let ra = tid / 8u;
-  let ca = tid % 8u;
-  let rb = ${RT}u * ra;
+  ${tiledThreads(RT)}
   ${
       loadTile(
         D,
@@ -1036,12 +1039,7 @@ fn dsAt(b: u32, h: u32, t: u32, key: u32, k0: u32, kEnd: u32, iFirst: u32, iLast
 @compute @workgroup_size(${NT}) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
   let nb = (p.T + BT - 1u) / BT;
   let t0 = (nb - 1u - wid.x) * BT; // heaviest causal blocks first
-  let h = wid.y;
-  let b = wid.z;
-  let kvh = h / (p.H / p.Hkv);
-  let ra = tid / 8u;
-  let ca = tid % 8u;
-  let rb = ${rows}u * ra;
+  ${tiledThreads(rows)}
   let tLast = min(t0 + BT, p.T) - 1u;
   let iFirst = p.qOff + t0;
   let iLast = p.qOff + tLast;

@@ -379,6 +379,28 @@ const DKDV_CASES: Record<string, Case> = {
   },
 };
 
+/**
+ * One step of {@link checkBackward} per case (seeds from `seed`, `check` first when given), then one with
+ * accumulate on the GQA case with padding (seed `accumulateSeed`).
+ */
+async function backwardSteps(
+  t: Deno.TestContext,
+  cases: Record<string, Case>,
+  seed: number,
+  accumulateSeed: number,
+  check?: (c: Case) => void,
+): Promise<void> {
+  for (const [label, c] of Object.entries(cases)) {
+    check?.(c);
+    const s = seed++;
+    await t.step(label, () => checkBackward(c, s, false));
+  }
+  await t.step(
+    "accumulate",
+    () => checkBackward(DKDV_CASES["causal GQA 4/2 with left padding, D=8"]!, accumulateSeed, true),
+  );
+}
+
 for (const tile of DKDV_TILES) {
   const name = `${tile.keys}x${tile.queries}${tile.prefetch ? " prefetched" : ""}`;
   Deno.test(`the tiled dk/dv pass matches the float64 reference with the ${name} tile`, async (t) => {
@@ -387,8 +409,7 @@ for (const tile of DKDV_TILES) {
     attentionTuning.dkdvTiles = [tile];
     attentionTuning.lanes = false;
     try {
-      let seed = 300;
-      for (const [label, c] of Object.entries(DKDV_CASES)) {
+      await backwardSteps(t, DKDV_CASES, 300, 9, (c) => {
         // never a silent fallback to the default tile
         assert.deepEqual(dkdvTileFor(new Recorder(g), c.headDim), tile, `${name} must fit at D=${c.headDim}`);
         assert.equal(
@@ -396,13 +417,7 @@ for (const tile of DKDV_TILES) {
           "scores",
           "ds written by every tile",
         );
-        const s = seed++;
-        await t.step(label, () => checkBackward(c, s, false));
-      }
-      await t.step(
-        "accumulate",
-        () => checkBackward(DKDV_CASES["causal GQA 4/2 with left padding, D=8"]!, 9, true),
-      );
+      });
     } finally {
       Object.assign(attentionTuning, saved);
     }
@@ -418,7 +433,6 @@ for (const rows of [1, 2, 4]) {
     attentionTuning.dqScoresRows = rows;
     expectedDq = "scores";
     try {
-      let seed = 400;
       const cases: Record<string, Case> = {
         ...DKDV_CASES,
         "explicit queryOffset T=7 S=20 offset 5":
@@ -434,14 +448,7 @@ for (const rows of [1, 2, 4]) {
           leftPad: [3, 0],
         },
       };
-      for (const [label, c] of Object.entries(cases)) {
-        const s = seed++;
-        await t.step(label, () => checkBackward(c, s, false));
-      }
-      await t.step(
-        "accumulate",
-        () => checkBackward(DKDV_CASES["causal GQA 4/2 with left padding, D=8"]!, 19, true),
-      );
+      await backwardSteps(t, cases, 400, 19);
     } finally {
       Object.assign(attentionTuning, saved);
       expectedDq = null;
