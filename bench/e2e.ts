@@ -35,10 +35,16 @@
  * `PROMPTGATE_MATMUL_SMALL_SPLIT=0` its K splits over the mid-size products (`matmulTuning.midSplit`),
  * `PROMPTGATE_ATTENTION_DKDV="2x2"` (or `"2x4 prefetched"`, ...) forces the tile of the attention's dk/dv
  * pass (`attentionTuning.dkdvTiles`), `PROMPTGATE_ATTENTION_PREFETCH=0` / `1` the lane kernels' key-block
- * prefetch, `PROMPTGATE_QKV_STACK=0` runs q, k and v as three products instead of one stacked product,
+ * prefetch, `PROMPTGATE_QKV_STACK=0` runs q, k and v as three products instead of one stacked product
+ * (`PROMPTGATE_MLP_STACK=0`: a llama MLP's gate and up as two),
  * `PROMPTGATE_ATTENTION_DQ_SCORES=0` runs the lane dq pass instead of dq from the dk/dv pass's scores
  * (`attentionTuning.dqFromScores`) and `PROMPTGATE_ATTENTION_DQ_ROWS=1|2|4` sets that pass's rows per thread;
- * `PROMPTGATE_STEP_REPLAY=0` makes the optimizer record every training step anew instead of replaying it.
+ * `PROMPTGATE_STEP_REPLAY=0` makes the optimizer record every training step anew instead of replaying it;
+ * `PROMPTGATE_MATVEC_MAX_M=4` keeps the matrix-vector kernels to decode (`matmulTuning.matvecMaxM`; the
+ * adapter's 10-row products then run tiled) and `PROMPTGATE_ADAPTER_STACK_KV=0` computes each layer's
+ * adapter keys and values (and the prompt's gradient) in two products instead of one
+ * (`adapterStateTuning.stackKeyValues`); `PROMPTGATE_ADAPTER_REDUCE_SLICES=1|2|4|8` sets the threads per
+ * output of the adapter backward's final sums (`adapterAttentionTuning.reduceSlices`).
  *
  * @module
  */
@@ -59,8 +65,10 @@ import {
 import { profileOps, type ProfileRow, timeOps } from "../src/gpu/timing.ts";
 import { type ModelConfig, normalizeConfig } from "../src/io/hf_config.ts";
 import { addAdaptionPrompt, deleteAdapter } from "../src/adapters/manage.ts";
+import { adapterStateTuning } from "../src/adapters/state.ts";
 import { createOptimizer } from "../src/train/optimizer.ts";
 import { adamwStep, packHyper } from "../kernels/adamw.ts";
+import { adapterAttentionTuning } from "../kernels/adapter_attention.ts";
 import { attentionTuning } from "../kernels/attention.ts";
 import { crossEntropyTuning } from "../kernels/cross_entropy.ts";
 import { matmulTuning } from "../kernels/matmul.ts";
@@ -253,11 +261,21 @@ async function runCase(
     seed: 0,
     maxSeqLen: Math.max(s.seq, s.prompt + s.newTokens),
   });
-  // PROMPTGATE_QKV_STACK=0: three q/k/v products (the same weights, unstacked) for a before/after
-  const model: Model = Deno.env.get("PROMPTGATE_QKV_STACK") === "0"
+  // PROMPTGATE_QKV_STACK=0: three q/k/v products (the same weights, unstacked) for a before/after;
+  // PROMPTGATE_MLP_STACK=0: two gate/up products likewise
+  const qkvApart = Deno.env.get("PROMPTGATE_QKV_STACK") === "0";
+  const mlpApart = Deno.env.get("PROMPTGATE_MLP_STACK") === "0";
+  const model: Model = qkvApart || mlpApart
     ? {
       ...created,
-      weights: { ...created.weights, layers: created.weights.layers.map((l) => ({ ...l, qkv: null })) },
+      weights: {
+        ...created.weights,
+        layers: created.weights.layers.map((l) => ({
+          ...l,
+          qkv: qkvApart ? null : l.qkv,
+          gateUp: mlpApart ? null : l.gateUp,
+        })),
+      },
     }
     : created;
   await gpu.device.queue.onSubmittedWorkDone();
@@ -634,6 +652,11 @@ async function caseMain(args: string[]): Promise<void> {
   if (Deno.env.get("PROMPTGATE_MATMUL_K") === "8") matmulTuning.kStep = 8;
   if (Deno.env.get("PROMPTGATE_MATMUL_TILES8") === "0") matmulTuning.tiles8 = false;
   if (Deno.env.get("PROMPTGATE_MATMUL_SMALL_SPLIT") === "0") matmulTuning.midSplit = false;
+  const mvMax = Deno.env.get("PROMPTGATE_MATVEC_MAX_M");
+  if (mvMax) matmulTuning.matvecMaxM = Number(mvMax);
+  if (Deno.env.get("PROMPTGATE_ADAPTER_STACK_KV") === "0") adapterStateTuning.stackKeyValues = false;
+  const slices = Deno.env.get("PROMPTGATE_ADAPTER_REDUCE_SLICES");
+  if (slices) adapterAttentionTuning.reduceSlices = Number(slices) as 1 | 2 | 4 | 8;
   const dkdv = Deno.env.get("PROMPTGATE_ATTENTION_DKDV")?.match(/^(\d)x(\d)( prefetched)?$/);
   if (dkdv) attentionTuning.dkdvTiles = [{ keys: +dkdv[1]!, queries: +dkdv[2]!, prefetch: !!dkdv[3] }];
   const prefetch = Deno.env.get("PROMPTGATE_ATTENTION_PREFETCH");

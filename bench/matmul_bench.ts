@@ -12,7 +12,8 @@
  * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / K step (8 beside the default) /
  * matrix-vector variant at the model shapes (`=matvec`: the matrix-vector variants only; `=prefill`: the products of a 128-token prefill, M = 128,
  * with f32 and with f16 weights and activations; `=small`: the planner's choice against every tile at the
- * mid-size training products, M = 2048, each case twice; `PROMPTGATE_TUNE_CASES`, a regular expression
+ * mid-size training products, M = 2048, each case twice; `=few`: products of 10 and 16 rows, µs, the
+ * matrix-vector kernels against the tiles planned before they took more than 4 rows; `PROMPTGATE_TUNE_CASES`, a regular expression
  * matched against "case op", keeps only the sweep cases it matches)
  * (the data behind the heuristic in kernels/matmul.ts).
  *
@@ -190,7 +191,7 @@ function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; time
 }
 
 const tuneMode = Deno.env.get("PROMPTGATE_BENCH_TUNE");
-const tune = ["1", "matvec", "prefill", "small"].includes(tuneMode ?? "") && "matmulTuning" in mm &&
+const tune = ["1", "matvec", "prefill", "small", "few"].includes(tuneMode ?? "") && "matmulTuning" in mm &&
   "splitK" in mm.matmulTuning;
 if (tune) {
   // every variant at the model shapes: tiles (double-buffered), one single-buffered, split-K; matvec threads
@@ -198,6 +199,8 @@ if (tune) {
     label: string;
     /** null: the planner's choice */
     force: Matmul.MatmulKernelChoice | null;
+    /** `matmulTuning.matvecMaxM` (4: the planner of before the matrix-vector kernels took 16 rows) */
+    mvMax?: number;
     splitK?: number;
     db?: boolean;
     threads?: 32 | 64 | 128 | 256;
@@ -254,6 +257,8 @@ if (tune) {
     ["tinyllama k/v", 256, 2048],
     ["smollm2 q/k/v stacked", 960, 576],
     ["tinyllama q/k/v stacked", 2560, 2048],
+    ["smollm2 gate|up stacked", 3072, 576],
+    ["tinyllama gate|up stacked", 11264, 2048],
   ].flatMap(([name, N, K]) =>
     (["linear", "linear_dx"] as const).flatMap((op) => {
       const c: [Case, Variant[], DType[]] = [
@@ -263,6 +268,27 @@ if (tune) {
       ];
       return [c, c];
     })
+  );
+  // `few`: products of 10 and 16 rows (an adaption prompt's keys and values, stacked k|v, and the prompt's
+  // gradient; a 16-token prefill), the matrix-vector kernels against the tiles planned before (µs)
+  const few: Variant[] = [
+    { label: "planned", force: null },
+    { label: "tiled (M > 4 before)", force: null, mvMax: 4 },
+    ...([32, 64, 128] as const).map((t) => ({ label: `matvec t${t}`, force: "matvec" as const, threads: t })),
+  ];
+  const fewCases: [Case, Variant[], DType[]][] = [
+    ["gpt2 adapter k|v", 1536, 768, 10],
+    ["smollm2 adapter k|v", 384, 576, 10],
+    ["tinyllama adapter k|v", 512, 2048, 10],
+    ["tinyllama q_proj 16 rows", 2048, 2048, 16],
+    ["tinyllama gate_proj 16 rows", 5632, 2048, 16],
+    ["smollm2 gate_proj 16 rows", 1536, 576, 16],
+  ].flatMap(([name, N, K, M]) =>
+    (["linear", "linear_dx"] as const).map((op): [Case, Variant[], DType[]] => [
+      { name: name as string, op, M: M as number, N: N as number, K: K as number },
+      few,
+      ["f32"],
+    ])
   );
   const P = 128; // prompt tokens
   const prefillCases: [Case, Variant[], DType[]][] = [
@@ -285,6 +311,8 @@ if (tune) {
   ]);
   const tuneCases: [Case, Variant[], DType[]][] = tuneMode === "prefill"
     ? prefillCases
+    : tuneMode === "few"
+    ? fewCases
     : tuneMode === "small"
     ? smallCases
     : full
@@ -330,12 +358,15 @@ if (tune) {
         mm.matmulTuning.matvecThreads = v.threads ?? null;
         mm.matmulTuning.matvecPacked = v.packed ?? null;
         if ("kStep" in mm.matmulTuning) mm.matmulTuning.kStep = v.k ?? null;
+        if ("matvecMaxM" in mm.matmulTuning) mm.matmulTuning.matvecMaxM = v.mvMax ?? 16;
         try {
           const rec = new Recorder(gpu);
           // prefill: an f16 model's products take f16 activations too
           const tensors = record(rec, c, dtype, tuneMode === "prefill" ? dtype : "f32");
           const { ms } = await measure(rec.take());
-          row[v.label] = c.M <= 4
+          row[v.label] = tuneMode === "few"
+            ? Number((ms * 1000).toPrecision(3)) // µs
+            : c.M <= 4
             ? Number((c.N * c.K * (dtype === "f16" ? 2 : 4) / ms / 1e6).toPrecision(4)) // GB/s of weight
             : Math.round(2 * c.M * c.N * c.K / ms / 1e6); // GFLOP/s
           for (const t of tensors) t.buffer.destroy();
@@ -346,15 +377,18 @@ if (tune) {
           mm.matmulTuning.matvecThreads = null;
           mm.matmulTuning.matvecPacked = null;
           if ("kStep" in mm.matmulTuning) mm.matmulTuning.kStep = null;
+          if ("matvecMaxM" in mm.matmulTuning) mm.matmulTuning.matvecMaxM = 16;
         }
       }
       tuneRows.push(row);
       console.log(JSON.stringify(row));
     }
   }
-  console.log("variants (GFLOP/s, or GB/s of weight for M = 1):");
+  console.log(
+    `variants (${tuneMode === "few" ? "µs per product" : "GFLOP/s, or GB/s of weight for M = 1"}):`,
+  );
   console.table(tuneRows);
-  if (tuneMode === "prefill" || tuneMode === "small") cases.length = 0; // these sweeps stand alone
+  if (["prefill", "small", "few"].includes(tuneMode!)) cases.length = 0; // these sweeps stand alone
 }
 
 const rows: Record<string, string | number>[] = [];

@@ -65,12 +65,20 @@ const WG = 64;
  * workgroups ({@link adapterSubChunks}; H100, B*T = 2048, L = 10, paired partials: 2 for gpt2 and
  * SmolLM2, 8 for TinyLlama, 15-27% faster than 4 with one row per load, bench/RESULTS.md). `pairs` takes
  * the two-threads-per-row partials kernel for L ≤ 16 (both are tested); its dka/dva sums over a whole
- * block of rows load `rowBatch` rows at a time (1 = one per loop step, the earlier loop).
+ * block of rows load `rowBatch` rows at a time (1 = one per loop step, the earlier loop). `reduceSlices`
+ * (1, 2, 4 or 8) is how many threads of the final reduction share one output, each summing every
+ * `reduceSlices`-th slot (1 = one thread per output summing all slots in turn, the earlier kernel).
  */
-export const adapterAttentionTuning: { subChunks: number | null; pairs: boolean; rowBatch: number } = {
+export const adapterAttentionTuning: {
+  subChunks: number | null;
+  pairs: boolean;
+  rowBatch: number;
+  reduceSlices: 1 | 2 | 4 | 8;
+} = {
   subChunks: null,
   pairs: true,
   rowBatch: 8,
+  reduceSlices: 8,
 };
 
 /**
@@ -708,10 +716,21 @@ ${
   );
 }
 
-function reduceKernel(D: number): Kernel {
+/** Threads of the reduction workgroup. */
+const RED_WG = 256;
+
+/**
+ * Sums the partials kernel's slots: dka/dva over every row-block slot and the query heads of a key/value
+ * head, dgate over the slots (and the heads, for a scalar gate). Each output is summed by `slices` threads,
+ * slice s taking slots s, s + slices, ... in order, then a tree over the slices in workgroup memory: a fixed
+ * order (deterministic), and (at 8) 8x fewer dependent loads per thread than one thread per output (the
+ * adapter's L x Hkv x D outputs are few, so one thread each summed all slots in a long chain).
+ */
+function reduceKernel(D: number, slices: number): Kernel {
+  const RED_SLICES = slices, RED_OUTS = RED_WG / slices;
   return defineKernel(
     "adapter_attention_bwd_reduce",
-    { D },
+    { D, slices },
     ["read", "read", "write", "write", "write", "uniform"],
     () => `
 ${PARAMS}
@@ -722,46 +741,70 @@ ${PARAMS}
 @group(0) @binding(4) var<storage, read_write> dgate: array<f32>;
 @group(0) @binding(5) var<uniform> p: P;
 const D: u32 = ${D}u;
-@compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) gid: vec3u) {
-  let idx = gid.x + gid.y * p.stride;
+const S: u32 = ${RED_SLICES}u;
+const OUTS: u32 = ${RED_OUTS}u;
+var<workgroup> rk: array<f32, ${RED_WG}>;
+var<workgroup> rv: array<f32, ${RED_WG}>;
+@compute @workgroup_size(${RED_WG}) fn main(
+  @builtin(workgroup_id) wid: vec3u,
+  @builtin(local_invocation_index) tid: u32,
+) {
+  let slice = tid / OUTS;
+  let idx = (wid.x + wid.y * p.stride) * OUTS + tid % OUTS;
   let LD = p.L * D;
   let HLD = p.Hkv * LD;
   let half = p.nGroups * p.H * LD;
   let group = p.H / p.Hkv;
+  let nGate = select(p.H, 1u, p.gmode == 0u);
+  var sk = 0.0;
+  var sv = 0.0;
   if (idx < HLD) {
     let kvh = idx / LD;
     let x = idx % LD;
-    var sk = 0.0;
-    var sv = 0.0;
-    for (var c = 0u; c < p.nGroups; c++) {
+    for (var c = slice; c < p.nGroups; c += S) {
       for (var hh = 0u; hh < group; hh++) {
         let at = (c * p.H + kvh * group + hh) * LD + x;
         sk = sk + scr[at];
         sv = sv + scr[half + at];
       }
     }
-    // scratch is (L, Hkv, D)-ordered; ka/va are (L, Hkv, D) as the k/v projections write them
-    let o = ((x / D) * p.Hkv + kvh) * D + x % D;
-    dka[o] = sk;
-    dva[o] = sv;
-    return;
-  }
-  let gi = idx - HLD;
-  let nGate = select(p.H, 1u, p.gmode == 0u);
-  if (gi >= nGate) { return; }
-  var s = 0.0;
-  for (var c = 0u; c < p.nGroups; c++) {
-    if (p.gmode == 0u) {
-      for (var h = 0u; h < p.H; h++) { s = s + scr[2u * half + c * p.H + h]; }
-    } else {
-      s = s + scr[2u * half + c * p.H + gi];
+  } else if (idx < HLD + nGate) {
+    let gi = idx - HLD;
+    for (var c = slice; c < p.nGroups; c += S) {
+      if (p.gmode == 0u) {
+        for (var h = 0u; h < p.H; h++) { sk = sk + scr[2u * half + c * p.H + h]; }
+      } else {
+        sk = sk + scr[2u * half + c * p.H + gi];
+      }
     }
   }
-  if (p.gmode == 2u) {
-    let t = tanh(gate[gi]);
-    s = s * (1.0 - t * t);
+  rk[tid] = sk;
+  rv[tid] = sv;
+  workgroupBarrier();
+  for (var st = S / 2u; st > 0u; st = st / 2u) {
+    if (slice < st) {
+      rk[tid] = rk[tid] + rk[tid + st * OUTS];
+      rv[tid] = rv[tid] + rv[tid + st * OUTS];
+    }
+    workgroupBarrier();
   }
-  dgate[gi] = s;
+  if (slice != 0u) { return; }
+  if (idx < HLD) {
+    let kvh = idx / LD;
+    let x = idx % LD;
+    // scratch is (L, Hkv, D)-ordered; ka/va are (L, Hkv, D) as the k/v projections write them
+    let o = ((x / D) * p.Hkv + kvh) * D + x % D;
+    dka[o] = rk[tid];
+    dva[o] = rv[tid];
+  } else if (idx < HLD + nGate) {
+    let gi = idx - HLD;
+    var g = rk[tid];
+    if (p.gmode == 2u) {
+      let t = tanh(gate[gi]);
+      g = g * (1.0 - t * t);
+    }
+    dgate[gi] = g;
+  }
 }`,
   );
 }
@@ -832,6 +875,10 @@ export function adapterAttentionBackward(
     [nGroups, H],
   );
   const nGate = opts.gateKind === "scalar" ? 1 : H;
-  const { groups, stride } = grid1d(Hkv * L * D + nGate, WG);
-  rec.dispatch(reduceKernel(D), [scr, gate, dka, dva, dgate], params(opts, stride, nGroups), groups);
+  const slices = adapterAttentionTuning.reduceSlices;
+  if (![1, 2, 4, 8].includes(slices)) {
+    throw new GpuError(`adapterAttentionTuning.reduceSlices must be 1, 2, 4 or 8, got ${slices}`);
+  }
+  const { groups, stride } = grid1d(Math.ceil((Hkv * L * D + nGate) / (RED_WG / slices)), 1);
+  rec.dispatch(reduceKernel(D, slices), [scr, gate, dka, dva, dgate], params(opts, stride, nGroups), groups);
 }

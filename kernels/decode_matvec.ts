@@ -60,7 +60,7 @@ import type { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
 import { kvCacheAppendRope } from "./kv_cache.ts";
-import { MV_MAX_M, MV_UNROLL, MV_WG, SMS } from "./matmul.ts";
+import { MV_UNROLL, MV_WG, SMS } from "./matmul.ts";
 
 /**
  * A norm applied to each row of x before the product, computed in the same dispatch (f32 statistics):
@@ -86,7 +86,9 @@ export const decodeMatvecTuning: {
 } = { threads: null, rowsPerGroup: null };
 
 // rows of x, threads per workgroup, loads in flight and multiprocessors: those of matmul.ts's matvec
-const MAX_M = MV_MAX_M, WG = MV_WG, UNROLL = MV_UNROLL;
+/** Rows (sequences of a decode step) the fused kernels take. */
+const MAX_M = 4;
+const WG = MV_WG, UNROLL = MV_UNROLL;
 
 /** Options that change the WGSL of the fused kernel. */
 interface MatvecOptions {

@@ -25,8 +25,9 @@
  *   workgroup memory allows (else 8).
  * - split-K for products with few output tiles and a long K (k_proj, gpt2 mlp c_proj): workgroups write
  *   partial sums of their K range to a workspace and a second dispatch adds them (with bias/accumulate).
- * - matrix-vector kernels for M ≤ 4 (decode): "nk" has 32-128 threads per output row with 4 independent
- *   vec4 weight loads in flight each; "kn" has 4 vec4 columns per workgroup and 64 K slices.
+ * - matrix-vector kernels for M ≤ 16 (decode, an adaption prompt's keys and values and their gradient):
+ *   "nk" has 32-128 threads per output row with 4 independent vec4 weight loads in flight each; "kn" has 4
+ *   vec4 columns per workgroup and 64 K slices. Both take column groups (of the output and of A).
  * The shape heuristic (`planTiled`, `matvecThreads`) is fitted to H200 and H100 measurements in
  * bench/RESULTS.md.
  * Column groups ({@link ColumnGroups}): one product can write its output as up to three row-major blocks
@@ -71,7 +72,7 @@ export type MatmulKernelChoice = MatmulTile | "matvec";
 
 /**
  * Tuning knobs for tests and benchmarks. `force` makes every product use that kernel where it applies
- * (`"matvec"` applies only when M ≤ 4 and vec4 loads are possible, else the 32x32 tile runs); `splitK`
+ * (`"matvec"` applies only when M ≤ 16 and vec4 loads are possible, else the 32x32 tile runs); `splitK`
  * forces the tiled kernel to split K over that many workgroups (partial sums reduced by a second
  * dispatch); `doubleBuffer` forces the workgroup tiles single- or double-buffered; `matvecThreads` forces
  * the threads that reduce one output of the matrix-vector kernel; `matvecPacked: false` reads f16 weights
@@ -84,7 +85,9 @@ export type MatmulKernelChoice = MatmulTile | "matvec";
  * workgroup tiles of 16 k fit; by default each tile's own, 16 for the 256-thread tiles: 8-12% faster than 8
  * on the H100 at every f32 model shape, bench/RESULTS.md). `tiles8: false` keeps the planner to the
  * 256-thread tiles (the 128- and 64-thread tiles of 8x8 outputs per thread stay available to `force`);
- * `midSplit: false` keeps it from splitting K over the mid-size products (`pickTile`).
+ * `midSplit: false` keeps it from splitting K over the mid-size products (`pickTile`). `matvecMaxM` is the
+ * largest M the planner gives the matrix-vector kernels (at most {@link MV_MAX_M}; 4 restores the decode-only
+ * rule of before, for A/B runs).
  * `null` lets the shape heuristic choose (`f16Packed`: on, the measured default).
  */
 export const matmulTuning: {
@@ -98,6 +101,7 @@ export const matmulTuning: {
   kStep: 8 | 16 | null;
   tiles8: boolean;
   midSplit: boolean;
+  matvecMaxM: number;
 } = {
   force: null,
   splitK: null,
@@ -109,6 +113,7 @@ export const matmulTuning: {
   kStep: null,
   tiles8: true,
   midSplit: true,
+  matvecMaxM: 16,
 };
 
 /** The smaller K step of the tiled kernel (16 where workgroup memory allows, see `matmulTuning`). */
@@ -606,8 +611,14 @@ function splitReduceKernel(
     ].join("\n"));
 }
 
-/** Largest M the matrix-vector kernels handle (one accumulator per row of A). */
-export const MV_MAX_M = 4;
+/**
+ * Largest M the matrix-vector kernels handle (one accumulator per row of A): up to 16 rows, e.g. an
+ * adaption prompt's 10 tokens through a layer's k/v projections (a tiled product there is mostly
+ * latency, and its split-K needs a second dispatch). The fused decode kernels take at most 4.
+ */
+export const MV_MAX_M = 16;
+/** Rows of A the "kn" matrix-vector kernel reduces at a time (its workgroup memory: 16 KiB). */
+const MV_KN_ROWS_PER_REDUCE = 4;
 /** Threads of a matrix-vector workgroup. */
 export const MV_WG = 256;
 /** Independent weight loads per thread per loop iteration (bytes in flight). */
@@ -616,10 +627,11 @@ export const MV_UNROLL = 4;
 const MV_KN_COLS4 = 4;
 
 /**
- * The "nk" matrix-vector kernel (M ≤ 4, A and B read as vec4): `T` threads reduce one output row,
+ * The "nk" matrix-vector kernel (M ≤ 16, A and B read as vec4): `T` threads reduce one output row,
  * `256 / T` rows per workgroup, each thread keeping MV_UNROLL independent weight loads in flight and
  * the M rows of A as compile-time accumulators; then a tree reduction in workgroup memory. With `h8`
- * the f16 weight is read as vec4<u32> (8 halves, 16 bytes per load) and unpacked in registers.
+ * the f16 weight is read as vec4<u32> (8 halves, 16 bytes per load) and unpacked in registers. With
+ * column groups on the output (`grouped: "out"`) each result goes to its block.
  */
 function matvecNkKernel(o: GemmOptions & { rows: number; threads: number; h8: boolean }): Kernel {
   return defineKernel("matmul_matvec_nk", { ...o }, bindings(o.bias), () => {
@@ -630,6 +642,7 @@ function matvecNkKernel(o: GemmOptions & { rows: number; threads: number; h8: bo
     const R = MV_WG / T;
     const U = MV_UNROLL;
     emit(header(o, o.h8 ? "vec4<u32>" : undefined));
+    if (o.grouped === "out") emit(groupIndex("outIndex", "p.N", ""));
     emit(`var<workgroup> red: array<f32, ${MV_WG * o.rows}>;`);
     emit(`@compute @workgroup_size(${MV_WG})`);
     emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
@@ -684,11 +697,8 @@ function matvecNkKernel(o: GemmOptions & { rows: number; threads: number; h8: bo
     emit(`  if (lane == 0u && n < p.N) {`);
     const bias = o.bias ? " + bias[n]" : "";
     for (const m of ms) {
-      emit(
-        `    ${
-          storeOut(o.ct, `${m}u * p.ldc + p.cOff + n`, `red[${m * MV_WG}u + lid.x]${bias}`, o.accumulate)
-        }`,
-      );
+      const idx = o.grouped === "out" ? `outIndex(${m}u, n)` : `${m}u * p.ldc + p.cOff + n`;
+      emit(`    ${storeOut(o.ct, idx, `red[${m * MV_WG}u + lid.x]${bias}`, o.accumulate)}`);
     }
     emit(`  }`);
     emit(`}`);
@@ -697,9 +707,11 @@ function matvecNkKernel(o: GemmOptions & { rows: number; threads: number; h8: bo
 }
 
 /**
- * The "kn" matrix-vector kernel (M ≤ 4, A and B read as vec4): each workgroup owns MV_KN_COLS4 vec4
+ * The "kn" matrix-vector kernel (M ≤ 16, A and B read as vec4): each workgroup owns MV_KN_COLS4 vec4
  * columns of B (64 contiguous bytes per row); its other threads split K, each keeping MV_UNROLL
- * independent row loads in flight; then a tree reduction over the K slices.
+ * independent row loads in flight; then a tree reduction over the K slices, MV_KN_ROWS_PER_REDUCE rows of
+ * A at a time. With column groups on A (`grouped: "a"`, e.g. the adapter's key and value gradients read
+ * as one) each element of A is read from its block.
  */
 function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
   return defineKernel("matmul_matvec_kn", { ...o }, bindings(o.bias), () => {
@@ -709,8 +721,10 @@ function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
     const C = MV_KN_COLS4;
     const S = MV_WG / C;
     const U = MV_UNROLL;
+    const RR = Math.min(o.rows, MV_KN_ROWS_PER_REDUCE);
     emit(header(o));
-    emit(`var<workgroup> red: array<vec4<f32>, ${MV_WG * o.rows}>;`);
+    if (o.grouped === "a") emit(groupIndex("aIndex", "p.K", " >> 2u"));
+    emit(`var<workgroup> red: array<vec4<f32>, ${MV_WG * RR}>;`);
     emit(`@compute @workgroup_size(${MV_WG})`);
     emit(`fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {`);
     emit(`  let g = wid.x + wid.y * p.groupsX;`);
@@ -719,17 +733,15 @@ function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
     emit(`  let slice = lid.x / ${C}u;`);
     emit(`  let n4 = g * ${C}u + col; // vec4 column`);
     emit(`  let wcol = min(n4, p.N / 4u - 1u);`);
-    for (const m of ms) emit(`  let x${m} = ${m}u * p.lda + p.aOff;`);
+    if (o.grouped !== "a") { for (const m of ms) emit(`  let x${m} = ${m}u * p.lda + p.aOff;`); }
     for (const m of ms) emit(`  var s${m} = vec4<f32>(0.0);`);
     const body = (k: string, name: string) => [
       `let ${name} = vec4<f32>(b[(${k}) * p.ldb + wcol]);`,
     ];
+    const aAt = (m: number, k: string) =>
+      o.grouped === "a" ? `a[aIndex(${m}u, ${k})][(${k}) % 4u]` : `a[x${m} + (${k}) / 4u][(${k}) % 4u]`;
     const fmas = (k: string, name: string) =>
-      ms.map((m) =>
-        `s${m} = fma(${name}, vec4<f32>(${
-          widen(o.at, `a[x${m} + (${k}) / 4u][(${k}) % 4u]`, false)
-        }), s${m});`
-      );
+      ms.map((m) => `s${m} = fma(${name}, vec4<f32>(${widen(o.at, aAt(m, k), false)}), s${m});`);
     emit(`  var k = slice;`);
     emit(`  loop {`);
     emit(`    if (k + ${(U - 1) * S}u >= p.K) { break; }`);
@@ -743,35 +755,40 @@ function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
     for (const s of fmas(`k`, `w`)) emit(`    ${s}`);
     emit(`    k += ${S}u;`);
     emit(`  }`);
-    for (const m of ms) emit(`  red[${m * MV_WG}u + lid.x] = s${m};`);
-    emit(`  workgroupBarrier();`);
-    for (let stride = S / 2; stride >= 1; stride /= 2) {
-      emit(`  if (slice < ${stride}u) {`);
-      for (const m of ms) {
-        emit(`    red[${m * MV_WG}u + lid.x] += red[${m * MV_WG}u + lid.x + ${stride * C}u];`);
-      }
-      emit(`  }`);
-      emit(`  workgroupBarrier();`);
-    }
-    emit(`  if (slice == 0u && n4 < p.N / 4u) {`);
     if (o.bias) {
       emit(
-        `    let bv = vec4<f32>(bias[n4 * 4u], bias[n4 * 4u + 1u], bias[n4 * 4u + 2u], bias[n4 * 4u + 3u]);`,
+        `  let bv = vec4<f32>(bias[wcol * 4u], bias[wcol * 4u + 1u], bias[wcol * 4u + 2u], bias[wcol * 4u + 3u]);`,
       );
     }
-    for (const m of ms) {
-      emit(`    {`);
-      emit(`      let v = red[${m * MV_WG}u + lid.x]${o.bias ? " + bv" : ""};`);
-      for (let c = 0; c < 4; c++) {
-        emit(
-          `      ${
-            storeOut(o.ct, `${m}u * p.ldc + p.cOff + n4 * 4u + ${c}u`, `v.${"xyzw"[c]}`, o.accumulate)
-          }`,
-        );
+    for (let r0 = 0; r0 < o.rows; r0 += RR) {
+      const chunk = ms.slice(r0, r0 + RR);
+      if (r0 > 0) emit(`  workgroupBarrier(); // the previous rows' results are read`);
+      for (const m of chunk) emit(`  red[${(m - r0) * MV_WG}u + lid.x] = s${m};`);
+      emit(`  workgroupBarrier();`);
+      for (let stride = S / 2; stride >= 1; stride /= 2) {
+        emit(`  if (slice < ${stride}u) {`);
+        for (const m of chunk) {
+          const at = `${(m - r0) * MV_WG}u + lid.x`;
+          emit(`    red[${at}] += red[${at} + ${stride * C}u];`);
+        }
+        emit(`  }`);
+        emit(`  workgroupBarrier();`);
       }
-      emit(`    }`);
+      emit(`  if (slice == 0u && n4 < p.N / 4u) {`);
+      for (const m of chunk) {
+        emit(`    {`);
+        emit(`      let v = red[${(m - r0) * MV_WG}u + lid.x]${o.bias ? " + bv" : ""};`);
+        for (let c = 0; c < 4; c++) {
+          emit(
+            `      ${
+              storeOut(o.ct, `${m}u * p.ldc + p.cOff + n4 * 4u + ${c}u`, `v.${"xyzw"[c]}`, o.accumulate)
+            }`,
+          );
+        }
+        emit(`    }`);
+      }
+      emit(`  }`);
     }
-    emit(`  }`);
     emit(`}`);
     return L.join("\n");
   });
@@ -857,7 +874,7 @@ function planTiled(g: Gemm): TiledPlan {
     const wide = g.K >= 2048 && g.N >= 1024;
     tile = wide ? "128x128" : "32x32";
     splits = wide ? 8 : Math.max(1, Math.min(8, Math.floor(g.K / 64)));
-  } else if (g.K >= 2048) {
+  } else if (g.K >= 2048 && !midSplit(g)) {
     // few output tiles but a long K: split K in chunks of ≥ 512 (k_proj 2048x256x2048: 8.6 -> 28.8); a
     // very long K (the LM head's dHidden over a block of rows, K = V) splits further, in chunks of ≥ 1024,
     // until two waves of workgroups run
@@ -890,13 +907,23 @@ function pickTile(g: Gemm): TiledPlan {
     return Math.ceil(g.M / bm) * Math.ceil(g.N / bn);
   };
   if (count(wide) >= 2 * SMS) return { tile: wide, splits: 1 };
-  // two to two and a half waves of 64x64 tiles over a K of 512 or more: K split in 3 adds the workgroups
-  // (the reduction included; H100, M = 2048, SmolLM2: q/o 20.0 -> 22.4 TFLOP/s, down 20.7 -> 25.9, gate/up
-  // dHidden 21.7 -> 28.7; gpt2's 768x768, at 2.9 waves, gain nothing: -6% to +2%; bench/RESULTS.md)
-  const tiles64 = count(square);
-  const split = matmulTuning.tiles8 && matmulTuning.midSplit && g.K >= 512 && 2 * tiles64 < 5 * SMS;
-  if (tiles64 >= 2 * SMS) return { tile: square, splits: split ? 3 : 1 };
+  if (midSplit(g)) return { tile: square, splits: 3 };
+  if (count(square) >= 2 * SMS) return { tile: square, splits: 1 };
   return { tile: "32x32", splits: 1 };
+}
+
+/**
+ * Whether a product takes 64x64-8x8 tiles with K split in 3: two to two and a half waves of those tiles
+ * (and under two of 64x128-8x8) over a K of 512 or more. The split adds the workgroups (the reduction
+ * included; H100, M = 2048, SmolLM2: q/o 20.0 -> 22.4 TFLOP/s, down 20.7 -> 25.9, gate/up dHidden 21.7 ->
+ * 28.7, the stacked gate|up dHidden, K = 3072, 21.2 with the long-K rule's 128x128 in 4 -> 30.4; gpt2's
+ * 768x768, at 2.9 waves, gain nothing: -6% to +2%; bench/RESULTS.md).
+ */
+function midSplit(g: Gemm): boolean {
+  if (!matmulTuning.tiles8 || !matmulTuning.midSplit || g.K < 512) return false;
+  const tiles = (bm: number, bn: number) => Math.ceil(g.M / bm) * Math.ceil(g.N / bn);
+  const tiles64 = tiles(64, 64);
+  return tiles(64, 128) < 2 * SMS && tiles64 >= 2 * SMS && 2 * tiles64 < 5 * SMS;
 }
 
 /** Per-device split-K workspace, grown on demand (never shrunk: bind groups of earlier steps use it). */
@@ -962,9 +989,11 @@ function recordGemm(rec: Recorder, g: Gemm): void {
     accumulate: g.accumulate,
     grouped,
   };
-  // column groups: the tiled kernel only (any M)
-  const canMatvec = g.M <= MV_MAX_M && vecA && vecB && grouped === "none";
+  // column groups: the matrix-vector kernels take those of their output ("nk") or of A ("kn")
+  const mvGroups = grouped === "none" || grouped === (g.bLayout === "nk" ? "out" : "a");
   const forced = matmulTuning.force;
+  const canMatvec = g.M <= Math.min(MV_MAX_M, forced === "matvec" ? MV_MAX_M : matmulTuning.matvecMaxM) &&
+    vecA && vecB && mvGroups;
   const buffers = g.bias ? [g.out, g.a, g.b, g.bias] : [g.out, g.a, g.b];
   // elements per load of A and B: 1, 4 (vec4), or 8 (packed f16, the tiled kernel's h8A / h8B)
   let aUnit = vecA ? 4 : 1;

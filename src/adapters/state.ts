@@ -11,7 +11,7 @@
  */
 
 import type { Gpu } from "../gpu/device.ts";
-import { createTensor, Tensor } from "../gpu/tensor.ts";
+import { createStacked, createTensor, Tensor } from "../gpu/tensor.ts";
 import type { ModelConfig } from "../io/hf_config.ts";
 import type { AdapterConfig } from "./config.ts";
 
@@ -54,9 +54,21 @@ export interface AdapterState {
   readonly ka: Tensor[];
   /** Adapter values per adapted layer `(L, Hkv*D)`. */
   readonly va: Tensor[];
+  /**
+   * Per adapted layer, its keys and values as one `(2 L Hkv*D)` tensor (`ka` then `va`, which are views of
+   * it), for one product against the layer's stacked k|v weights; null where the values' offset could not
+   * be bound (see {@link adapterStateTuning}).
+   */
+  readonly kva: (Tensor | null)[];
   /** Version the cached ka/va were computed at (-1: never). */
   kvVersion: number;
 }
+
+/**
+ * `stackKeyValues: false` allocates every layer's adapter keys and values apart (for tests and benchmarks;
+ * by default they share one buffer wherever the values' offset can be bound on its own).
+ */
+export const adapterStateTuning: { stackKeyValues: boolean } = { stackKeyValues: true };
 
 /**
  * Lays out and allocates an adapter's flat buffers.
@@ -98,14 +110,31 @@ export function createAdapterState(
     m: null,
     v: null,
     version: 0,
-    ka: slots.map((s) =>
-      createTensor(gpu, [config.adapterLen, kvWidth], "f32", `adapter ${name} ka${s.layer}`)
-    ),
-    va: slots.map((s) =>
-      createTensor(gpu, [config.adapterLen, kvWidth], "f32", `adapter ${name} va${s.layer}`)
-    ),
+    ...keysValues(gpu, slots, [config.adapterLen, kvWidth], `adapter ${name}`),
     kvVersion: -1,
   };
+}
+
+/** Each slot's keys and values `shape`: in one buffer (`kva`) where that can be bound, else apart. */
+function keysValues(
+  gpu: Gpu,
+  slots: readonly AdapterLayerSlot[],
+  shape: [number, number],
+  label: string,
+): { ka: Tensor[]; va: Tensor[]; kva: (Tensor | null)[] } {
+  const kv = slots.map((s) => {
+    const names = [`${label} ka${s.layer}`, `${label} va${s.layer}`];
+    const both = adapterStateTuning.stackKeyValues
+      ? createStacked(gpu, [shape, shape], "f32", `${label} kva${s.layer}`, names)
+      : null;
+    if (both) return { ka: both.parts[0]!, va: both.parts[1]!, kva: both.whole };
+    return {
+      ka: createTensor(gpu, shape, "f32", names[0]),
+      va: createTensor(gpu, shape, "f32", names[1]),
+      kva: null,
+    };
+  });
+  return { ka: kv.map((x) => x.ka), va: kv.map((x) => x.va), kva: kv.map((x) => x.kva) };
 }
 
 /**

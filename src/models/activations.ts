@@ -44,6 +44,8 @@ export interface LayerActivations {
   readonly g: Tensor;
   /** MLP up projection (llama) or c_fc output before gelu (gpt2) (N, I). */
   readonly u: Tensor;
+  /** llama: gate and up as one stack (their buffer, in that order) for one product, or null when apart. */
+  readonly gu: Tensor | null;
 }
 
 /** All buffers of one batch shape. */
@@ -101,6 +103,8 @@ export interface Activations {
     readonly qkv: Tensor | null;
     readonly g: Tensor;
     readonly u: Tensor;
+    /** d gate, d up as one stack (llama), or null when apart. */
+    readonly gu: Tensor | null;
     readonly a: Tensor;
   };
 }
@@ -135,13 +139,30 @@ export function createActivations(
   const t = (shape: number[], label: string, type: "f32" | "i32" = "f32") =>
     createTensor(gpu, shape, type, label);
   const a = (shape: number[], label: string) => createTensor(gpu, shape, dtype, label);
-  // q, k and v in one buffer where their offsets can be bound (one product writes them, one reads d q/k/v)
+  // parts in one buffer where their offsets and the whole can be bound (one product writes them all, one
+  // reads their gradients): q, k and v; a llama MLP's gate and up
+  const stackOrApart = (shapes: number[][], type: DType, label: string, names: string[]) => {
+    const whole = shapes.reduce((n, s) => n + s[0]! * s[1]!, 0) * (type === "f16" ? 2 : 4);
+    const s = whole <= gpu.limits.maxStorageBufferBindingSize
+      ? createStacked(gpu, shapes, type, label, names)
+      : null;
+    return {
+      parts: s ? s.parts : shapes.map((shape, i) => createTensor(gpu, shape, type, names[i])),
+      whole: s?.whole,
+    };
+  };
   const qkvSet = (type: DType, label: string) => {
-    const shapes = [[N, H * D], [N, Hkv * D], [N, Hkv * D]];
     const names = ["q", "k", "v"].map((n) => `${label}.${n}`);
-    const s = createStacked(gpu, shapes, type, `${label}.qkv`, names);
-    const [q, k, v] = s ? s.parts : shapes.map((shape, i) => createTensor(gpu, shape, type, names[i]));
-    return { q: q!, k: k!, v: v!, qkv: s ? s.whole : null };
+    const s = stackOrApart([[N, H * D], [N, Hkv * D], [N, Hkv * D]], type, `${label}.qkv`, names);
+    const [q, k, v] = s.parts;
+    return { q: q!, k: k!, v: v!, qkv: s.whole ?? null };
+  };
+  const guSet = (type: DType, label: string, gu: (shape: number[], name: string) => Tensor) => {
+    if (config.family === "gpt2") {
+      return { g: gu([1, I], `${label}.g`), u: gu([N, I], `${label}.u`), gu: null };
+    }
+    const s = stackOrApart([[N, I], [N, I]], type, `${label}.gu`, [`${label}.g`, `${label}.u`]);
+    return { g: s.parts[0]!, u: s.parts[1]!, gu: s.whole ?? null };
   };
   const layerSet = (label: string, x: Tensor): LayerActivations => ({
     x,
@@ -153,8 +174,7 @@ export function createActivations(
     x2: a([N, C], `${label}.x2`),
     rstd2: t([N], `${label}.rstd2`),
     mean2: t([N], `${label}.mean2`),
-    g: a([config.family === "gpt2" ? 1 : N, I], `${label}.g`),
-    u: a([N, I], `${label}.u`),
+    ...guSet(dtype, label, a),
   });
   const L = config.numLayers;
   const from = training ? saveFrom : L;
@@ -196,8 +216,7 @@ export function createActivations(
       ...(training
         ? qkvSet("f32", "d")
         : { q: t([1], "d.q"), k: t([1], "d.k"), v: t([1], "d.v"), qkv: null }),
-      g: g([N, I], "d.g"),
-      u: g([N, I], "d.u"),
+      ...(training ? guSet("f32", "d", g) : { g: t([1], "d.g"), u: t([1], "d.u"), gu: null }),
       a: g([N, I], "d.a"),
     },
   };

@@ -38,9 +38,12 @@ export function llamaLayerForward(ctx: LayerContext): void {
   rmsnormForward(rec, acts.h, la.rstd1, la.x, w.norm1.weight, eps);
   selfAttentionForward(ctx, acts.h);
   rmsnormForward(rec, acts.h, la.rstd2, la.x2, w.norm2.weight, eps);
-  // (N, C) -> (N, I) x2 -> (N, C)
-  linear(rec, la.g, acts.h, w.gate!);
-  linear(rec, la.u, acts.h, w.up);
+  // (N, C) -> (N, I) x2 -> (N, C); gate and up in one product against their stacked weights
+  if (w.gateUp && la.gu) linear(rec, la.gu, acts.h, w.gateUp.lin, false, true, w.gateUp.groups);
+  else {
+    linear(rec, la.g, acts.h, w.gate!);
+    linear(rec, la.u, acts.h, w.up);
+  }
   swigluForward(rec, acts.a, la.g, la.u);
   linear(rec, ctx.out, acts.a, w.down);
   addInto(rec, ctx.out, la.x2);
@@ -80,8 +83,11 @@ export function llamaLayerBackward(ctx: LayerContext, needInput: boolean): void 
   // MLP: d out -> d a -> d gate, d up -> d h2 -> (+) d x2
   linearBackward(rec, d.a, d.res, w.down);
   swigluBackward(rec, d.g, d.u, d.a, la.g, la.u);
-  linearBackward(rec, d.h, d.g, w.gate!);
-  linearBackward(rec, d.h, d.u, w.up, true);
+  if (w.gateUp && d.gu) linearBackward(rec, d.h, d.gu, w.gateUp.lin, false, w.gateUp.groups);
+  else {
+    linearBackward(rec, d.h, d.g, w.gate!);
+    linearBackward(rec, d.h, d.u, w.up, true);
+  }
   rmsnormBackward(rec, d.res, d.h, la.x2, w.norm2.weight, la.rstd2, { accumulate: true });
   // attention: d x2 -> adapter gradients (and d h1 -> (+) d x)
   selfAttentionBackward(ctx, needInput);

@@ -118,7 +118,11 @@ function activationBuffers(
     ["d.u", I],
     ["d.a", I],
   ];
-  for (const [label, w] of grads) training ? row(label, w) : fixed(label, 1);
+  for (const [label, w] of grads) {
+    if (!training) fixed(label, 1);
+    else if (label === "d.g" && c.family === "gpt2") fixed(label, I); // gpt2 has no gate: one row
+    else row(label, w);
+  }
   return out;
 }
 

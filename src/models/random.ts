@@ -287,6 +287,13 @@ export function randomWeights(
     weight: vector(`${name}.weight`, C, 1),
     bias: config.norm === "layernorm" ? vector(`${name}.bias`, C, 0) : null,
   });
+  /** A projection `[rows, C]` from the tape window of its name, as `uploadProjections` takes it. */
+  const tapePart = ({ name, rows, bias }: { name: string; rows: number; bias: boolean }) => {
+    const at = tape.offset(`${name}.weight`), n = rows * C;
+    checkBufferFits(gpu, n * (dtype === "f16" ? 2 : 4), name);
+    const data = dtype === "f16" ? tape.f16.subarray(at, at + n) : tape.f32.subarray(at, at + n);
+    return { data, rows, bias: bias ? new Float32Array(rows) : null, label: `${name}.weight` };
+  };
   const embed = linear(layout.embed.replace(/\.weight$/, ""), config.vocabSize, C, false);
   const positions = layout.positionEmbed ? matrix(layout.positionEmbed, config.maxPositions, C, true) : null;
   const m = layout.modules;
@@ -294,7 +301,7 @@ export function randomWeights(
   for (let i = 0; i < config.numLayers; i++) {
     const p = layout.layerPrefix(i);
     // q, k, v: tape windows of the same names as before, stacked in one buffer where possible
-    const parts = ("fused" in m.qkv
+    const parts = "fused" in m.qkv
       ? (["q", "k", "v"] as const).map((part) => ({
         name: `${p}${(m.qkv as { fused: string }).fused}.${part}`,
         rows: C,
@@ -304,27 +311,37 @@ export function randomWeights(
         name: `${p}${module}`,
         rows: rows as number,
         bias: config.attentionBias,
-      }))).map(({ name, rows, bias }) => {
-        const at = tape.offset(`${name}.weight`), n = rows * C;
-        checkBufferFits(gpu, n * (dtype === "f16" ? 2 : 4), name);
-        const data = dtype === "f16" ? tape.f16.subarray(at, at + n) : tape.f32.subarray(at, at + n);
-        return { data, rows, bias: bias ? new Float32Array(rows) : null, label: `${name}.weight` };
-      });
-    const projections = uploadProjections(gpu, parts, C, `${p}qkv`);
+      }));
+    const projections = uploadProjections(gpu, parts.map(tapePart), C, `${p}qkv`);
     bytes += projections.bytes;
     const qkv = projections.linears;
     const o = linear(`${p}${m.o}`, C, H * D, config.attentionBias || config.family === "gpt2");
-    const mlp = "gate" in m.mlp
-      ? {
-        gate: linear(`${p}${m.mlp.gate}`, I, C, config.mlpBias),
-        up: linear(`${p}${m.mlp.up}`, I, C, config.mlpBias),
+    let mlp: Pick<LayerWeights, "gate" | "up" | "gateUp" | "down">;
+    if ("gate" in m.mlp) {
+      // gate and up: tape windows of their own names, stacked in one buffer where possible
+      const gu = uploadProjections(
+        gpu,
+        [m.mlp.gate, m.mlp.up].map((module) =>
+          tapePart({ name: `${p}${module}`, rows: I, bias: config.mlpBias })
+        ),
+        C,
+        `${p}gate_up`,
+      );
+      bytes += gu.bytes;
+      mlp = {
+        gate: gu.linears[0]!,
+        up: gu.linears[1]!,
+        gateUp: gu.stacked,
         down: linear(`${p}${m.mlp.down}`, C, I, config.mlpBias),
-      }
-      : {
+      };
+    } else {
+      mlp = {
         gate: null,
         up: linear(`${p}${m.mlp.fc}`, I, C, true),
+        gateUp: null,
         down: linear(`${p}${m.mlp.proj}`, C, I, true),
       };
+    }
     layers.push({
       norm1: norm(`${p}${m.norm1}`),
       q: qkv[0]!,

@@ -23,7 +23,7 @@
  */
 
 import type { Recorder } from "../gpu/recorder.ts";
-import { createTensor, type Tensor } from "../gpu/tensor.ts";
+import { createStacked, createTensor, type Tensor } from "../gpu/tensor.ts";
 import { attentionBackward, attentionForward } from "../../kernels/attention.ts";
 import { adapterAttentionBackward } from "../../kernels/adapter_attention.ts";
 import { ropeBackwardInPlace, ropeInPlace } from "../../kernels/rope.ts";
@@ -128,7 +128,9 @@ function adapterInputs(ctx: LayerContext, a: { state: AdapterState; slot: number
 }
 
 /**
- * Records the adapter keys and values of every adapted layer: kₐ = prompt Wkᵀ + bk, vₐ = prompt Wvᵀ + bv.
+ * Records the adapter keys and values of every adapted layer: kₐ = prompt Wkᵀ + bk, vₐ = prompt Wvᵀ + bv —
+ * one product per layer against its stacked k|v weights where both sides are stacked (a matrix-vector
+ * dispatch for a prompt of ≤ 16 tokens), else two.
  *
  * @param rec The recorder.
  * @param model The model.
@@ -138,9 +140,20 @@ export function adapterKeyValuesForward(rec: Recorder, model: Model, state: Adap
   state.slots.forEach((s, i) => {
     const w = model.weights.layers[s.layer]!;
     const prompt = promptView(state, state.params, i, model.config.hiddenSize);
+    const kva = state.kva[i], kv = w.qkv?.kv;
+    if (kva && kv) {
+      linear(rec, kva, prompt, kv, false, true, kvGroups(state));
+      return;
+    }
     linear(rec, state.ka[i]!, prompt, w.k);
     linear(rec, state.va[i]!, prompt, w.v);
   });
+}
+
+/** Column groups of an adapter's keys and values side by side: `[Hkv*D, 2 Hkv*D]` (two blocks). */
+function kvGroups(state: AdapterState): [number, number] {
+  const width = state.ka[0]!.shape[1]!;
+  return [width, 2 * width];
 }
 
 /**
@@ -349,8 +362,13 @@ export function selfAttentionBackward(ctx: LayerContext, needInput: boolean): vo
       { ...adapterOptions(ctx, state), accumulate: needInput },
     );
     const dPrompt = promptView(state, grads, slot, c.hiddenSize);
-    linearBackward(rec, dPrompt, scratch.dka, w.k);
-    linearBackward(rec, dPrompt, scratch.dva, w.v, true);
+    const kv = w.qkv?.kv;
+    if (scratch.dkva && kv) {
+      linearBackward(rec, dPrompt, scratch.dkva, kv, false, kvGroups(state));
+    } else {
+      linearBackward(rec, dPrompt, scratch.dka, w.k);
+      linearBackward(rec, dPrompt, scratch.dva, w.v, true);
+    }
   }
   if (!needInput) return;
   if (model.layout.rope) {
@@ -366,16 +384,31 @@ export function selfAttentionBackward(ctx: LayerContext, needInput: boolean): vo
   linearBackward(rec, d.h, d.v, w.v, true);
 }
 
-const gradScratch = new WeakMap<AdapterState, { dka: Tensor; dva: Tensor }>();
+/** The gradients of an adapter's keys and values, side by side in `dkva` where the adapter stacks them. */
+interface KeyValueGrads {
+  dka: Tensor;
+  dva: Tensor;
+  dkva: Tensor | null;
+}
 
-/** The (L, Hkv*D) gradients of the adapter keys/values, one pair per adapter (layers run one at a time). */
-function adapterGradScratch(ctx: LayerContext, state: AdapterState): { dka: Tensor; dva: Tensor } {
+const gradScratch = new WeakMap<AdapterState, KeyValueGrads>();
+
+/**
+ * The (L, Hkv*D) gradients of the adapter keys/values, one pair per adapter (layers run one at a time), in
+ * one buffer when the adapter keeps its keys and values so (one product then gives the prompt's gradient).
+ */
+function adapterGradScratch(ctx: LayerContext, state: AdapterState): KeyValueGrads {
   let s = gradScratch.get(state);
   if (!s) {
     const shape = state.ka[0]!.shape;
-    s = {
-      dka: createTensor(ctx.model.gpu, shape, "f32", `adapter ${state.name} dka`),
-      dva: createTensor(ctx.model.gpu, shape, "f32", `adapter ${state.name} dva`),
+    const label = `adapter ${state.name}`;
+    const both = state.kva[0]
+      ? createStacked(ctx.model.gpu, [shape, shape], "f32", `${label} dkva`, [`${label} dka`, `${label} dva`])
+      : null;
+    s = both ? { dka: both.parts[0]!, dva: both.parts[1]!, dkva: both.whole } : {
+      dka: createTensor(ctx.model.gpu, shape, "f32", `${label} dka`),
+      dva: createTensor(ctx.model.gpu, shape, "f32", `${label} dva`),
+      dkva: null,
     };
     gradScratch.set(state, s);
   }

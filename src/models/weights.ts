@@ -12,7 +12,7 @@
 
 import type { Gpu } from "../gpu/device.ts";
 import { checkBufferFits, fmtBytes } from "../gpu/device.ts";
-import { createStacked, splitRows, type Tensor, tensorFrom, writeTensor } from "../gpu/tensor.ts";
+import { createStacked, splitRows, Tensor, tensorFrom, writeTensor } from "../gpu/tensor.ts";
 import type { ColumnGroups } from "../../kernels/matmul.ts";
 import type { ModelConfig } from "../io/hf_config.ts";
 import { f32ArrayToF16 } from "../io/dtype.ts";
@@ -41,13 +41,20 @@ export interface Linear {
 
 /**
  * A layer's q, k and v projections stacked `[Nq + 2 Nkv, in]` in one buffer (the layer's `q`, `k` and `v`
- * are views of it), so that one product computes all three (and one their input gradient).
+ * are views of it), so that one product computes all three (and one their input gradient); likewise a
+ * llama MLP's gate and up projections, `[2 I, in]`.
  */
 export interface StackedLinear {
   /** The stacked weight (and bias) as one linear layer. */
   readonly lin: Linear;
-  /** Where the blocks end along the output columns: `[Nq, Nq + Nkv]`. */
+  /** Where the blocks end along the output columns: `[Nq, Nq + Nkv]` (gate and up: `[I, 2 I]`). */
   readonly groups: ColumnGroups;
+  /**
+   * q/k/v only (null for gate and up): the k and v rows `[2 Nkv, in]` (a view of the stack) and their
+   * biases, as one linear layer: an adaption prompt's keys and values in one product (output groups
+   * `[Nkv, 2 Nkv]`).
+   */
+  readonly kv: Linear | null;
 }
 
 /** A norm's parameters (LayerNorm has a bias). */
@@ -78,6 +85,8 @@ export interface LayerWeights {
   readonly gate: Linear | null;
   /** Up (llama) or c_fc (gpt2). */
   readonly up: Linear;
+  /** llama: gate and up stacked in one buffer (`gate` and `up` are views of it), or null. */
+  readonly gateUp: StackedLinear | null;
   /** Down (llama) or mlp.c_proj (gpt2). */
   readonly down: Linear;
 }
@@ -99,9 +108,10 @@ export interface Weights {
 }
 
 /**
- * Uploads a layer's q, k and v weights (`[rows, in]` each, f32 or f16 bits) and biases: into one buffer
- * when each part's offset can be bound on its own and the stack fits one binding — the three then are
- * views of it and `stacked` is the whole, for one product — else as three uploads (`stacked` null).
+ * Uploads a layer's q, k and v weights (or a llama MLP's gate and up; `[rows, in]` each, f32 or f16 bits)
+ * and biases: into one buffer when each part's offset can be bound on its own and the stack fits one
+ * binding — the parts then are views of it and `stacked` is the whole, for one product — else as separate
+ * uploads (`stacked` null).
  *
  * @param gpu The GPU.
  * @param parts q, k, v: values in the compute dtype, rows, f32 bias or null, label.
@@ -128,7 +138,7 @@ export function uploadProjections(
   const sameBias = biases.every((b) => b !== null) || biases.every((b) => b === null);
   // column groups end on multiples of 4 (the products read and write them as vec4)
   const whole4 = parts.every((p) => p.rows % 4 === 0);
-  const stack = fits && sameBias && whole4 && parts.length === 3
+  const stack = fits && sameBias && whole4 && parts.length >= 2
     ? createStacked(gpu, parts.map((p) => [p.rows, cols]), dtype, label, parts.map((p) => p.label))
     : null;
   if (!stack) {
@@ -150,9 +160,17 @@ export function uploadProjections(
     ? vector(Float32Array.from(parts.flatMap((p) => Array.from(p.bias!))), `${label}.bias`)
     : null;
   const q = parts[0]!.rows, k = parts[1]!.rows;
+  let kv: Linear | null = null;
+  if (parts.length === 3) {
+    const kvW = new Tensor(whole.buffer, [rows - q, cols], dtype, linears[1]!.w.offset, `${label}.kv`);
+    const kvBias = biases[1]
+      ? vector(Float32Array.from([...parts[1]!.bias!, ...parts[2]!.bias!]), `${label}.kv.bias`)
+      : null;
+    kv = { w: kvW, b: kvBias, ranges: [{ rowStart: 0, tensor: kvW }] };
+  }
   return {
     linears,
-    stacked: { lin: { w: whole, b: bias, ranges: [{ rowStart: 0, tensor: whole }] }, groups: [q, q + k] },
+    stacked: { lin: { w: whole, b: bias, ranges: [{ rowStart: 0, tensor: whole }] }, groups: [q, q + k], kv },
     bytes,
   };
 }
@@ -294,10 +312,27 @@ export async function loadWeights(
     const [q, k, v] = projections.linears as [Linear, Linear, Linear];
     const o = await linear(`${p}${m.o}`, C, H * D, config.attentionBias || config.family === "gpt2");
     const I = config.intermediateSize;
-    let gate: Linear | null = null, up: Linear, down: Linear;
+    let gate: Linear | null = null, up: Linear, down: Linear, gateUp: StackedLinear | null = null;
     if ("gate" in m.mlp) {
-      gate = await linear(`${p}${m.mlp.gate}`, I, C, config.mlpBias);
-      up = await linear(`${p}${m.mlp.up}`, I, C, config.mlpBias);
+      // gate and up stacked in one buffer where possible (one product forward, one input gradient)
+      const mlpParts = [];
+      for (const module of [m.mlp.gate, m.mlp.up]) {
+        const name = `${p}${module}`;
+        need(`${name}.weight`, [I, C]);
+        const b = config.mlpBias && source.has(`${name}.bias`);
+        if (b) need(`${name}.bias`, [I]);
+        checkBufferFits(gpu, I * C * (dtype === "f16" ? 2 : 4), `${name}.weight`);
+        mlpParts.push({
+          data: inDtype(await source.readF32(`${name}.weight`)),
+          rows: I,
+          bias: b ? await source.readF32(`${name}.bias`) : null,
+          label: `${name}.weight`,
+        });
+      }
+      const gu = uploadProjections(gpu, mlpParts, C, `${p}gate_up`);
+      bytes += gu.bytes;
+      [gate, up] = gu.linears as [Linear, Linear];
+      gateUp = gu.stacked;
       down = await linear(`${p}${m.mlp.down}`, C, I, config.mlpBias);
     } else {
       up = await linear(`${p}${m.mlp.fc}`, I, C, true);
@@ -313,6 +348,7 @@ export async function loadWeights(
       norm2: await norm(`${p}${m.norm2}`),
       gate,
       up,
+      gateUp,
       down,
     });
   }

@@ -112,6 +112,23 @@ for (const [pairs, rowBatch] of [[true, 8], [true, 1], [false, 8]] as const) {
   }
 }
 
+// the final reduction with 1 (one thread per output), 2 and 8 threads per output over 10 slots (300 rows,
+// one row block per workgroup): slices of one, two and ten slots, a part-filled last workgroup, every gate
+Deno.test("adapter attention backward: the slot sums at 1, 2 and 8 threads per output match the reference", async () => {
+  const saved = { ...adapterAttentionTuning };
+  try {
+    for (const slices of [1, 2, 8] as const) {
+      adapterAttentionTuning.subChunks = 1;
+      adapterAttentionTuning.reduceSlices = slices;
+      await check(opts(3, 1, 64, 10, 300, "per-head-tanh", true), 40 + slices);
+      await check(opts(3, 3, 6, 33, 300, "scalar", false), 50 + slices);
+      await check(opts(4, 2, 7, 16, 300, "per-head", true), 60 + slices);
+    }
+  } finally {
+    Object.assign(adapterAttentionTuning, saved);
+  }
+});
+
 // D a multiple of 16 takes the forward that splits each (row, head) over 4 threads; 16 pairs a
 // workgroup, so rows * H = 7 * 3 = 21 and 33 * 4 = 132 leave a part-filled last workgroup
 Deno.test("adapter attention, split forward (D % 16 == 0): D=16/32/64, L=1/64 (the largest), part-filled workgroups", async () => {

@@ -52,13 +52,16 @@ const CHOICES: (MatmulKernelChoice | null)[] = [
   "matvec",
 ];
 // (M, N, K): odd sizes, sizes that are and are not multiples of 4 (vec4 and scalar loads), one row;
-// (2, 36, 20) and (2, 12, 520) take the matrix-vector kernel in both layouts (520 runs its unrolled loop).
+// (2, 36, 20) and (2, 12, 520) take the matrix-vector kernel in both layouts (520 runs its unrolled loop);
+// (10, 36, 20) and (16, 12, 260) too, with several rounds of the "kn" kernel's reduction (4 rows each).
 const SHAPES: [number, number, number][] = [
   [1, 7, 5],
   [3, 33, 64],
   [4, 130, 36],
   [2, 36, 20],
   [2, 12, 520],
+  [10, 36, 20],
+  [16, 12, 260],
   [7, 130, 33],
   [33, 65, 132],
   [130, 36, 20],
@@ -245,6 +248,7 @@ const GROUPED: [number, number, ColumnGroups, number][] = [
   [37, 36, [16, 28], 40],
   [128, 48, [64, 96], 128],
   [5, 20, [12, 12], 24],
+  [10, 36, [8, 16], 24], // the matrix-vector kernels (M ≤ 16): an adapter's keys and values in one product
   [70, 12, [8, 24], 24],
 ];
 

@@ -134,14 +134,24 @@ for (const [family, raw] of Object.entries(TINY_CONFIGS)) {
 }
 
 for (const [family, raw] of Object.entries(TINY_CONFIGS)) {
-  Deno.test(`a tiny random ${family}: q, k and v in one stacked product train exactly as three products`, async () => {
+  Deno.test(`a tiny random ${family}: q, k and v (llama: gate and up) in one stacked product train exactly as separate products`, async () => {
     const config = normalizeConfig(raw);
+    const llama = family === "llama";
     const stacked = await createRandomModel(config, { seed: 5, maxSeqLen: 32 });
     assert.ok(stacked.weights.layers.every((l) => l.qkv !== null), "the tiny model's q, k, v are stacked");
-    // the same weights (views), without the stack: three products forward, three input gradients backward
+    assert.equal(
+      stacked.weights.layers.every((l) => l.gateUp !== null),
+      llama,
+      "gate and up stacked (llama)",
+    );
+    // the same weights (views), without the stacks: three (two) products forward, three (two) input
+    // gradients backward
     const apart: Model = {
       ...stacked,
-      weights: { ...stacked.weights, layers: stacked.weights.layers.map((l) => ({ ...l, qkv: null })) },
+      weights: {
+        ...stacked.weights,
+        layers: stacked.weights.layers.map((l) => ({ ...l, qkv: null, gateUp: null })),
+      },
       adapters: new Map(),
       activations: new Map(),
     };
@@ -159,6 +169,7 @@ for (const [family, raw] of Object.entries(TINY_CONFIGS)) {
       // the stack ran where it could: every saved layer's q, k, v and their gradients share one buffer
       const acts = [...model.activations.values()].find((a) => a.training)!;
       assert.equal(acts.layers.every((la) => la.qkv !== null) && acts.grad.qkv !== null, true);
+      assert.equal(acts.layers.every((la) => la.gu !== null) && acts.grad.gu !== null, llama);
     }
     const [a, b] = losses as [
       { run: number[]; logits: Float32Array },

@@ -1,0 +1,57 @@
+/**
+ * An adaption prompt's keys and values in one product against the layer's stacked k|v weights (and the
+ * prompt's gradient in one product from both) give the logits, loss and adapter gradients of the two
+ * products per layer (`adapterStateTuning.stackKeyValues = false`), on llama with GQA and padding and on
+ * gpt2 (k/v biases), with a non-zero gate. 16 prompt tokens: the matrix-vector kernels at their largest M,
+ * and keys/values whose values start on a 256-byte boundary (bindable on every device). f32 throughout:
+ * within 1e-5 (another order of summation).
+ */
+import assert from "node:assert/strict";
+import { join } from "../../src/_std.ts";
+import { deleteAdapter, forward, loadModel } from "../../mod.ts";
+import { lossAndGradients } from "../../src/models/run.ts";
+import { adapterStateTuning } from "../../src/adapters/state.ts";
+import { assertClose, Rng } from "../_util.ts";
+import { addGatedAdapter } from "./_gated_adapter.ts";
+
+const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
+const L = 16;
+
+for (const name of ["llama_gqa_pad", "gpt2_basic"]) {
+  Deno.test(`${name}: the adapter's keys and values in one product = two products per layer (L=${L})`, async () => {
+    const model = await loadModel(join(ROOT, name, "model"), { maxSeqLen: 32 });
+    const rng = new Rng(41);
+    const V = model.config.vocabSize;
+    const T = 12;
+    const ids = Array.from({ length: 2 }, () => Array.from(rng.ints(T, V)));
+    const batch = {
+      inputIds: ids,
+      attentionMask: ids.map((r, b) => r.map((_, t) => (b === 1 && t < 3 ? 0 : 1))),
+      labels: ids.map((r, b) => r.map((x, t) => (b === 1 && t < 3 ? -100 : x))),
+    };
+    const run = async (stack: boolean) => {
+      adapterStateTuning.stackKeyValues = stack;
+      try {
+        if (model.adapters.has("default")) deleteAdapter(model, "default");
+        addGatedAdapter(model, L);
+        const state = model.adapters.get("default")!;
+        assert.equal(state.kva.every((t) => t !== null), stack, "keys and values stacked as asked");
+        for (const s of state.slots) assert.ok(model.weights.layers[s.layer]!.qkv, "stacked q/k/v weights");
+        const logits = (await forward(model, batch)).logits;
+        return { ...(await lossAndGradients(model, batch)), logits };
+      } finally {
+        adapterStateTuning.stackKeyValues = true;
+      }
+    };
+    const stacked = await run(true), apart = await run(false);
+    assertClose(stacked.logits, apart.logits, 1e-5, "logits");
+    assert.ok(
+      Math.abs(stacked.loss - apart.loss) <= 1e-5 * Math.abs(apart.loss),
+      `loss ${stacked.loss} vs ${apart.loss}`,
+    );
+    for (const [k, g] of Object.entries(apart.gradients)) {
+      assert.ok(g.some((x) => x !== 0), `${k}: a zero gradient cannot show a difference`);
+      assertClose(stacked.gradients[k]!, g, 1e-5, `${k}`);
+    }
+  });
+}
