@@ -44,7 +44,9 @@
  * adapter's 10-row products then run tiled) and `PROMPTGATE_ADAPTER_STACK_KV=0` computes each layer's
  * adapter keys and values (and the prompt's gradient) in two products instead of one
  * (`adapterStateTuning.stackKeyValues`); `PROMPTGATE_ADAPTER_REDUCE_SLICES=1|2|4|8` sets the threads per
- * output of the adapter backward's final sums (`adapterAttentionTuning.reduceSlices`).
+ * output of the adapter backward's final sums (`adapterAttentionTuning.reduceSlices`), and
+ * `PROMPTGATE_ADAPTER_VEC4=0` makes its partials kernel read q and dout one element at a time
+ * (`adapterAttentionTuning.vec4`).
  *
  * @module
  */
@@ -657,6 +659,7 @@ async function caseMain(args: string[]): Promise<void> {
   if (Deno.env.get("PROMPTGATE_ADAPTER_STACK_KV") === "0") adapterStateTuning.stackKeyValues = false;
   const slices = Deno.env.get("PROMPTGATE_ADAPTER_REDUCE_SLICES");
   if (slices) adapterAttentionTuning.reduceSlices = Number(slices) as 1 | 2 | 4 | 8;
+  if (Deno.env.get("PROMPTGATE_ADAPTER_VEC4") === "0") adapterAttentionTuning.vec4 = false;
   const dkdv = Deno.env.get("PROMPTGATE_ATTENTION_DKDV")?.match(/^(\d)x(\d)( prefetched)?$/);
   if (dkdv) attentionTuning.dkdvTiles = [{ keys: +dkdv[1]!, queries: +dkdv[2]!, prefetch: !!dkdv[3] }];
   const prefetch = Deno.env.get("PROMPTGATE_ATTENTION_PREFETCH");

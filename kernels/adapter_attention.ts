@@ -68,17 +68,21 @@ const WG = 64;
  * block of rows load `rowBatch` rows at a time (1 = one per loop step, the earlier loop). `reduceSlices`
  * (1, 2, 4 or 8) is how many threads of the final reduction share one output, each summing every
  * `reduceSlices`-th slot (1 = one thread per output summing all slots in turn, the earlier kernel).
+ * `vec4: false` makes the paired partials kernel read q and dout (and update dq) one element at a time
+ * even where D is a multiple of 4 (the earlier kernel; by default one vec4 per load there).
  */
 export const adapterAttentionTuning: {
   subChunks: number | null;
   pairs: boolean;
   rowBatch: number;
   reduceSlices: 1 | 2 | 4 | 8;
+  vec4: boolean;
 } = {
   subChunks: null,
   pairs: true,
   rowBatch: 8,
   reduceSlices: 8,
+  vec4: true,
 };
 
 /**
@@ -395,14 +399,16 @@ function rowsPerChunk(L: number): number {
 }
 
 /** The backward partials kernels' bindings (q, ka, va, gate, dout, dq, the scratch, the uniform) and params. */
-function backwardBindings(qt: ActivationType): string {
+/** The backward partials' bindings; with `vec4`, q, dout and dq are vec4 arrays (D a multiple of 4). */
+function backwardBindings(qt: ActivationType, vec4 = false): string {
+  const v = (t: string) => (vec4 ? `vec4<${t}>` : t);
   return `${enableF16(qt)}${PARAMS}
-@group(0) @binding(0) var<storage, read> q: array<${qt}>;
+@group(0) @binding(0) var<storage, read> q: array<${v(qt)}>;
 @group(0) @binding(1) var<storage, read> ka: array<f32>;
 @group(0) @binding(2) var<storage, read> va: array<f32>;
 @group(0) @binding(3) var<storage, read> gate: array<f32>;
-@group(0) @binding(4) var<storage, read> dout: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(4) var<storage, read> dout: array<${v("f32")}>;
+@group(0) @binding(5) var<storage, read_write> dq: array<${v("f32")}>;
 // scratch: [dka partials (G, H, L, D) | dva partials (G, H, L, D) | dgate partials (G, H)], G = row groups
 @group(0) @binding(6) var<storage, read_write> scr: array<f32>;
 @group(0) @binding(7) var<uniform> p: P;`;
@@ -534,6 +540,7 @@ function pairedPartialsKernel(
   SUB: number,
   qt: ActivationType,
   RB: number,
+  vec4: boolean,
 ): Kernel {
   const DV = dvOf(D);
   const HALF = Math.ceil(DV / 2);
@@ -542,32 +549,43 @@ function pairedPartialsKernel(
   const J = Array.from({ length: L }, (_, j) => j);
   const I = Array.from({ length: HALF }, (_, i) => i);
   const U = Array.from({ length: NJ }, (_, u) => u);
+  // D a multiple of 4: q, dout and dq are bound as vec4 arrays (one load or store per vec4 column)
+  const V4 = D % 4 === 0 && vec4;
+  const vecArrays = ["q", "dout", "dq"];
   // vec4 column `c` (runtime) of the row at `base` of `arr` (elements of type t), zero past D
   const load = (arr: string, base: string, c: string, t: ActivationType) =>
-    `vec4<f32>(${
-      [0, 1, 2, 3].map((e) =>
-        D % 4 === 0
-          ? ld(t, `${arr}[${base} + 4u * ${c} + ${e}u]`)
-          : `select(0.0, ${
-            ld(t, `${arr}[min(${base} + 4u * ${c} + ${e}u, ${base} + ${D - 1}u)]`)
-          }, 4u * ${c} + ${e}u < D)`
-      ).join(", ")
-    })`;
+    V4 && vecArrays.includes(arr)
+      ? `vec4<f32>(${arr}[(${base}) / 4u + ${c}])`
+      : `vec4<f32>(${
+        [0, 1, 2, 3].map((e) =>
+          D % 4 === 0
+            ? ld(t, `${arr}[${base} + 4u * ${c} + ${e}u]`)
+            : `select(0.0, ${
+              ld(t, `${arr}[min(${base} + 4u * ${c} + ${e}u, ${base} + ${D - 1}u)]`)
+            }, 4u * ${c} + ${e}u < D)`
+        ).join(", ")
+      })`;
   const store = (arr: string, base: string, c: string, value: string, acc: boolean) =>
-    [0, 1, 2, 3].map((e) => {
-      const idx = `${arr}[${base} + 4u * ${c} + ${e}u]`;
-      const v = `${value}.${"xyzw"[e]}`;
-      const s = acc
-        ? `if (p.flag != 0u) { ${idx} = ${idx} + ${v}; } else { ${idx} = ${v}; }`
-        : `${idx} = ${v};`;
-      return D % 4 === 0 || e === 0 ? s : `if (4u * ${c} + ${e}u < D) { ${s} }`;
-    }).join(" ");
+    V4 && vecArrays.includes(arr)
+      ? `{ let i = (${base}) / 4u + ${c}; ${
+        acc
+          ? `if (p.flag != 0u) { ${arr}[i] = ${arr}[i] + ${value}; } else { ${arr}[i] = ${value}; }`
+          : `${arr}[i] = ${value};`
+      } }`
+      : [0, 1, 2, 3].map((e) => {
+        const idx = `${arr}[${base} + 4u * ${c} + ${e}u]`;
+        const v = `${value}.${"xyzw"[e]}`;
+        const s = acc
+          ? `if (p.flag != 0u) { ${idx} = ${idx} + ${v}; } else { ${idx} = ${v}; }`
+          : `${idx} = ${v};`;
+        return D % 4 === 0 || e === 0 ? s : `if (4u * ${c} + ${e}u < D) { ${s} }`;
+      }).join(" ");
   return defineKernel(
     "adapter_attention_bwd_pairs",
-    { D, L, RC, SUB, qt, RB },
+    { D, L, RC, SUB, qt, RB, vec4: vec4 && D % 4 === 0 ? 1 : 0 },
     ["read", "read", "read", "read", "read", "write", "write", "uniform"],
     () => `
-${backwardBindings(qt)}
+${backwardBindings(qt, V4)}
 const D: u32 = ${D}u;
 const DV: u32 = ${DV}u;
 const L: u32 = ${L}u;
@@ -868,7 +886,7 @@ export function adapterAttentionBackward(
   }
   rec.dispatch(
     paired
-      ? pairedPartialsKernel(D, L, RC, SUB, qt, adapterAttentionTuning.rowBatch)
+      ? pairedPartialsKernel(D, L, RC, SUB, qt, adapterAttentionTuning.rowBatch, adapterAttentionTuning.vec4)
       : partialsKernel(D, LMAX, RC, SUB, qt),
     [q, ka, va, gate, dout, dq, scr],
     params(opts, 0, nGroups),

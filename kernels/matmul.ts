@@ -617,6 +617,8 @@ function splitReduceKernel(
  * latency, and its split-K needs a second dispatch). The fused decode kernels take at most 4.
  */
 export const MV_MAX_M = 16;
+/** Steps of 4 k the "kn" matrix-vector kernel loads at once per thread (8 rows of B in flight). */
+const MV_KN_UNROLL = 2;
 /** Rows of A the "kn" matrix-vector kernel reduces at a time (its workgroup memory: 16 KiB). */
 const MV_KN_ROWS_PER_REDUCE = 4;
 /** Threads of a matrix-vector workgroup. */
@@ -708,9 +710,9 @@ function matvecNkKernel(o: GemmOptions & { rows: number; threads: number; h8: bo
 
 /**
  * The "kn" matrix-vector kernel (M ≤ 16, A and B read as vec4): each workgroup owns MV_KN_COLS4 vec4
- * columns of B (64 contiguous bytes per row); its other threads split K, each keeping MV_UNROLL
- * independent row loads in flight; then a tree reduction over the K slices, MV_KN_ROWS_PER_REDUCE rows of
- * A at a time. With column groups on A (`grouped: "a"`, e.g. the adapter's key and value gradients read
+ * columns of B (64 contiguous bytes per row); its other threads split K in steps of 4 k (one vec4 of each
+ * row of A against 4 rows of B, MV_KN_UNROLL steps loaded at once); then a tree reduction over the K slices,
+ * MV_KN_ROWS_PER_REDUCE rows of A at a time. With column groups on A (`grouped: "a"`, e.g. the adapter's key and value gradients read
  * as one) each element of A is read from its block.
  */
 function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
@@ -720,7 +722,6 @@ function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
     const ms = [...Array(o.rows).keys()];
     const C = MV_KN_COLS4;
     const S = MV_WG / C;
-    const U = MV_UNROLL;
     const RR = Math.min(o.rows, MV_KN_ROWS_PER_REDUCE);
     emit(header(o));
     if (o.grouped === "a") emit(groupIndex("aIndex", "p.K", " >> 2u"));
@@ -735,25 +736,34 @@ function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
     emit(`  let wcol = min(n4, p.N / 4u - 1u);`);
     if (o.grouped !== "a") { for (const m of ms) emit(`  let x${m} = ${m}u * p.lda + p.aOff;`); }
     for (const m of ms) emit(`  var s${m} = vec4<f32>(0.0);`);
-    const body = (k: string, name: string) => [
-      `let ${name} = vec4<f32>(b[(${k}) * p.ldb + wcol]);`,
+    // a step is 4 consecutive k (one vec4 of A per row, 4 rows of B), k4 counting vec4s of k
+    const body = (k4: string, name: string) => [
+      ...[0, 1, 2, 3].map((e) => `let ${name}_${e} = vec4<f32>(b[(4u * (${k4}) + ${e}u) * p.ldb + wcol]);`),
+      ...ms.map((m) =>
+        `let ${name}a${m} = ${
+          widen(o.at, o.grouped === "a" ? `a[aIndex(${m}u, 4u * (${k4}))]` : `a[x${m} + ${k4}]`, true)
+        };`
+      ),
     ];
-    const aAt = (m: number, k: string) =>
-      o.grouped === "a" ? `a[aIndex(${m}u, ${k})][(${k}) % 4u]` : `a[x${m} + (${k}) / 4u][(${k}) % 4u]`;
-    const fmas = (k: string, name: string) =>
-      ms.map((m) => `s${m} = fma(${name}, vec4<f32>(${widen(o.at, aAt(m, k), false)}), s${m});`);
-    emit(`  var k = slice;`);
+    const fmas = (name: string) =>
+      ms.map((m) =>
+        `s${m} = fma(${name}_0, vec4<f32>(${name}a${m}.x), fma(${name}_1, vec4<f32>(${name}a${m}.y), ` +
+        `fma(${name}_2, vec4<f32>(${name}a${m}.z), fma(${name}_3, vec4<f32>(${name}a${m}.w), s${m}))));`
+      );
+    const U2 = MV_KN_UNROLL;
+    emit(`  let K4 = p.K / 4u; // K is a multiple of 4 (vec4 A)`);
+    emit(`  var k4 = slice;`);
     emit(`  loop {`);
-    emit(`    if (k + ${(U - 1) * S}u >= p.K) { break; }`);
-    for (let u = 0; u < U; u++) for (const s of body(`k + ${u * S}u`, `w${u}`)) emit(`    ${s}`);
-    for (let u = 0; u < U; u++) for (const s of fmas(`k + ${u * S}u`, `w${u}`)) emit(`    ${s}`);
-    emit(`    k += ${U * S}u;`);
+    emit(`    if (k4 + ${(U2 - 1) * S}u >= K4) { break; }`);
+    for (let u = 0; u < U2; u++) for (const s of body(`k4 + ${u * S}u`, `w${u}`)) emit(`    ${s}`);
+    for (let u = 0; u < U2; u++) for (const s of fmas(`w${u}`)) emit(`    ${s}`);
+    emit(`    k4 += ${U2 * S}u;`);
     emit(`  }`);
     emit(`  loop {`);
-    emit(`    if (k >= p.K) { break; }`);
-    for (const s of body(`k`, `w`)) emit(`    ${s}`);
-    for (const s of fmas(`k`, `w`)) emit(`    ${s}`);
-    emit(`    k += ${S}u;`);
+    emit(`    if (k4 >= K4) { break; }`);
+    for (const s of body(`k4`, `w`)) emit(`    ${s}`);
+    for (const s of fmas(`w`)) emit(`    ${s}`);
+    emit(`    k4 += ${S}u;`);
     emit(`  }`);
     if (o.bias) {
       emit(

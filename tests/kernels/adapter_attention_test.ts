@@ -93,14 +93,23 @@ for (const kind of KINDS) {
   }
 }
 
-for (const [pairs, rowBatch] of [[true, 8], [true, 1], [false, 8]] as const) {
+for (
+  const [pairs, rowBatch, vec4] of [[true, 8, true], [true, 1, true], [true, 8, false], [
+    false,
+    8,
+    true,
+  ]] as const
+) {
   for (const subChunks of [1, 4]) {
-    const kernel = pairs ? `paired partials, ${rowBatch} rows per load batch` : "first partials";
+    const kernel = pairs
+      ? `paired partials, ${rowBatch} rows per load batch, ${vec4 ? "vec4" : "scalar"} loads`
+      : "first partials";
     Deno.test(`adapter attention at D=64, L=10, 300 rows (several row groups, ${subChunks} row blocks each, ${kernel}), H=3/Hkv=1, odd D path D=6`, async () => {
       const saved = { ...adapterAttentionTuning };
       adapterAttentionTuning.subChunks = subChunks;
       adapterAttentionTuning.pairs = pairs;
       adapterAttentionTuning.rowBatch = rowBatch;
+      adapterAttentionTuning.vec4 = vec4;
       try {
         await check(opts(3, 1, 64, 10, 300, "per-head-tanh", true), 7);
         await check(opts(3, 3, 6, 33, 131, "scalar", false), 8);
