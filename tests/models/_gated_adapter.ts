@@ -4,8 +4,9 @@
  *
  * @module
  */
+import assert from "node:assert/strict";
 import { addAdaptionPrompt, type Model } from "../../mod.ts";
-import { Rng } from "../_util.ts";
+import { assertClose, Rng } from "../_util.ts";
 
 /**
  * Adds adapter "default" (length 3 unless given, top 2 layers) with normal random prompts and gate 0.7 in
@@ -25,4 +26,28 @@ export function addGatedAdapter(model: Model, adapterLen = 3): void {
   }
   model.gpu.device.queue.writeBuffer(state.params.buffer, 0, values);
   state.version++;
+}
+
+/** Logits, loss and adapter gradients of one way of running a model (see {@link assertSameOutputs}). */
+export interface RunOutputs {
+  logits: Float32Array;
+  loss: number;
+  gradients: Record<string, Float32Array>;
+}
+
+/**
+ * Asserts that two ways of running the same model agree: logits and loss within 1e-5 (relative), every
+ * adapter gradient within `gradTol`, and no gradient all zero (which could not show a difference).
+ *
+ * @param got The way under test.
+ * @param want The reference way.
+ * @param gradTol Normwise tolerance of the gradients.
+ */
+export function assertSameOutputs(got: RunOutputs, want: RunOutputs, gradTol: number): void {
+  assertClose(got.logits, want.logits, 1e-5, "logits");
+  assert.ok(Math.abs(got.loss - want.loss) <= 1e-5 * Math.abs(want.loss), `loss ${got.loss} vs ${want.loss}`);
+  for (const [k, g] of Object.entries(want.gradients)) {
+    assert.ok(g.some((x) => x !== 0), `${k}: a zero gradient cannot show a difference`);
+    assertClose(got.gradients[k]!, g, gradTol, k);
+  }
 }
