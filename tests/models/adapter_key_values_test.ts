@@ -2,9 +2,9 @@
  * An adaption prompt's keys and values in one product against the layer's stacked k|v weights (and the
  * prompt's gradient in one product from both) give the logits, loss and adapter gradients of the two
  * products per layer (`adapterStateTuning.stackKeyValues = false`), on llama with GQA and padding and on
- * gpt2 (k/v biases), with a non-zero gate. 16 prompt tokens: the matrix-vector kernels at their largest M,
- * and keys/values whose values start on a 256-byte boundary (bindable on every device). f32 throughout:
- * within 1e-5 (another order of summation).
+ * gpt2 (k/v biases), with a non-zero gate. 16 prompt tokens: the matrix-vector kernels at their largest M; 20:
+ * the tiled kernel with column groups. Keys/values whose values start on a 256-byte boundary (bindable on
+ * every device). f32 throughout: within 1e-5 (another order of summation).
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
@@ -15,9 +15,7 @@ import { Rng } from "../_util.ts";
 import { addGatedAdapter, assertSameOutputs } from "./_gated_adapter.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
-const L = 16;
-
-for (const name of ["llama_gqa_pad", "gpt2_basic"]) {
+for (const [name, L] of [["llama_gqa_pad", 16], ["gpt2_basic", 16], ["llama_gqa_pad", 20]] as const) {
   Deno.test(`${name}: the adapter's keys and values in one product = two products per layer (L=${L})`, async () => {
     const model = await loadModel(join(ROOT, name, "model"), { maxSeqLen: 32 });
     const rng = new Rng(41);
