@@ -19,7 +19,7 @@ import {
   type Kernel,
 } from "../src/gpu/kernel.ts";
 import type { Recorder } from "../src/gpu/recorder.ts";
-import type { Tensor } from "../src/gpu/tensor.ts";
+import { Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
 
@@ -32,19 +32,22 @@ function ropeKernel(inverse: boolean, inPlace: boolean, xt: ActivationType, ot: 
     : (["read", "read", "read", "write", "uniform"] as const);
   return defineKernel("rope", { inverse, inPlace, xt, ot }, bindings, () => `
 ${enableF16(xt, ot)}
-struct P { total: u32, H: u32, half: u32, stride: u32 }
+// split: threads of the first block; H2 and off2: heads and element offset of the second (in-place only)
+struct P { total: u32, H: u32, half: u32, stride: u32, split: u32, H2: u32, off2: u32, _p: u32 }
 @group(0) @binding(0) var<storage, ${inPlace ? "read_write" : "read"}> x: array<${xt}>;
 @group(0) @binding(1) var<storage, read> invFreq: array<f32>;
 @group(0) @binding(2) var<storage, read> positions: array<i32>;
 ${inPlace ? "" : `@group(0) @binding(3) var<storage, read_write> out: array<${ot}>;`}
 @group(0) @binding(${inPlace ? 3 : 4}) var<uniform> p: P;
 @compute @workgroup_size(${WG}) fn main(@builtin(global_invocation_id) g: vec3u) {
-  let t = g.x + g.y * p.stride;
-  if (t >= p.total) { return; }
+  let t0 = g.x + g.y * p.stride;
+  if (t0 >= p.total) { return; }
+  let second = t0 >= p.split;
+  let t = select(t0, t0 - p.split, second);
   let i = t % p.half;
   let nh = t / p.half;          // row * H + head
-  let n = nh / p.H;
-  let base = nh * 2u * p.half;
+  let n = nh / select(p.H, p.H2, second);
+  let base = nh * 2u * p.half + select(0u, p.off2, second);
   let angle = f32(positions[n]) * invFreq[i];
   let c = cos(angle);
   let s = ${inverse ? "-" : ""}sin(angle);
@@ -67,19 +70,40 @@ function sizes(x: Tensor, invFreq: Tensor, positions: Tensor, numHeads: number, 
   return N * numHeads * invFreq.size;
 }
 
+/** A second tensor rotated in place by the same dispatch: it must follow the first in its buffer. */
+export interface RopeSecond {
+  /** The tensor (N, H2*D), e.g. the keys right after the queries of a stacked q/k/v buffer. */
+  x: Tensor;
+  /** Its heads per row. */
+  numHeads: number;
+}
+
 function record(
   rec: Recorder,
   inverse: boolean,
   out: Tensor | null,
-  x: Tensor,
+  first: Tensor,
   invFreq: Tensor,
   positions: Tensor,
   numHeads: number,
   what: string,
+  second?: RopeSecond,
 ): void {
-  const total = sizes(x, invFreq, positions, numHeads, what);
-  if (out && out.size !== x.size) {
-    throw new GpuError(`${what}: output [${out.shape}] differs from input [${x.shape}]`);
+  const total1 = sizes(first, invFreq, positions, numHeads, what);
+  if (out && out.size !== first.size) {
+    throw new GpuError(`${what}: output [${out.shape}] differs from input [${first.shape}]`);
+  }
+  let x = first, total = total1;
+  if (second) {
+    const follows = second.x.buffer === first.buffer && second.x.dtype === first.dtype &&
+      second.x.offset === first.offset + first.byteLength;
+    if (out || !follows) {
+      throw new GpuError(
+        `${what}: ${second.x.label} must follow ${first.label} in its buffer (in place only)`,
+      );
+    }
+    total += sizes(second.x, invFreq, positions, second.numHeads, what);
+    x = new Tensor(first.buffer, [first.size + second.x.size], first.dtype, first.offset, first.label);
   }
   // activations (forward) may be f16; gradients (backward) are f32
   const type = (t: Tensor, arg: string): ActivationType => {
@@ -89,7 +113,7 @@ function record(
   };
   const xt = type(x, "x");
   const { groups, stride } = grid1d(total, WG);
-  const params = [total, numHeads, invFreq.size, stride];
+  const params = [total, numHeads, invFreq.size, stride, total1, second?.numHeads ?? 1, first.size, 0];
   if (out) {
     rec.dispatch(
       ropeKernel(inverse, false, xt, type(out, "out")),
@@ -131,6 +155,8 @@ export function ropeForward(
  * @param invFreq Inverse frequencies (D/2) f32.
  * @param positions Position of each row (N) i32.
  * @param numHeads H, the heads per row.
+ * @param second Also rotates this tensor, which must follow `x` in its buffer (the keys after the queries
+ *   of a stacked q/k/v buffer), in the same dispatch.
  */
 export function ropeInPlace(
   rec: Recorder,
@@ -138,9 +164,10 @@ export function ropeInPlace(
   invFreq: Tensor,
   positions: Tensor,
   numHeads: number,
+  second?: RopeSecond,
 ): void {
   // x: (N, H*D); invFreq: (D/2); positions: (N)
-  record(rec, false, null, x, invFreq, positions, numHeads, "ropeInPlace");
+  record(rec, false, null, x, invFreq, positions, numHeads, "ropeInPlace", second);
 }
 
 /**
@@ -173,6 +200,7 @@ export function ropeBackward(
  * @param invFreq Inverse frequencies (D/2) f32.
  * @param positions Position of each row (N) i32.
  * @param numHeads H, the heads per row.
+ * @param second Also this gradient, which must follow `d` in its buffer, in the same dispatch.
  */
 export function ropeBackwardInPlace(
   rec: Recorder,
@@ -180,7 +208,8 @@ export function ropeBackwardInPlace(
   invFreq: Tensor,
   positions: Tensor,
   numHeads: number,
+  second?: RopeSecond,
 ): void {
   // d: (N, H*D); invFreq: (D/2); positions: (N)
-  record(rec, true, null, d, invFreq, positions, numHeads, "ropeBackwardInPlace");
+  record(rec, true, null, d, invFreq, positions, numHeads, "ropeBackwardInPlace", second);
 }

@@ -217,12 +217,32 @@ export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
   addInto(rec, la.x2, la.x);
 }
 
-/** RoPE on this step's queries and keys (in place), for families that use it. */
+/**
+ * RoPE on this step's queries and keys (in place), for families that use it: one dispatch where the keys
+ * follow the queries in one buffer (stacked q/k/v), else two.
+ */
 function ropeQueriesKeys(ctx: LayerContext): void {
   const { rec, model, acts, la } = ctx;
   if (!model.layout.rope) return;
-  ropeInPlace(rec, la.q, model.invFreq!, acts.positions, model.config.numHeads);
-  ropeInPlace(rec, la.k, model.invFreq!, acts.positions, model.config.numKvHeads);
+  ropeBoth(rec, model, acts.positions, la.q, la.k, la.qkv !== null, ropeInPlace);
+}
+
+/** `rope` on q and then k, or on both at once when `stacked` (k follows q in their buffer). */
+function ropeBoth(
+  rec: Recorder,
+  model: Model,
+  positions: Tensor,
+  q: Tensor,
+  k: Tensor,
+  stacked: boolean,
+  rope: typeof ropeInPlace,
+): void {
+  const c = model.config;
+  if (stacked) rope(rec, q, model.invFreq!, positions, c.numHeads, { x: k, numHeads: c.numKvHeads });
+  else {
+    rope(rec, q, model.invFreq!, positions, c.numHeads);
+    rope(rec, k, model.invFreq!, positions, c.numKvHeads);
+  }
 }
 
 /** Appends this step's keys/values (B, T, Hkv*D) to the cache rows [past, past + T) of each batch row. */
@@ -372,8 +392,7 @@ export function selfAttentionBackward(ctx: LayerContext, needInput: boolean): vo
   }
   if (!needInput) return;
   if (model.layout.rope) {
-    ropeBackwardInPlace(rec, d.q, model.invFreq!, acts.positions, c.numHeads);
-    ropeBackwardInPlace(rec, d.k, model.invFreq!, acts.positions, c.numKvHeads);
+    ropeBoth(rec, model, acts.positions, d.q, d.k, d.qkv !== null, ropeBackwardInPlace);
   }
   if (w.qkv && d.qkv) {
     linearBackward(rec, d.h, d.qkv, w.qkv.lin, false, w.qkv.groups);

@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { ropeBackward, ropeBackwardInPlace, ropeForward, ropeInPlace } from "../../kernels/rope.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
-import { tensorFrom } from "../../src/gpu/tensor.ts";
+import { createStacked, type Tensor, tensorFrom, writeTensor } from "../../src/gpu/tensor.ts";
+import { GpuError } from "../../src/errors.ts";
 import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
 import { finiteDifference } from "../reference/norm.ts";
 import { invFreqRef, ropeRef } from "../reference/rope.ts";
@@ -59,6 +60,51 @@ Deno.test("ropeBackward and ropeBackwardInPlace apply the transpose rotation wit
     assertClose(await download(g, dx), ref, 1e-5, `rope dx N=${N} H=${H} D=${D}`);
     assertClose(await download(g, inPlace), ref, 1e-5, `rope dx in place N=${N} H=${H} D=${D}`);
   }
+});
+
+// q (N, H*D) followed by k (N, Hkv*D) in one buffer, as a stacked q/k/v buffer holds them, then v, which
+// must stay untouched: one dispatch rotates q and k (forward and the transpose), each as its own tensor would
+// (sizes whose offsets are multiples of 256 bytes: bindable on every device)
+Deno.test("ropeInPlace and ropeBackwardInPlace rotate q and the k that follows it in one dispatch", async () => {
+  const g = await gpu();
+  const rng = new Rng(24);
+  for (const [N, H, Hkv, D] of [[8, 3, 1, 8], [33, 4, 2, 64], [4, 2, 2, 16]] as const) {
+    const qn = N * H * D, kn = N * Hkv * D, vn = N * Hkv * D;
+    for (const inverse of [false, true]) {
+      const inv = invFreqRef(D, 10000), pos = positionsFor(rng, N);
+      const data = rng.randn(qn + kn + vn);
+      const stack = createStacked(g, [[N, H * D], [N, Hkv * D], [N, Hkv * D]], "f32", "qkv");
+      assert.ok(stack, "bindable offsets");
+      const [q, k] = stack.parts as [Tensor, Tensor];
+      writeTensor(g, stack.whole, Float32Array.from(data));
+      const rec = new Recorder(g);
+      const rope = inverse ? ropeBackwardInPlace : ropeInPlace;
+      rope(rec, q, upload(g, inv), tensorFrom(g, pos), H, { x: k, numHeads: Hkv });
+      assert.equal(rec.take().length, 1, "one dispatch");
+      const rec2 = new Recorder(g);
+      rope(rec2, q, upload(g, inv), tensorFrom(g, pos), H, { x: k, numHeads: Hkv });
+      rec2.submit();
+      const got = await download(g, stack.whole);
+      const sign = inverse ? -1 : 1;
+      const what = `${inverse ? "backward" : "forward"} N=${N} H=${H} Hkv=${Hkv} D=${D}`;
+      assertClose(got.subarray(0, qn), ropeRef(data.subarray(0, qn), inv, pos, H, sign), 1e-5, `q ${what}`);
+      assertClose(
+        got.subarray(qn, qn + kn),
+        ropeRef(data.subarray(qn, qn + kn), inv, pos, Hkv, sign),
+        1e-5,
+        `k ${what}`,
+      );
+      assert.deepEqual(
+        got.subarray(qn + kn),
+        Float32Array.from(data.subarray(qn + kn)),
+        `v untouched ${what}`,
+      );
+    }
+  }
+  // a second tensor elsewhere is refused
+  const x = upload(g, rng.randn(8), [1, 8]), y = upload(g, rng.randn(8), [1, 8]);
+  const inv = upload(g, invFreqRef(8, 10000)), pos = tensorFrom(g, new Int32Array([0]));
+  assert.throws(() => ropeInPlace(new Recorder(g), x, inv, pos, 1, { x: y, numHeads: 1 }), GpuError);
 });
 
 // f16 queries/keys: x rounded to f16 (the reference rotates the rounded values). An f16 output is rounded
