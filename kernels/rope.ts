@@ -4,7 +4,9 @@
  * One thread rotates one pair. The angle is the f32 product `f32(position) * invFreq[i]` and cos/sin are
  * taken in f32, as HF does (`inv_freq` and the position ids in float32, then `.cos()`, `.sin()`).
  * The backward is the transpose (the rotation by -θ). In-place variants bind the tensor once as
- * read-write, because WebGPU forbids binding one buffer both read-only and writable in a dispatch.
+ * read-write, because WebGPU forbids binding one buffer both read-only and writable in a dispatch; they
+ * also rotate a second tensor that follows the first in its buffer (the keys after the queries of a stacked
+ * q/k/v buffer) in the same dispatch, its threads after the first's.
  * The forward's queries/keys may be stored in f16 (each pair loaded into f32, rotated, rounded once);
  * the backward acts on gradients, which are f32.
  *
