@@ -5,7 +5,8 @@
  * @module
  */
 import assert from "node:assert/strict";
-import { addAdaptionPrompt, type Model } from "../../mod.ts";
+import { addAdaptionPrompt, type Batch, forward, type Model } from "../../mod.ts";
+import { lossAndGradients } from "../../src/models/run.ts";
 import { assertClose, Rng } from "../_util.ts";
 
 /**
@@ -33,6 +34,19 @@ export interface RunOutputs {
   logits: Float32Array;
   loss: number;
   gradients: Record<string, Float32Array>;
+}
+
+/**
+ * The logits of `batch` (a forward) and the loss and adapter gradients (a backward) under the model's
+ * current settings.
+ *
+ * @param model The model.
+ * @param batch The batch.
+ * @returns Logits, loss and gradients.
+ */
+export async function outputsOf(model: Model, batch: Batch): Promise<RunOutputs> {
+  const logits = (await forward(model, batch)).logits;
+  return { ...(await lossAndGradients(model, batch)), logits };
 }
 
 /**

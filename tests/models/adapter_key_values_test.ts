@@ -8,11 +8,10 @@
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
-import { deleteAdapter, forward, loadModel } from "../../mod.ts";
-import { lossAndGradients } from "../../src/models/run.ts";
+import { deleteAdapter, loadModel } from "../../mod.ts";
 import { adapterStateTuning } from "../../src/adapters/state.ts";
 import { Rng } from "../_util.ts";
-import { addGatedAdapter, assertSameOutputs } from "./_gated_adapter.ts";
+import { addGatedAdapter, assertSameOutputs, outputsOf } from "./_gated_adapter.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
 for (const [name, L] of [["llama_gqa_pad", 16], ["gpt2_basic", 16], ["llama_gqa_pad", 20]] as const) {
@@ -35,8 +34,7 @@ for (const [name, L] of [["llama_gqa_pad", 16], ["gpt2_basic", 16], ["llama_gqa_
         const state = model.adapters.get("default")!;
         assert.equal(state.kva.every((t) => t !== null), stack, "keys and values stacked as asked");
         for (const s of state.slots) assert.ok(model.weights.layers[s.layer]!.qkv, "stacked q/k/v weights");
-        const logits = (await forward(model, batch)).logits;
-        return { ...(await lossAndGradients(model, batch)), logits };
+        return await outputsOf(model, batch);
       } finally {
         adapterStateTuning.stackKeyValues = true;
       }

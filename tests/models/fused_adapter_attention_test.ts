@@ -7,11 +7,10 @@
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
-import { forward, loadModel } from "../../mod.ts";
-import { lossAndGradients } from "../../src/models/run.ts";
+import { loadModel } from "../../mod.ts";
 import { attentionTuning } from "../../kernels/attention.ts";
 import { Rng } from "../_util.ts";
-import { addGatedAdapter, assertSameOutputs } from "./_gated_adapter.ts";
+import { addGatedAdapter, assertSameOutputs, outputsOf } from "./_gated_adapter.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
 const T = 56; // ≥ 48: the lane kernels
@@ -33,8 +32,7 @@ for (const name of ["llama_gqa_pad", "gpt2_basic"]) {
       const saved = attentionTuning.lanes;
       attentionTuning.lanes = lanes;
       try {
-        const logits = (await forward(model, batch)).logits;
-        return { ...(await lossAndGradients(model, batch)), logits };
+        return await outputsOf(model, batch);
       } finally {
         attentionTuning.lanes = saved;
       }
