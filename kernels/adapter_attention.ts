@@ -398,8 +398,10 @@ function rowsPerChunk(L: number): number {
   return lmaxOf(L) <= 16 ? 32 : 16;
 }
 
-/** The backward partials kernels' bindings (q, ka, va, gate, dout, dq, the scratch, the uniform) and params. */
-/** The backward partials' bindings; with `vec4`, q, dout and dq are vec4 arrays (D a multiple of 4). */
+/**
+ * The backward partials kernels' bindings (q, ka, va, gate, dout, dq, the scratch, the uniform) and params;
+ * with `vec4`, q, dout and dq are vec4 arrays (D a multiple of 4).
+ */
 function backwardBindings(qt: ActivationType, vec4 = false): string {
   const v = (t: string) => (vec4 ? `vec4<${t}>` : t);
   return `${enableF16(qt)}${PARAMS}

@@ -711,9 +711,9 @@ function matvecNkKernel(o: GemmOptions & { rows: number; threads: number; h8: bo
 /**
  * The "kn" matrix-vector kernel (M ≤ 16, A and B read as vec4): each workgroup owns MV_KN_COLS4 vec4
  * columns of B (64 contiguous bytes per row); its other threads split K in steps of 4 k (one vec4 of each
- * row of A against 4 rows of B, MV_KN_UNROLL steps loaded at once); then a tree reduction over the K slices,
- * MV_KN_ROWS_PER_REDUCE rows of A at a time. With column groups on A (`grouped: "a"`, e.g. the adapter's key and value gradients read
- * as one) each element of A is read from its block.
+ * row of A against 4 rows of B, MV_KN_UNROLL steps loaded at once); then a tree reduction over the K
+ * slices, MV_KN_ROWS_PER_REDUCE rows of A at a time. With column groups on A (`grouped: "a"`, e.g. the
+ * adapter's key and value gradients read as one) each vec4 of A is read from its block.
  */
 function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
   return defineKernel("matmul_matvec_kn", { ...o }, bindings(o.bias), () => {
