@@ -193,8 +193,8 @@ export function tensorFrom(gpu: Gpu, data: HostArray, shape?: readonly number[],
  * Tensors of the given shapes at consecutive offsets of one new buffer, e.g. a layer's q, k and v, so
  * that one product writes or reads all three (see `ColumnGroups` in kernels/matmul.ts) while every other
  * kernel binds each on its own. Null when an offset would not be a multiple of the device's
- * `minStorageBufferOffsetAlignment` (the parts could not be bound alone): the caller then creates them
- * separately.
+ * `minStorageBufferOffsetAlignment` (the parts could not be bound alone) or the whole exceeds
+ * `maxStorageBufferBindingSize` (it could not be bound at all): the caller then creates them separately.
  *
  * @param gpu The GPU.
  * @param shapes The parts' shapes, in order.
@@ -218,6 +218,7 @@ export function createStacked(
   const bytes = shapes.map((s) => numel(s) * DTYPE_BYTES[dtype]);
   if (bytes.slice(0, -1).some((b) => b % align !== 0)) return null;
   const total = bytes.reduce((a, b) => a + b, 0);
+  if (total > gpu.limits.maxStorageBufferBindingSize) return null;
   const whole = createTensor(gpu, [total / DTYPE_BYTES[dtype]], dtype, label);
   let offset = 0;
   const parts = shapes.map((shape, i) => {

@@ -142,10 +142,7 @@ export function createActivations(
   // parts in one buffer where their offsets and the whole can be bound (one product writes them all, one
   // reads their gradients): q, k and v; a llama MLP's gate and up
   const stackOrApart = (shapes: number[][], type: DType, label: string, names: string[]) => {
-    const whole = shapes.reduce((n, s) => n + s[0]! * s[1]!, 0) * (type === "f16" ? 2 : 4);
-    const s = whole <= gpu.limits.maxStorageBufferBindingSize
-      ? createStacked(gpu, shapes, type, label, names)
-      : null;
+    const s = createStacked(gpu, shapes, type, label, names);
     return {
       parts: s ? s.parts : shapes.map((shape, i) => createTensor(gpu, shape, type, names[i])),
       whole: s?.whole,

@@ -134,11 +134,10 @@ export function uploadProjections(
   const biases = parts.map((p) => (p.bias ? vector(p.bias, `${p.label}.bias`) : null));
   const dtype = parts[0]!.data instanceof Uint16Array ? "f16" : "f32";
   const rows = parts.reduce((a, p) => a + p.rows, 0);
-  const fits = rows * cols * (dtype === "f16" ? 2 : 4) <= gpu.limits.maxStorageBufferBindingSize;
   const sameBias = biases.every((b) => b !== null) || biases.every((b) => b === null);
   // column groups end on multiples of 4 (the products read and write them as vec4)
   const whole4 = parts.every((p) => p.rows % 4 === 0);
-  const stack = fits && sameBias && whole4 && parts.length >= 2
+  const stack = sameBias && whole4 && parts.length >= 2
     ? createStacked(gpu, parts.map((p) => [p.rows, cols]), dtype, label, parts.map((p) => p.label))
     : null;
   if (!stack) {

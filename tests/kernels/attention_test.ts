@@ -424,6 +424,9 @@ for (const tile of DKDV_TILES) {
   });
 }
 
+/** The sizes of a model-like attention: D = 64, GQA 4/2, batch 2, T = S = 150. */
+const GQA_D64_T150 = { numHeads: 4, numKvHeads: 2, headDim: 64, batch: 2, queryLen: 150, keyLen: 150 };
+
 // dq from the scores the dk/dv pass wrote, at every rows-per-thread choice (16, 32 and 64 query rows per
 // workgroup): partial row and key blocks, GQA, masks, windows, a query offset, accumulate.
 for (const rows of [1, 2, 4]) {
@@ -437,16 +440,7 @@ for (const rows of [1, 2, 4]) {
         ...DKDV_CASES,
         "explicit queryOffset T=7 S=20 offset 5":
           CASES["explicit queryOffset T=7 S=20 offset 5 (non-final chunk)"]!,
-        "D=64, GQA 4/2, T=S=150, left padding": {
-          ...base,
-          numHeads: 4,
-          numKvHeads: 2,
-          headDim: 64,
-          batch: 2,
-          queryLen: 150,
-          keyLen: 150,
-          leftPad: [3, 0],
-        },
+        "D=64, GQA 4/2, T=S=150, left padding": { ...base, ...GQA_D64_T150, leftPad: [3, 0] },
       };
       await backwardSteps(t, cases, 400, 19);
     } finally {
@@ -459,16 +453,7 @@ for (const rows of [1, 2, 4]) {
 Deno.test("attentionBackwardPlan: dq from the scores while the scratch fits its budget, else the lane or per-row pass", async () => {
   const g = await gpu();
   const rec = new Recorder(g);
-  const o: AttentionOptions = {
-    numHeads: 4,
-    numKvHeads: 2,
-    headDim: 64,
-    batch: 2,
-    queryLen: 150,
-    keyLen: 150,
-    scale: 0.125,
-    causal: true,
-  };
+  const o: AttentionOptions = { ...GQA_D64_T150, scale: 0.125, causal: true };
   const saved = { ...attentionTuning };
   try {
     assert.equal(attentionBackwardPlan(rec, o).dq, "scores");

@@ -29,6 +29,26 @@ export function addGatedAdapter(model: Model, adapterLen = 3): void {
   state.version++;
 }
 
+/**
+ * Two rows of `T` random token ids below `vocab`, the second left-padded over its first `pad` positions
+ * (mask 0, labels -100): a batch whose attention reads the padding mask.
+ *
+ * @param rng The random source.
+ * @param vocab Vocabulary size.
+ * @param T Tokens per row.
+ * @param pad Padded positions at the start of the second row.
+ * @returns The batch.
+ */
+export function paddedBatch(rng: Rng, vocab: number, T: number, pad: number): Batch {
+  const ids = Array.from({ length: 2 }, () => Array.from(rng.ints(T, vocab)));
+  const padded = (b: number, t: number) => b === 1 && t < pad;
+  return {
+    inputIds: ids,
+    attentionMask: ids.map((r, b) => r.map((_, t) => (padded(b, t) ? 0 : 1))),
+    labels: ids.map((r, b) => r.map((x, t) => (padded(b, t) ? -100 : x))),
+  };
+}
+
 /** Logits, loss and adapter gradients of one way of running a model (see {@link assertSameOutputs}). */
 export interface RunOutputs {
   logits: Float32Array;

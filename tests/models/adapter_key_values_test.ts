@@ -11,21 +11,13 @@ import { join } from "../../src/_std.ts";
 import { deleteAdapter, loadModel } from "../../mod.ts";
 import { adapterStateTuning } from "../../src/adapters/state.ts";
 import { Rng } from "../_util.ts";
-import { addGatedAdapter, assertSameOutputs, outputsOf } from "./_gated_adapter.ts";
+import { addGatedAdapter, assertSameOutputs, outputsOf, paddedBatch } from "./_gated_adapter.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
 for (const [name, L] of [["llama_gqa_pad", 16], ["gpt2_basic", 16], ["llama_gqa_pad", 20]] as const) {
   Deno.test(`${name}: the adapter's keys and values in one product = two products per layer (L=${L})`, async () => {
     const model = await loadModel(join(ROOT, name, "model"), { maxSeqLen: 32 });
-    const rng = new Rng(41);
-    const V = model.config.vocabSize;
-    const T = 12;
-    const ids = Array.from({ length: 2 }, () => Array.from(rng.ints(T, V)));
-    const batch = {
-      inputIds: ids,
-      attentionMask: ids.map((r, b) => r.map((_, t) => (b === 1 && t < 3 ? 0 : 1))),
-      labels: ids.map((r, b) => r.map((x, t) => (b === 1 && t < 3 ? -100 : x))),
-    };
+    const batch = paddedBatch(new Rng(41), model.config.vocabSize, 12, 3);
     const run = async (stack: boolean) => {
       adapterStateTuning.stackKeyValues = stack;
       try {

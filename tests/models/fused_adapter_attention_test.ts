@@ -10,7 +10,7 @@ import { join } from "../../src/_std.ts";
 import { loadModel } from "../../mod.ts";
 import { attentionTuning } from "../../kernels/attention.ts";
 import { Rng } from "../_util.ts";
-import { addGatedAdapter, assertSameOutputs, outputsOf } from "./_gated_adapter.ts";
+import { addGatedAdapter, assertSameOutputs, outputsOf, paddedBatch } from "./_gated_adapter.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
 const T = 56; // ≥ 48: the lane kernels
@@ -20,14 +20,7 @@ for (const name of ["llama_gqa_pad", "gpt2_basic"]) {
     const model = await loadModel(join(ROOT, name, "model"), { maxSeqLen: 64 });
     assert.ok(model.gpu.limits.maxStorageBuffersPerShaderStage >= 10, "the fused forward needs 10 bindings");
     addGatedAdapter(model);
-    const rng = new Rng(31);
-    const V = model.config.vocabSize;
-    const ids = Array.from({ length: 2 }, () => Array.from(rng.ints(T, V)));
-    const batch = {
-      inputIds: ids,
-      attentionMask: ids.map((r, b) => r.map((_, t) => (b === 1 && t < 5 ? 0 : 1))),
-      labels: ids.map((r, b) => r.map((x, t) => (b === 1 && t < 5 ? -100 : x))),
-    };
+    const batch = paddedBatch(new Rng(31), model.config.vocabSize, T, 5);
     const run = async (lanes: boolean) => {
       const saved = attentionTuning.lanes;
       attentionTuning.lanes = lanes;

@@ -16,8 +16,8 @@ import {
   randomTensorSource,
   randomWeights,
 } from "../../src/models/random.ts";
-import { getGpu } from "../../src/gpu/device.ts";
-import { readF32, Tensor } from "../../src/gpu/tensor.ts";
+import { getGpu, type Gpu } from "../../src/gpu/device.ts";
+import { createStacked, readF32, Tensor } from "../../src/gpu/tensor.ts";
 import { loadWeights, uploadProjections, type Weights } from "../../src/models/weights.ts";
 import type { Model } from "../../src/models/model.ts";
 import { Rng, TINY_CONFIGS } from "../_util.ts";
@@ -201,6 +201,10 @@ Deno.test("uploadProjections stacks q, k and v only where each part binds alone 
   assert.ok(up.stacked, "stacked");
   assert.deepEqual(up.stacked.groups, [8, 12]);
   assert.deepEqual(up.stacked.lin.w.shape, [16, 16]);
+  // the k|v rows as one linear layer: a view starting at k
+  assert.deepEqual(up.stacked.kv?.w.shape, [8, 16]);
+  assert.equal(up.stacked.kv?.w.offset, up.linears[1]!.w.offset);
+  assert.equal(up.stacked.kv?.w.buffer, up.stacked.lin.w.buffer);
   assert.ok(
     up.linears.every((l) => l.w.buffer === up.stacked!.lin.w.buffer),
     "the parts are views of the stack",
@@ -216,4 +220,9 @@ Deno.test("uploadProjections stacks q, k and v only where each part binds alone 
     assert.equal(apart.stacked, null, `rows ${rows} x ${cols}`);
     assert.equal(new Set(apart.linears.map((l) => l.w.buffer)).size, 3);
   }
+  // a whole that one binding cannot hold is not stacked (refused before anything is allocated)
+  const small = {
+    limits: { minStorageBufferOffsetAlignment: 256, maxStorageBufferBindingSize: 1024 },
+  } as Gpu;
+  assert.equal(createStacked(small, [[8, 16], [8, 16], [8, 16]], "f32", "too big"), null);
 });
