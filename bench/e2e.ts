@@ -46,7 +46,11 @@
  * (`adapterStateTuning.stackKeyValues`); `PROMPTGATE_ADAPTER_REDUCE_SLICES=1|2|4|8` sets the threads per
  * output of the adapter backward's final sums (`adapterAttentionTuning.reduceSlices`), and
  * `PROMPTGATE_ADAPTER_VEC4=0` makes its partials kernel read q and dout one element at a time
- * (`adapterAttentionTuning.vec4`).
+ * (`adapterAttentionTuning.vec4`); `PROMPTGATE_EPILOGUES=0` records the layers' residual adds and SwiGLU /
+ * GELU backward as kernels of their own instead of in the products' epilogues (`epilogueTuning.fuse` in
+ * src/models/ops.ts), `PROMPTGATE_REDUCE_VEC4=0` makes the split-K reduction sum one output per thread
+ * (`matmulTuning.reduceVec4`) and `PROMPTGATE_STORE_VEC4=0` the tiled products store one output at a time
+ * (`matmulTuning.storeVec4`).
  *
  * @module
  */
@@ -75,6 +79,7 @@ import { attentionTuning } from "../kernels/attention.ts";
 import { crossEntropyTuning } from "../kernels/cross_entropy.ts";
 import { matmulTuning } from "../kernels/matmul.ts";
 import { generate } from "../src/models/generate.ts";
+import { epilogueTuning } from "../src/models/ops.ts";
 import { adapterKeyValuesForward } from "../src/models/self_attention.ts";
 import type { Model } from "../src/models/model.ts";
 import {
@@ -660,6 +665,9 @@ async function caseMain(args: string[]): Promise<void> {
   const slices = Deno.env.get("PROMPTGATE_ADAPTER_REDUCE_SLICES");
   if (slices) adapterAttentionTuning.reduceSlices = Number(slices) as 1 | 2 | 4 | 8;
   if (Deno.env.get("PROMPTGATE_ADAPTER_VEC4") === "0") adapterAttentionTuning.vec4 = false;
+  if (Deno.env.get("PROMPTGATE_EPILOGUES") === "0") epilogueTuning.fuse = false;
+  if (Deno.env.get("PROMPTGATE_REDUCE_VEC4") === "0") matmulTuning.reduceVec4 = false;
+  if (Deno.env.get("PROMPTGATE_STORE_VEC4") === "0") matmulTuning.storeVec4 = false;
   const dkdv = Deno.env.get("PROMPTGATE_ATTENTION_DKDV")?.match(/^(\d)x(\d)( prefetched)?$/);
   if (dkdv) attentionTuning.dkdvTiles = [{ keys: +dkdv[1]!, queries: +dkdv[2]!, prefetch: !!dkdv[3] }];
   const prefetch = Deno.env.get("PROMPTGATE_ATTENTION_PREFETCH");

@@ -29,6 +29,26 @@ const K0: f32 = 0.7978845608028654;
 const K1: f32 = 0.044715;
 fn tanhClamped(u: f32) -> f32 { return tanh(clamp(u, -15.0, 15.0)); }`;
 
+/**
+ * WGSL `geluGrad(x)`: the derivative of gelu_new at x, `0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715
+ * x²)` with `t = tanh(√(2/π) (x + 0.044715 x³))` (also the epilogue of a product, kernels/matmul.ts).
+ */
+export const GELU_GRAD_WGSL = `${GELU}
+fn geluGrad(v: f32) -> f32 {
+  let t = tanhClamped(K0 * (v + K1 * v * v * v));
+  return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * K0 * (1.0 + 3.0 * K1 * v * v);
+}`;
+
+/**
+ * WGSL `swigluGrads(d, g, u)`: the gradients `(d gate, d up)` of `silu(g) * u` given its gradient d (also
+ * the epilogue of a product, kernels/matmul.ts).
+ */
+export const SWIGLU_GRADS_WGSL = `
+fn swigluGrads(d: f32, x: f32, u: f32) -> vec2<f32> {
+  let s = 1.0 / (1.0 + exp(-x));
+  return vec2<f32>(d * u * s * (1.0 + x * (1.0 - s)), d * x * s);
+}`;
+
 /** `types`: the element type of each activation binding (the kernel's options, so also its cache key). */
 function elementwise(
   name: string,
@@ -122,12 +142,11 @@ export function swigluBackward(
 @group(0) @binding(1) var<storage, read> gate: array<${gt}>;
 @group(0) @binding(2) var<storage, read> up: array<${ut}>;
 @group(0) @binding(3) var<storage, read_write> dgate: array<f32>;
-@group(0) @binding(4) var<storage, read_write> dup: array<f32>;`,
-    `let x = f32(gate[i]);
-  let s = 1.0 / (1.0 + exp(-x));
-  let d = dout[i];
-  dgate[i] = d * f32(up[i]) * s * (1.0 + x * (1.0 - s));
-  dup[i] = d * x * s;`,
+@group(0) @binding(4) var<storage, read_write> dup: array<f32>;
+${SWIGLU_GRADS_WGSL}`,
+    `let r = swigluGrads(dout[i], f32(gate[i]), f32(up[i]));
+  dgate[i] = r.x;
+  dup[i] = r.y;`,
   );
   run(rec, k, [dout, gate, up, dgate, dup], n);
 }
@@ -183,11 +202,8 @@ export function geluBackward(
     `@group(0) @binding(0) var<storage, read> dout: array<f32>;
 @group(0) @binding(1) var<storage, read> x: array<${xt}>;
 @group(0) @binding(2) var<storage, read_write> dx: array<f32>;
-${GELU}`,
-    `let v = f32(x[i]);
-  let t = tanhClamped(K0 * (v + K1 * v * v * v));
-  let dydx = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * K0 * (1.0 + 3.0 * K1 * v * v);
-  var r = dout[i] * dydx;
+${GELU_GRAD_WGSL}`,
+    `var r = dout[i] * geluGrad(f32(x[i]));
   if (p.a != 0u) { r += dx[i]; }
   dx[i] = r;`,
   );

@@ -88,6 +88,20 @@ export function createCrossEntropyScratch(
   };
 }
 
+/** Logits each thread of the online-softmax sweep loads at once. */
+const CE_LOADS = 8;
+
+function range(n: number): number[] {
+  return Array.from({ length: n }, (_, i) => i);
+}
+
+/** WGSL: the max of `xs` as a balanced tree of `max` calls. */
+function maxTree(xs: string[]): string {
+  if (xs.length === 1) return xs[0]!;
+  const h = xs.length >> 1;
+  return `max(${maxTree(xs.slice(0, h))}, ${maxTree(xs.slice(h))})`;
+}
+
 function onlineKernel(): Kernel {
   return defineKernel("ce_online_softmax", {}, ["read", "read", "write", "uniform"], () => `
 struct P { N: u32, Vc: u32, ld: u32, v0: u32, first: u32, gx: u32, fin: u32, _b: u32 }
@@ -123,10 +137,18 @@ fn reduceSum(lid: u32, v: f32) -> f32 {
   if (row >= p.N) { return; }
   let lid = l.x;
   let base = row * p.ld;
-  // one pass: each thread keeps an online (max, sum of exp), then the workgroup merges them
+  // one pass: each thread keeps an online (max, sum of exp), then the workgroup merges them; ${CE_LOADS}
+  // loads in flight per thread (one at a time, the sweep waited on memory latency at every element)
   var m = -3.402823e38;
   var s = 0.0;
-  for (var j = lid; j < p.Vc; j += ${WG}u) {
+  var j = lid;
+  for (; j + ${(CE_LOADS - 1) * WG}u < p.Vc; j += ${CE_LOADS * WG}u) {
+${range(CE_LOADS).map((i) => `    let x${i} = logits[base + j + ${i * WG}u];`).join("\n")}
+    let mn = max(m, ${maxTree(range(CE_LOADS).map((i) => `x${i}`))});
+    s = s * exp(m - mn) + ${range(CE_LOADS).map((i) => `exp(x${i} - mn)`).join(" + ")};
+    m = mn;
+  }
+  for (; j < p.Vc; j += ${WG}u) {
     let x = logits[base + j];
     if (x > m) { s = s * exp(m - x) + 1.0; m = x; } else { s += exp(x - m); }
   }

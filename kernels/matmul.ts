@@ -24,7 +24,12 @@
  *   halves (16 bytes) per load, unpacked with `unpack2x16float` into the same f32 tiles, at K step 16 where
  *   workgroup memory allows (else 8).
  * - split-K for products with few output tiles and a long K (k_proj, gpt2 mlp c_proj): workgroups write
- *   partial sums of their K range to a workspace and a second dispatch adds them (with bias/accumulate).
+ *   partial sums of their K range to a workspace and a second dispatch adds them (with bias/accumulate),
+ *   4 outputs per thread where N is a multiple of 4.
+ * - epilogues ({@link MatmulEpilogue}): a layer's residual add, or the SwiGLU / GELU backward on the input
+ *   gradient of its down projection, applied to each result where the tiled kernel (or the split-K
+ *   reduction) stores it, instead of by a kernel of its own. Where N, the output's row stride and column
+ *   offset are multiples of 4, outputs (and the epilogue's tensors) are stored as vec4s.
  * - matrix-vector kernels for M ≤ 16 (decode, an adaption prompt's keys and values and their gradient):
  *   "nk" has 32-128 threads per output row with 4 independent vec4 weight loads in flight each; "kn" has 4
  *   vec4 columns per workgroup and 64 K slices. Both take column groups (of the output and of A).
@@ -52,6 +57,7 @@ import type { Recorder } from "../src/gpu/recorder.ts";
 import { createTensor, type Tensor } from "../src/gpu/tensor.ts";
 import { GpuError } from "../src/errors.ts";
 import { grid1d } from "./fill.ts";
+import { GELU_GRAD_WGSL, SWIGLU_GRADS_WGSL } from "./activation.ts";
 
 /** How the B operand is stored: `nk` = `(N, K)` row-major (HF Linear), `kn` = `(K, N)` row-major. */
 type BLayout = "nk" | "kn";
@@ -87,7 +93,10 @@ export type MatmulKernelChoice = MatmulTile | "matvec";
  * 256-thread tiles (the 128- and 64-thread tiles of 8x8 outputs per thread stay available to `force`);
  * `midSplit: false` keeps it from splitting K over the mid-size products (`pickTile`). `matvecMaxM` is the
  * largest M the planner gives the matrix-vector kernels (at most {@link MV_MAX_M}; 4 restores the decode-only
- * rule of before, for A/B runs).
+ * rule of before, for A/B runs). `reduceVec4: false` makes the split-K reduction sum one output per thread
+ * instead of 4 (vec4 loads and stores, where N, the output's row stride and column offset are multiples of
+ * 4; the default), `storeVec4: false` the tiled kernel store its outputs one at a time instead of 4 (the
+ * same condition; its epilogue's tensors likewise).
  * `null` lets the shape heuristic choose (`f16Packed`: on, the measured default).
  */
 export const matmulTuning: {
@@ -102,6 +111,8 @@ export const matmulTuning: {
   tiles8: boolean;
   midSplit: boolean;
   matvecMaxM: number;
+  reduceVec4: boolean | null;
+  storeVec4: boolean | null;
 } = {
   force: null,
   splitK: null,
@@ -114,6 +125,8 @@ export const matmulTuning: {
   tiles8: true,
   midSplit: true,
   matvecMaxM: 16,
+  reduceVec4: null,
+  storeVec4: null,
 };
 
 /** The smaller K step of the tiled kernel (16 where workgroup memory allows, see `matmulTuning`). */
@@ -160,6 +173,108 @@ interface GemmOptions {
    * row-major blocks, "a" = A's columns (the reduction dimension) are; "none" otherwise.
    */
   grouped: "none" | "out" | "a";
+  /** The epilogue ({@link MatmulEpilogue}), "none" for a plain store. */
+  epi: EpilogueKind;
+  /** Element type of the epilogue's activation inputs (x, or g and u, or h). */
+  et: ActivationType;
+  /**
+   * The output (and the epilogue's tensors) is stored 4 consecutive columns at a time as vec4s: N, the
+   * output's row stride and column offset are multiples of 4 (the tiled kernel only).
+   */
+  vecC: boolean;
+}
+
+/**
+ * What a product does with each result `v` (its sum plus the bias) of output element `i` instead of
+ * storing it, so that the elementwise op after a layer's product needs no dispatch of its own (nor a pass
+ * over memory):
+ * - `residual`: `out[i] = v + x[i]`, a layer's residual add (x an activation of the output's size);
+ * - `swigluBackward`: v is the gradient of `silu(g) * u`: `out[i] = d g`, `du[i] = d u` from g[i] and u[i]
+ *   (saved activations), the two gradients f32;
+ * - `geluBackward`: v is the gradient of `gelu_new(h)`: `out[i] = d h` from h[i] (f32 out).
+ * A product with an epilogue writes a plain output: no column offset, column groups or `accumulate`. Split
+ * over K, the reduction applies it.
+ */
+export type MatmulEpilogue =
+  | { kind: "residual"; x: Tensor }
+  | { kind: "swigluBackward"; g: Tensor; u: Tensor; du: Tensor }
+  | { kind: "geluBackward"; h: Tensor };
+
+type EpilogueKind = "none" | "residual" | "swiglu" | "gelu";
+
+function epilogueKind(e: MatmulEpilogue | undefined): EpilogueKind {
+  if (!e) return "none";
+  return e.kind === "residual" ? "residual" : e.kind === "swigluBackward" ? "swiglu" : "gelu";
+}
+
+/** The epilogue's tensors, bound after the bias, in binding order. */
+function epilogueTensors(e: MatmulEpilogue | undefined): Tensor[] {
+  if (!e) return [];
+  if (e.kind === "residual") return [e.x];
+  return e.kind === "swigluBackward" ? [e.g, e.u, e.du] : [e.h];
+}
+
+/** Binding kinds of the epilogue's tensors. */
+function epilogueBindings(epi: EpilogueKind): ("read" | "write")[] {
+  return epi === "none" ? [] : epi === "swiglu" ? ["read", "read", "write"] : ["read"];
+}
+
+/**
+ * WGSL of an epilogue: its bindings from `first` on and `fn finish(i, v)`, which stores result v of output
+ * element i (see {@link MatmulEpilogue}) — with `vec`, `v` is a vec4 of 4 consecutive outputs and `i` their
+ * vec4 index, every binding seen as vec4s; "" for none.
+ */
+function epilogueWgsl(
+  epi: EpilogueKind,
+  et: ActivationType,
+  ct: ActivationType,
+  first: number,
+  vec: boolean,
+): string {
+  const b = (k: number, access: string, name: string, t: string) =>
+    `@group(0) @binding(${first + k}) var<storage, ${access}> ${name}: array<${vec ? `vec4<${t}>` : t}>;`;
+  const ld = (name: string) => widen(et, `${name}[i]`, vec);
+  const f = vec ? "vec4<f32>" : "f32";
+  const head = `fn finish(i: u32, v: ${f})`;
+  switch (epi) {
+    case "none":
+      return "";
+    case "residual":
+      return `${b(0, "read", "ex", et)}
+${head} { ${storeOut(ct, "i", `v + ${ld("ex")}`, false, vec)} }`;
+    case "swiglu": {
+      const body = vec
+        ? `let g = ${ld("eg")};
+  let u = ${ld("eu")};
+  let r0 = swigluGrads(v.x, g.x, u.x);
+  let r1 = swigluGrads(v.y, g.y, u.y);
+  let r2 = swigluGrads(v.z, g.z, u.z);
+  let r3 = swigluGrads(v.w, g.w, u.w);
+  out[i] = vec4<f32>(r0.x, r1.x, r2.x, r3.x);
+  edu[i] = vec4<f32>(r0.y, r1.y, r2.y, r3.y);`
+        : `let r = swigluGrads(v, ${ld("eg")}, ${ld("eu")});
+  out[i] = r.x;
+  edu[i] = r.y;`;
+      return `${b(0, "read", "eg", et)}
+${b(1, "read", "eu", et)}
+${b(2, "read_write", "edu", "f32")}
+${SWIGLU_GRADS_WGSL}
+${head} {
+  ${body}
+}`;
+    }
+    case "gelu": {
+      const grad = vec
+        ? `let h = ${ld("eh")};
+  out[i] = v * vec4<f32>(geluGrad(h.x), geluGrad(h.y), geluGrad(h.z), geluGrad(h.w));`
+        : `out[i] = v * geluGrad(${ld("eh")});`;
+      return `${b(0, "read", "eh", et)}
+${GELU_GRAD_WGSL}
+${head} {
+  ${grad}
+}`;
+    }
+  }
 }
 
 /** Options of the tiled kernel beyond the product's. */
@@ -207,14 +322,16 @@ function groupIndex(name: string, n: string, shift: string): string {
 function header(o: GemmOptions, bType?: string, aType?: string): string {
   const bElem = o.f16 ? "f16" : "f32";
   const lines = [
-    enableF16(bElem, o.at, o.ct),
+    enableF16(bElem, o.at, o.ct, o.et),
     PARAMS_WGSL,
-    `@group(0) @binding(0) var<storage, read_write> out: array<${o.ct}>;`,
+    `@group(0) @binding(0) var<storage, read_write> out: array<${o.vecC ? `vec4<${o.ct}>` : o.ct}>;`,
     `@group(0) @binding(1) var<storage, read> a: array<${aType ?? (o.vecA ? `vec4<${o.at}>` : o.at)}>;`,
     `@group(0) @binding(2) var<storage, read> b: array<${bType ?? (o.vecB ? `vec4<${bElem}>` : bElem)}>;`,
   ];
   if (o.bias) lines.push(`@group(0) @binding(3) var<storage, read> bias: array<f32>;`);
-  lines.push(`@group(0) @binding(${o.bias ? 4 : 3}) var<uniform> p: P;`);
+  const first = o.bias ? 4 : 3;
+  lines.push(epilogueWgsl(o.epi, o.et, o.ct, first, o.vecC));
+  lines.push(`@group(0) @binding(${first + epilogueBindings(o.epi).length}) var<uniform> p: P;`);
   return lines.join("\n");
 }
 
@@ -230,9 +347,10 @@ function widen(t: ActivationType, e: string, vec: boolean): string {
  * The WGSL store of `v` (f32) into element `idx` of `out` (element type `ct`), added to its value with
  * `acc`: f16 is read as f32, added in f32 and rounded once.
  */
-function storeOut(ct: ActivationType, idx: string, v: string, acc: boolean): string {
+function storeOut(ct: ActivationType, idx: string, v: string, acc: boolean, vec = false): string {
   if (ct === "f32") return `out[${idx}] = ${acc ? `out[${idx}] + ` : ""}${v};`;
-  return `out[${idx}] = f16(${acc ? `f32(out[${idx}]) + ` : ""}${v});`;
+  const [f, h] = vec ? ["vec4<f32>", "vec4<f16>"] : ["f32", "f16"];
+  return `out[${idx}] = ${h}(${acc ? `${f}(out[${idx}]) + ` : ""}${v});`;
 }
 
 /**
@@ -317,7 +435,7 @@ function unpack8(v: string): string {
  * register, unpacked into the f32 tiles when staged), so half as many per K step.
  */
 function tiledKernel(o: TiledOptions): Kernel {
-  return defineKernel("matmul_tiled", { ...o }, bindings(o.bias && !o.split), () => {
+  return defineKernel("matmul_tiled", { ...o }, bindings(o.bias && !o.split, o.epi), () => {
     const { wx, wy, rm, rn } = TILES[o.tile];
     const bm = wy * rm;
     const bn = wx * rn;
@@ -484,6 +602,7 @@ function tiledKernel(o: TiledOptions): Kernel {
 
     const packed = "vec4<u32>";
     emit(header(o.split ? { ...o, bias: false } : o, o.h8B ? packed : undefined, o.h8A ? packed : undefined));
+    if (o.split && o.epi !== "none") throw new GpuError("matmul: a split-K partial product has no epilogue");
     const stages = o.db ? 2 : 1;
     if (o.grouped === "a") emit(groupIndex("aIndex", "p.K", " >> 2u"));
     if (o.grouped === "out") emit(groupIndex("outIndex", "p.N", ""));
@@ -560,8 +679,16 @@ function tiledKernel(o: TiledOptions): Kernel {
         emit(
           `      { let v = ${v};${o.grouped === "out" ? ` let row = outIndex(m, col${j}) - col${j};` : ""}`,
         );
-        for (let c = 0; c < 4; c++) {
-          const store = storeOut(o.ct, `row + col${j} + ${c}u`, `v.${"xyzw"[c]}`, acc);
+        if (o.vecC) {
+          // 4 columns per store: N is a multiple of 4, so a vec4 is wholly inside or outside
+          const idx = `(row + col${j}) >> 2u`;
+          const store = o.epi === "none" ? storeOut(o.ct, idx, "v", acc, true) : `finish(${idx}, v);`;
+          emit(ex ? `        ${store}` : `        if (col${j} < p.N) { ${store} }`);
+        }
+        for (let c = 0; c < (o.vecC ? 0 : 4); c++) {
+          const store = o.epi === "none"
+            ? storeOut(o.ct, `row + col${j} + ${c}u`, `v.${"xyzw"[c]}`, acc)
+            : `finish(row + col${j} + ${c}u, v.${"xyzw"[c]});`;
           emit(ex ? `        ${store}` : `        if (col${j} + ${c}u < p.N) { ${store} }`);
         }
         emit(`      }`);
@@ -578,35 +705,57 @@ function tiledKernel(o: TiledOptions): Kernel {
 const REDUCE_WG = 256;
 
 /**
- * The split-K reduction: `out[m, cOff + n] (+)= sum_s ws[s, m, n] (+ bias[n])`, one output per thread.
- * Uses the product uniform: `tiles` = M * N outputs, `kChunk` = number of splits.
+ * The split-K reduction: `out[m, cOff + n] (+)= sum_s ws[s, m, n] (+ bias[n])`, or the epilogue
+ * (`finish`) of that sum; one output per thread, or with `vec` (N, the output's row stride and column
+ * offset multiples of 4) 4 consecutive outputs per thread, loaded and stored as vec4s. Uses the product
+ * uniform: `tiles` = M * N outputs, `kChunk` = number of splits.
  */
 function splitReduceKernel(
-  o: { bias: boolean; accumulate: boolean; ct: ActivationType; grouped: boolean },
+  o: {
+    bias: boolean;
+    accumulate: boolean;
+    ct: ActivationType;
+    grouped: boolean;
+    epi: EpilogueKind;
+    et: ActivationType;
+    vec: boolean;
+  },
 ): Kernel {
-  const binds: ("read" | "write" | "uniform")[] = o.bias
-    ? ["write", "read", "read", "uniform"]
-    : ["write", "read", "uniform"];
+  const binds: ("read" | "write" | "uniform")[] = [
+    "write",
+    "read",
+    ...(o.bias ? ["read" as const] : []),
+    ...epilogueBindings(o.epi),
+    "uniform",
+  ];
+  const first = o.bias ? 3 : 2;
+  const w = o.vec ? 4 : 1;
+  const store = (idx: string, v: string) =>
+    o.epi === "none" ? storeOut(o.ct, idx, v, o.accumulate, o.vec) : `finish(${idx}, ${v});`;
   return defineKernel("matmul_splitk_reduce", o, binds, () =>
     [
-      ...(o.ct === "f16" ? [enableF16(o.ct)] : []),
+      ...(o.ct === "f16" || o.et === "f16" ? [enableF16(o.ct, o.et)] : []),
       PARAMS_WGSL,
-      `@group(0) @binding(0) var<storage, read_write> out: array<${o.ct}>;`,
-      `@group(0) @binding(1) var<storage, read> ws: array<f32>;`,
+      `@group(0) @binding(0) var<storage, read_write> out: array<${o.vec ? `vec4<${o.ct}>` : o.ct}>;`,
+      `@group(0) @binding(1) var<storage, read> ws: array<${o.vec ? "vec4<f32>" : "f32"}>;`,
       o.bias ? `@group(0) @binding(2) var<storage, read> bias: array<f32>;` : "",
-      `@group(0) @binding(${o.bias ? 3 : 2}) var<uniform> p: P;`,
+      epilogueWgsl(o.epi, o.et, o.ct, first, o.vec),
+      `@group(0) @binding(${first + epilogueBindings(o.epi).length}) var<uniform> p: P;`,
       o.grouped ? groupIndex("outIndex", "p.N", "") : "",
       `@compute @workgroup_size(${REDUCE_WG})`,
       `fn main(@builtin(global_invocation_id) gid: vec3u) {`,
       `  let i = gid.x + gid.y * p.groupsX;`,
-      `  if (i >= p.tiles) { return; }`,
-      `  let m = i / p.N;`,
-      `  let n = i % p.N;`,
-      `  var s = 0.0;`,
-      `  for (var sp = 0u; sp < p.kChunk; sp++) { s += ws[sp * p.tiles + i]; }`,
-      o.bias ? `  s += bias[n];` : "",
+      `  if (i * ${w}u >= p.tiles) { return; }`,
+      `  let m = (i * ${w}u) / p.N;`,
+      `  let n = (i * ${w}u) % p.N;`,
+      o.vec ? `  var s = vec4<f32>(0.0);` : `  var s = 0.0;`,
+      `  for (var sp = 0u; sp < p.kChunk; sp++) { s += ws[sp * (p.tiles / ${w}u) + i]; }`,
+      o.bias
+        ? (o.vec ? `  s += vec4<f32>(bias[n], bias[n + 1u], bias[n + 2u], bias[n + 3u]);` : `  s += bias[n];`)
+        : "",
+      // grouped: the 4 columns of a vec4 lie in one block (g1, g2 are multiples of 4)
       o.grouped ? `  let o = outIndex(m, n);` : `  let o = m * p.ldc + p.cOff + n;`,
-      `  ${storeOut(o.ct, "o", "s", o.accumulate)}`,
+      `  ${store(o.vec ? "o >> 2u" : "o", "s")}`,
       `}`,
     ].join("\n"));
 }
@@ -636,7 +785,7 @@ const MV_KN_COLS4 = 4;
  * column groups on the output (`grouped: "out"`) each result goes to its block.
  */
 function matvecNkKernel(o: GemmOptions & { rows: number; threads: number; h8: boolean }): Kernel {
-  return defineKernel("matmul_matvec_nk", { ...o }, bindings(o.bias), () => {
+  return defineKernel("matmul_matvec_nk", { ...o }, bindings(o.bias, o.epi), () => {
     const L: string[] = [];
     const emit = (s: string) => L.push(s);
     const ms = [...Array(o.rows).keys()];
@@ -716,7 +865,7 @@ function matvecNkKernel(o: GemmOptions & { rows: number; threads: number; h8: bo
  * adapter's key and value gradients read as one) each vec4 of A is read from its block.
  */
 function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
-  return defineKernel("matmul_matvec_kn", { ...o }, bindings(o.bias), () => {
+  return defineKernel("matmul_matvec_kn", { ...o }, bindings(o.bias, o.epi), () => {
     const L: string[] = [];
     const emit = (s: string) => L.push(s);
     const ms = [...Array(o.rows).keys()];
@@ -804,8 +953,8 @@ function matvecKnKernel(o: GemmOptions & { rows: number }): Kernel {
   });
 }
 
-function bindings(bias: boolean): ("read" | "write" | "uniform")[] {
-  return bias ? ["write", "read", "read", "read", "uniform"] : ["write", "read", "read", "uniform"];
+function bindings(bias: boolean, epi: EpilogueKind): ("read" | "write" | "uniform")[] {
+  return ["write", "read", "read", ...(bias ? ["read" as const] : []), ...epilogueBindings(epi), "uniform"];
 }
 
 /**
@@ -836,6 +985,8 @@ interface Gemm {
   ct: ActivationType;
   /** The output's (`on: "out"`) or A's (`on: "a"`) columns in groups, or none. */
   groups?: { on: "out" | "a"; bounds: ColumnGroups } | undefined;
+  /** What is done with each result instead of a plain store (see {@link MatmulEpilogue}). */
+  epilogue?: MatmulEpilogue | undefined;
 }
 
 /** Throws unless `groups` can describe an operand of n columns (see {@link ColumnGroups}). */
@@ -959,6 +1110,28 @@ function matvecThreads(loadsPerRow: number): 32 | 64 | 128 | 256 {
   return 256;
 }
 
+/**
+ * Throws unless the product's epilogue fits it (see {@link MatmulEpilogue}); returns the element type of
+ * its activation inputs (f32 without one).
+ */
+function checkEpilogue(rec: Recorder, g: Gemm): ActivationType {
+  const e = g.epilogue;
+  if (!e) return "f32";
+  const what = `matmul ${e.kind} epilogue`;
+  if (g.accumulate || g.groups?.on === "out" || g.cOff !== 0 || g.ldc !== g.N) {
+    throw new GpuError(`${what}: the output must be plain (no accumulate, column offset or groups)`);
+  }
+  const inputs = e.kind === "residual" ? [e.x] : e.kind === "swigluBackward" ? [e.g, e.u] : [e.h];
+  const outputs = e.kind === "swigluBackward" ? [g.out, e.du] : e.kind === "geluBackward" ? [g.out] : [];
+  for (const t of [...inputs, ...outputs]) checkSize(t, g.M * g.N, what);
+  for (const t of outputs) checkGradient(t, what);
+  const et = activationType(rec.gpu, inputs[0]!, what);
+  for (const t of inputs) {
+    if (t.dtype !== et) throw new GpuError(`${what}: ${t.label} must be ${et} like ${inputs[0]!.label}`);
+  }
+  return et;
+}
+
 function recordGemm(rec: Recorder, g: Gemm): void {
   if (g.M === 0 || g.N === 0) return;
   if (g.K === 0) throw new GpuError(`matmul: inner dimension is 0 (${g.b.label} [${g.b.shape}])`);
@@ -988,6 +1161,9 @@ function recordGemm(rec: Recorder, g: Gemm): void {
       throw new GpuError(`matmul: grouped A needs K (${g.K}) a multiple of 4`);
     }
   }
+  const epi = epilogueKind(g.epilogue);
+  const extra = epilogueTensors(g.epilogue);
+  const et = checkEpilogue(rec, g);
   const o: GemmOptions = {
     bLayout: g.bLayout,
     f16,
@@ -998,13 +1174,16 @@ function recordGemm(rec: Recorder, g: Gemm): void {
     bias: g.bias !== null,
     accumulate: g.accumulate,
     grouped,
+    epi,
+    et,
+    vecC: false,
   };
   // column groups: the matrix-vector kernels take those of their output ("nk") or of A ("kn")
   const mvGroups = grouped === "none" || grouped === (g.bLayout === "nk" ? "out" : "a");
   const forced = matmulTuning.force;
   const canMatvec = g.M <= Math.min(MV_MAX_M, forced === "matvec" ? MV_MAX_M : matmulTuning.matvecMaxM) &&
-    vecA && vecB && mvGroups;
-  const buffers = g.bias ? [g.out, g.a, g.b, g.bias] : [g.out, g.a, g.b];
+    vecA && vecB && mvGroups && epi === "none";
+  const buffers = [g.out, g.a, g.b, ...(g.bias ? [g.bias] : []), ...extra];
   // elements per load of A and B: 1, 4 (vec4), or 8 (packed f16, the tiled kernel's h8A / h8B)
   let aUnit = vecA ? 4 : 1;
   let bUnit = vecB ? 4 : 1;
@@ -1067,10 +1246,16 @@ function recordGemm(rec: Recorder, g: Gemm): void {
   const exact = vecA && vecB && g.M % bm === 0 && g.N % bn === 0 && g.K % bk === 0;
   // split-K partial sums go to the f32 workspace; the reduction rounds to the output type
   // split-K with grouped output: the workspace planes are plain, the reduction writes the groups
+  // vec4 stores: the output (or a workspace plane, of row stride N) in whole vec4s
+  const vecC = g.N % 4 === 0 && (split || (g.ldc % 4 === 0 && g.cOff % 4 === 0)) &&
+    (matmulTuning.storeVec4 ?? true);
   const kernel = tiledKernel({
     ...o,
+    vecC,
     ct: split ? "f32" : o.ct,
     grouped: split && grouped === "out" ? "none" : grouped,
+    epi: split ? "none" : epi,
+    et: split ? "f32" : et,
     tile,
     exact,
     db,
@@ -1092,7 +1277,8 @@ function recordGemm(rec: Recorder, g: Gemm): void {
   wsParams[7] = 0; // cOff
   rec.dispatch(kernel, [ws, g.a, g.b], wsParams, groups);
   const outputs = g.M * g.N;
-  const red = grid1d(outputs, REDUCE_WG);
+  const vec = g.N % 4 === 0 && g.ldc % 4 === 0 && g.cOff % 4 === 0 && (matmulTuning.reduceVec4 ?? true);
+  const red = grid1d(outputs / (vec ? 4 : 1), REDUCE_WG);
   const redParams = params(tilesN, red.stride, outputs, nSplits, tilesMN);
   rec.dispatch(
     splitReduceKernel({
@@ -1100,8 +1286,11 @@ function recordGemm(rec: Recorder, g: Gemm): void {
       accumulate: g.accumulate,
       ct: g.ct,
       grouped: grouped === "out",
+      epi,
+      et,
+      vec,
     }),
-    g.bias ? [g.out, ws, g.bias] : [g.out, ws],
+    [g.out, ws, ...(g.bias ? [g.bias] : []), ...extra],
     redParams,
     red.groups,
   );
@@ -1145,7 +1334,8 @@ function checkGradient(t: Tensor, what: string): void {
  * @param opts `accumulate`: add into `out`; `outColOffset`: first output column (default 0); `ldOut`:
  *   output row length (default N); `outGroups`: out's columns stored as row-major blocks
  *   ({@link ColumnGroups}; e.g. q, k and v from their stacked weights in one product), instead of
- *   `outColOffset` and `ldOut`.
+ *   `outColOffset` and `ldOut`; `epilogue`: what is done with each result instead of a plain store
+ *   ({@link MatmulEpilogue}, e.g. the residual add).
  * @throws {GpuError} when the shapes do not fit, or a tensor has a dtype it may not have.
  */
 export function linearForward(
@@ -1154,7 +1344,13 @@ export function linearForward(
   x: Tensor,
   w: Tensor,
   bias: Tensor | null,
-  opts: { accumulate?: boolean; outColOffset?: number; ldOut?: number; outGroups?: ColumnGroups } = {},
+  opts: {
+    accumulate?: boolean;
+    outColOffset?: number;
+    ldOut?: number;
+    outGroups?: ColumnGroups;
+    epilogue?: MatmulEpilogue;
+  } = {},
 ): void {
   // x: (M, K), w: (N, K), out: (M, ldOut)
   const [N, K] = dims2(w, "linearForward");
@@ -1182,6 +1378,7 @@ export function linearForward(
     at,
     ct,
     groups: opts.outGroups ? { on: "out", bounds: opts.outGroups } : undefined,
+    epilogue: opts.epilogue,
   });
 }
 
@@ -1197,7 +1394,8 @@ export function linearForward(
  * @param opts `accumulate`: add into `dx`; `dyColOffset`: first column of dy (default 0); `ldDy`: row
  *   length of dy (default N); `dyGroups`: dy's columns stored as row-major blocks ({@link ColumnGroups};
  *   e.g. the gradients of q, k and v through their stacked weights in one product), instead of
- *   `dyColOffset` and `ldDy`.
+ *   `dyColOffset` and `ldDy`; `epilogue`: what is done with each result instead of a plain store
+ *   ({@link MatmulEpilogue}, e.g. the SwiGLU backward on the gradient of the MLP's down projection).
  * @throws {GpuError} when the shapes do not fit, or dy or dx is not f32 (gradients stay f32).
  */
 export function linearBackwardInput(
@@ -1205,7 +1403,13 @@ export function linearBackwardInput(
   dx: Tensor,
   dy: Tensor,
   w: Tensor,
-  opts: { accumulate?: boolean; dyColOffset?: number; ldDy?: number; dyGroups?: ColumnGroups } = {},
+  opts: {
+    accumulate?: boolean;
+    dyColOffset?: number;
+    ldDy?: number;
+    dyGroups?: ColumnGroups;
+    epilogue?: MatmulEpilogue;
+  } = {},
 ): void {
   // dy: (M, ldDy), w: (N, K), dx: (M, K)
   const [N, K] = dims2(w, "linearBackwardInput");
@@ -1235,6 +1439,7 @@ export function linearBackwardInput(
     at: "f32",
     ct: "f32",
     groups: opts.dyGroups ? { on: "a", bounds: opts.dyGroups } : undefined,
+    epilogue: opts.epilogue,
   });
 }
 

@@ -11,7 +11,7 @@
  */
 
 import { layernormBackward, layernormForward } from "../../kernels/norm.ts";
-import { addInto, geluBackward, geluForward } from "../../kernels/activation.ts";
+import { geluForward } from "../../kernels/activation.ts";
 import { decodeLinearForward } from "../../kernels/decode_matvec.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import {
@@ -20,7 +20,7 @@ import {
   selfAttentionDecode,
   selfAttentionForward,
 } from "./self_attention.ts";
-import { linear, linearBackward } from "./ops.ts";
+import { linear, linearBackward, linearBackwardActivation, linearResidual } from "./ops.ts";
 
 /**
  * Records one gpt2 block's forward: reads `ctx.la.x`, writes `ctx.out`.
@@ -35,8 +35,7 @@ export function gpt2LayerForward(ctx: LayerContext): void {
   layernormForward(rec, acts.h, la.mean2, la.rstd2, la.x2, w.norm2.weight, w.norm2.bias!, eps);
   linear(rec, la.u, acts.h, w.up); // (N, 4C) before gelu
   geluForward(rec, acts.a, la.u);
-  linear(rec, ctx.out, acts.a, w.down);
-  addInto(rec, ctx.out, la.x2);
+  linearResidual(rec, ctx.out, acts.a, w.down, la.x2);
 }
 
 /**
@@ -69,8 +68,7 @@ export function gpt2LayerDecode(ctx: LayerContext, x: Tensor): void {
 export function gpt2LayerBackward(ctx: LayerContext, needInput: boolean): void {
   const { rec, la, w } = ctx;
   const d = ctx.acts.grad;
-  linearBackward(rec, d.a, d.res, w.down);
-  geluBackward(rec, d.u, d.a, la.u);
+  linearBackwardActivation(rec, d.res, w.down, { kind: "gelu", dh: d.u, h: la.u }, d.a);
   linearBackward(rec, d.h, d.u, w.up);
   layernormBackward(rec, d.res, d.h, la.x2, w.norm2.weight, la.mean2, la.rstd2, { accumulate: true });
   selfAttentionBackward(ctx, needInput);

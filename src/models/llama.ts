@@ -14,8 +14,7 @@
  */
 
 import { rmsnormBackward, rmsnormForward } from "../../kernels/norm.ts";
-import { swigluBackward, swigluForward } from "../../kernels/activation.ts";
-import { addInto } from "../../kernels/activation.ts";
+import { swigluForward } from "../../kernels/activation.ts";
 import { decodeLinearForward, decodeSwigluForward } from "../../kernels/decode_matvec.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import {
@@ -24,7 +23,7 @@ import {
   selfAttentionDecode,
   selfAttentionForward,
 } from "./self_attention.ts";
-import { linear, linearBackward } from "./ops.ts";
+import { linear, linearBackward, linearBackwardActivation, linearResidual } from "./ops.ts";
 
 /**
  * Records one llama layer's forward: reads `ctx.la.x`, writes `ctx.out`.
@@ -45,8 +44,7 @@ export function llamaLayerForward(ctx: LayerContext): void {
     linear(rec, la.u, acts.h, w.up);
   }
   swigluForward(rec, acts.a, la.g, la.u);
-  linear(rec, ctx.out, acts.a, w.down);
-  addInto(rec, ctx.out, la.x2);
+  linearResidual(rec, ctx.out, acts.a, w.down, la.x2);
 }
 
 /**
@@ -81,8 +79,7 @@ export function llamaLayerBackward(ctx: LayerContext, needInput: boolean): void 
   const { rec, la, w } = ctx;
   const d = ctx.acts.grad;
   // MLP: d out -> d a -> d gate, d up -> d h2 -> (+) d x2
-  linearBackward(rec, d.a, d.res, w.down);
-  swigluBackward(rec, d.g, d.u, d.a, la.g, la.u);
+  linearBackwardActivation(rec, d.res, w.down, { kind: "swiglu", dg: d.g, du: d.u, g: la.g, u: la.u }, d.a);
   if (w.gateUp && d.gu) linearBackward(rec, d.h, d.gu, w.gateUp.lin, false, w.gateUp.groups);
   else {
     linearBackward(rec, d.h, d.g, w.gate!);

@@ -1,6 +1,7 @@
 /**
  * Model-level wrappers over the kernels: a `Linear` applied across the bindable row ranges of its
- * weight, and the attention options a layer passes to the attention kernels.
+ * weight, a layer's product together with the elementwise op after it (the residual add; the SwiGLU or
+ * GELU backward), and the attention options a layer passes to the attention kernels.
  *
  * @module
  */
@@ -9,7 +10,7 @@ import type { Recorder } from "../gpu/recorder.ts";
 import type { Tensor } from "../gpu/tensor.ts";
 import { type ColumnGroups, linearBackwardInput, linearForward } from "../../kernels/matmul.ts";
 import { GpuError } from "../errors.ts";
-import { addBiasRows } from "../../kernels/activation.ts";
+import { addBiasRows, addInto, geluBackward, swigluBackward } from "../../kernels/activation.ts";
 import type { Linear } from "./weights.ts";
 import type { ModelConfig } from "../io/hf_config.ts";
 
@@ -77,6 +78,75 @@ export function linearBackward(
       ldDy: N,
     });
   });
+}
+
+/**
+ * `fuse` (default true): a layer's residual add, SwiGLU backward and GELU backward run in the epilogue of
+ * the product before them (`MatmulEpilogue` in kernels/matmul.ts: one dispatch and one pass over memory
+ * fewer each); false records the product, then the elementwise kernel (for A/B runs and tests).
+ */
+export const epilogueTuning: { fuse: boolean } = { fuse: true };
+
+/** Whether `lin`'s product can take an epilogue: one weight range (row ranges sum or slice the output). */
+function fusable(lin: Linear): boolean {
+  return epilogueTuning.fuse && lin.ranges.length === 1;
+}
+
+/**
+ * `out = x Wᵀ + b + residual`: a layer's product and its residual add (one dispatch where it fuses, see
+ * {@link epilogueTuning}).
+ *
+ * @param rec The recorder.
+ * @param out Output (M, out), not `residual`.
+ * @param x Input (M, in).
+ * @param lin The linear layer.
+ * @param residual The residual stream (M, out), of `out`'s dtype.
+ */
+export function linearResidual(rec: Recorder, out: Tensor, x: Tensor, lin: Linear, residual: Tensor): void {
+  if (fusable(lin)) {
+    linearForward(rec, out, x, lin.w, lin.b, { epilogue: { kind: "residual", x: residual } });
+    return;
+  }
+  linear(rec, out, x, lin);
+  addInto(rec, out, residual);
+}
+
+/** The activation whose backward follows a product's input gradient (see {@link linearBackwardActivation}). */
+export type ActivationBackward =
+  /** SwiGLU: `dg` and `du` from the saved gate and up. */
+  | { kind: "swiglu"; dg: Tensor; du: Tensor; g: Tensor; u: Tensor }
+  /** gpt2's GELU: `dh` from the saved pre-activation h. */
+  | { kind: "gelu"; dh: Tensor; h: Tensor };
+
+/**
+ * The gradient through an MLP's output product and its activation: `d a = dy W`, then the SwiGLU or GELU
+ * backward of `d a` (one dispatch where it fuses, see {@link epilogueTuning}; else `d a` goes through
+ * `scratch`).
+ *
+ * @param rec The recorder.
+ * @param dy Output gradient (M, out).
+ * @param lin The MLP's output (down) projection.
+ * @param act The activation's backward and its tensors, all (M, in).
+ * @param scratch (M, in) f32 for `d a` when the two do not fuse.
+ */
+export function linearBackwardActivation(
+  rec: Recorder,
+  dy: Tensor,
+  lin: Linear,
+  act: ActivationBackward,
+  scratch: Tensor,
+): void {
+  const out = act.kind === "swiglu" ? act.dg : act.dh;
+  if (fusable(lin)) {
+    const epilogue = act.kind === "swiglu"
+      ? { kind: "swigluBackward" as const, g: act.g, u: act.u, du: act.du }
+      : { kind: "geluBackward" as const, h: act.h };
+    linearBackwardInput(rec, out, dy, lin.w, { epilogue });
+    return;
+  }
+  linearBackward(rec, scratch, dy, lin);
+  if (act.kind === "swiglu") swigluBackward(rec, act.dg, act.du, scratch, act.g, act.u);
+  else geluBackward(rec, act.dh, scratch, act.h);
 }
 
 /**

@@ -36,7 +36,7 @@ import { gateView, promptView } from "../adapters/state.ts";
 import type { AdapterState } from "../adapters/state.ts";
 import type { Activations, LayerActivations } from "./activations.ts";
 import type { Model } from "./model.ts";
-import { attentionScale, linear, linearBackward } from "./ops.ts";
+import { attentionScale, linear, linearBackward, linearResidual } from "./ops.ts";
 import type { LayerWeights } from "./weights.ts";
 
 /** A KV cache for decoding: keys and values of every layer, (B, Smax, Hkv, D). */
@@ -203,18 +203,17 @@ export function selfAttentionForward(ctx: LayerContext, h: Tensor): void {
       : undefined,
   );
   if (!adapter) {
-    linear(rec, la.x2, la.attn, w.o);
-    addInto(rec, la.x2, la.x);
+    linearResidual(rec, la.x2, la.attn, w.o, la.x);
     return;
   }
   if (through) {
-    linear(rec, la.x2, acts.adp, w.o);
+    // PEFT runs o_proj on the attention and on the adapter output apart: its bias counts twice
+    linearResidual(rec, la.x2, acts.adp, w.o, la.x);
     if (w.o.b) addBiasRows(rec, la.x2, w.o.b);
   } else {
-    linear(rec, la.x2, la.attn, w.o);
+    linearResidual(rec, la.x2, la.attn, w.o, la.x);
     addInto(rec, la.x2, acts.adp);
   }
-  addInto(rec, la.x2, la.x);
 }
 
 /**

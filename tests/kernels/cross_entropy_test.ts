@@ -242,6 +242,8 @@ const ROW_SWEEP_CASES = [
   { name: "all 13 rows in one block, odd C=33", N: 13, C: 33, V: 30, ranges: false, h16: false, w16: false },
   { name: "300 rows, f16 hidden (C=36)", N: 300, C: 36, V: 130, ranges: false, h16: true, w16: false },
   { name: "260 rows, f16 hidden and head", N: 260, C: 36, V: 140, ranges: false, h16: true, w16: true },
+  // one chunk of the whole vocabulary: the online softmax's steps of 8 loads per thread, then its tail
+  { name: "V=4700 in one chunk", N: 130, C: 12, V: 4700, ranges: false, h16: false, w16: false, chunk: 8192 },
 ];
 
 for (const rowSweep of [true, false]) {
@@ -263,7 +265,7 @@ for (const rowSweep of [true, false]) {
       for (let n = 100; n < Math.min(N, 140); n++) y[n] = -100; // ignored rows across a block edge
       const weight = c.ranges ? splitRows(g, w.tensor, 64 * C * 4) : w.tensor;
       if (c.ranges) assert.equal((weight as unknown[]).length, 3);
-      const scratch = createCrossEntropyScratch(g, N, V, C, 128);
+      const scratch = createCrossEntropyScratch(g, N, V, C, "chunk" in c ? c.chunk : 128);
       const loss = poisoned(g, [1]), dHidden = poisoned(g, [N, C]);
       const saved = crossEntropyTuning.rowSweep;
       crossEntropyTuning.rowSweep = rowSweep;
