@@ -1692,10 +1692,19 @@ function adapterAfter(
 // ---------------------------------------------------------------------------------------------------
 // Backward
 
+/** Threads per row of the row-dot kernel, and its rows per workgroup. */
+const ROWDOT_TEAM = 16;
+const ROWDOT_ROWS = 16;
+
+/**
+ * `Di = rowsum(dout * out)` per (b, t, h) row, and lse copied beside it: a team of 16 threads per row, each
+ * over every 16th element (a warp's loads are 2 rows of contiguous bytes; one thread per row read 32 rows
+ * 256 bytes apart per load), then the team's partial sums added in a fixed order.
+ */
 function rowDotKernel(D: number, ot: ActivationType): Kernel {
   return defineKernel(
     "attention_bwd_rowdot",
-    { D, ot },
+    { D, ot, team: ROWDOT_TEAM },
     ["read", "read", "read", "write", "uniform"],
     () => `
 ${enableF16(ot)}struct P { rows: u32, T: u32, H: u32, stride: u32 }
@@ -1704,12 +1713,23 @@ ${enableF16(ot)}struct P { rows: u32, T: u32, H: u32, stride: u32 }
 @group(0) @binding(2) var<storage, read> lse: array<f32>;
 @group(0) @binding(3) var<storage, read_write> stats: array<f32>; // [lse (B,H,T) | Di (B,H,T)]
 @group(0) @binding(4) var<uniform> p: P;
-@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3u) {
-  let n = g.x + g.y * p.stride; // row (b, t, h) of dout
-  if (n >= p.rows) { return; }
-  let base = n * ${D}u;
+var<workgroup> part: array<f32, ${ROWDOT_TEAM * ROWDOT_ROWS}>;
+@compute @workgroup_size(${
+      ROWDOT_TEAM * ROWDOT_ROWS
+    }) fn main(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) tid: u32) {
+  let r = tid / ${ROWDOT_TEAM}u;
+  let c = tid % ${ROWDOT_TEAM}u;
+  let n = (wid.x + wid.y * p.stride) * ${ROWDOT_ROWS}u + r; // row (b, t, h) of dout
   var s = 0.0;
-  for (var d = 0u; d < ${D}u; d++) { s = s + dout[base + d] * ${ld(ot, "o[base + d]")}; }
+  if (n < p.rows) {
+    let base = n * ${D}u;
+    for (var d = c; d < ${D}u; d += ${ROWDOT_TEAM}u) { s = s + dout[base + d] * ${ld(ot, "o[base + d]")}; }
+  }
+  part[tid] = s;
+  workgroupBarrier();
+  if (c != 0u || n >= p.rows) { return; }
+  s = 0.0;
+  for (var j = 0u; j < ${ROWDOT_TEAM}u; j++) { s = s + part[tid + j]; }
   let h = n % p.H;
   let bt = n / p.H;
   let t = bt % p.T;
@@ -2065,7 +2085,7 @@ export function attentionBackward(
   const stats = fromScores
     ? scoresScratch(rec, dq, scoresScratchFloats(r.B, r.H, r.T, r.S))
     : statsScratch(rec, dq, 2 * bht);
-  const g = grid1d(bht, 64);
+  const g = grid1d(Math.ceil(bht / ROWDOT_ROWS), 1);
   rec.dispatch(rowDotKernel(r.D, ot), [dout, out, lse, stats], [bht, r.T, r.H, g.stride], g.groups);
   const flag = opts.accumulate ? 1 : 0;
   const m = mask ?? q;

@@ -11,8 +11,9 @@ import {
   rmsnormRef,
 } from "../reference/norm.ts";
 
-// Shapes: a single row, an odd count below the workgroup size, and C above it (threads loop over channels).
-const SHAPES: [number, number][] = [[1, 7], [7, 33], [33, 130], [5, 577]];
+// Shapes: a single row, an odd count below the workgroup size, and C above it (threads loop over channels,
+// up to 5 times at C = 1100).
+const SHAPES: [number, number][] = [[1, 7], [7, 33], [33, 130], [5, 577], [3, 1100]];
 const EPS = 1e-5;
 
 Deno.test("the float64 norm gradients match central finite differences", () => {
