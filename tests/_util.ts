@@ -145,6 +145,36 @@ export function uploadF16(
 }
 
 /**
+ * Uploads `data` as an f32 or f16 tensor; `values` are what a float64 reference should use (the f16-rounded
+ * values for f16).
+ *
+ * @param g The GPU.
+ * @param data Values.
+ * @param shape Shape.
+ * @param dtype "f32" or "f16".
+ * @returns The tensor and its exact values.
+ */
+export function uploadAs(
+  g: Gpu,
+  data: Float32Array,
+  shape: readonly number[],
+  dtype: "f32" | "f16",
+): { tensor: Tensor; values: Float32Array } {
+  return dtype === "f16" ? uploadF16(g, data, shape) : { tensor: upload(g, data, shape), values: data };
+}
+
+/**
+ * Reads an f32 or f16 tensor as f32 values.
+ *
+ * @param g The GPU.
+ * @param t The tensor.
+ * @returns Its values.
+ */
+export function downloadAny(g: Gpu, t: Tensor): Promise<Float32Array> {
+  return t.dtype === "f16" ? downloadF16(g, t) : download(g, t);
+}
+
+/**
  * Normwise relative error `max|a - e| / max(max|e|, tiny)`; NaN anywhere gives Infinity.
  *
  * @param actual Computed values.

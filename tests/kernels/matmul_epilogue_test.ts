@@ -7,10 +7,9 @@ import {
   matmulTuning,
 } from "../../kernels/matmul.ts";
 import { Recorder } from "../../src/gpu/recorder.ts";
-import type { Tensor } from "../../src/gpu/tensor.ts";
 import type { Gpu } from "../../src/gpu/device.ts";
 import { GpuError } from "../../src/errors.ts";
-import { assertClose, download, downloadF16, gpu, poisoned, Rng, upload, uploadF16 } from "../_util.ts";
+import { assertClose, download, downloadAny, gpu, poisoned, Rng, upload, uploadAs } from "../_util.ts";
 import { linearBackwardInputRef, linearForwardRef } from "../reference/matmul.ts";
 import { geluBackwardRef, swigluBackwardRef } from "../reference/activation.ts";
 
@@ -50,19 +49,6 @@ async function forEachPlan(body: (label: string) => Promise<void>): Promise<void
   }
 }
 
-function activation(
-  g: Gpu,
-  data: Float32Array,
-  shape: number[],
-  dt: Act,
-): { tensor: Tensor; values: Float32Array } {
-  return dt === "f16" ? uploadF16(g, data, shape) : { tensor: upload(g, data, shape), values: data };
-}
-
-function read(g: Gpu, t: Tensor): Promise<Float32Array> {
-  return t.dtype === "f16" ? downloadF16(g, t) : download(g, t);
-}
-
 function record(g: Gpu, body: (rec: Recorder) => void): void {
   const rec = new Recorder(g);
   body(rec);
@@ -76,16 +62,21 @@ Deno.test("linearForward with the residual epilogue gives x + product + bias, f3
   await forEachPlan(async (plan) => {
     for (const [M, N, K] of SHAPES) {
       for (const dt of kinds) {
-        const a = activation(g, rng.randn(M * K), [M, K], dt);
+        const a = uploadAs(g, rng.randn(M * K), [M, K], dt);
         const w = rng.randn(N * K, 0.5), b = rng.randn(N);
-        const x = activation(g, rng.randn(M * N), [M, N], dt);
+        const x = uploadAs(g, rng.randn(M * N), [M, N], dt);
         const out = poisoned(g, [M, N], dt);
         record(g, (rec) =>
           linearForward(rec, out, a.tensor, upload(g, w, [N, K]), upload(g, b), {
             epilogue: { kind: "residual", x: x.tensor },
           }));
         const want = linearForwardRef(a.values, w, b, M, N, K).map((v, i) => v + x.values[i]!);
-        assertClose(await read(g, out), want, dt === "f16" ? TOL_F16 : TOL, `${plan} ${dt} ${M}x${N}x${K}`);
+        assertClose(
+          await downloadAny(g, out),
+          want,
+          dt === "f16" ? TOL_F16 : TOL,
+          `${plan} ${dt} ${M}x${N}x${K}`,
+        );
       }
     }
   });
@@ -102,8 +93,8 @@ Deno.test("linearBackwardInput with the SwiGLU and GELU backward epilogues match
       const da = linearBackwardInputRef(dy, w, M, N, K);
       for (const dt of kinds) {
         const what = `${plan} ${dt} ${M}x${N}x${K}`;
-        const gate = activation(g, rng.randn(M * K, 2), [M, K], dt);
-        const up = activation(g, rng.randn(M * K), [M, K], dt);
+        const gate = uploadAs(g, rng.randn(M * K, 2), [M, K], dt);
+        const up = uploadAs(g, rng.randn(M * K), [M, K], dt);
         const dg = poisoned(g, [M, K]), du = poisoned(g, [M, K]);
         record(g, (rec) =>
           linearBackwardInput(rec, dg, upload(g, dy, [M, N]), upload(g, w, [N, K]), {
@@ -113,7 +104,7 @@ Deno.test("linearBackwardInput with the SwiGLU and GELU backward epilogues match
         assertClose(await download(g, dg), ref.dgate, TOL, `d gate ${what}`);
         assertClose(await download(g, du), ref.dup, TOL, `d up ${what}`);
 
-        const h = activation(g, rng.randn(M * K, 2), [M, K], dt);
+        const h = uploadAs(g, rng.randn(M * K, 2), [M, K], dt);
         const dh = poisoned(g, [M, K]);
         record(g, (rec) =>
           linearBackwardInput(rec, dh, upload(g, dy, [M, N]), upload(g, w, [N, K]), {

@@ -15,12 +15,14 @@ import { GpuError } from "../../src/errors.ts";
 import {
   assertClose,
   download,
+  downloadAny,
   downloadF16,
   gpu,
   poisoned,
   relError,
   Rng,
   upload,
+  uploadAs,
   uploadF16,
 } from "../_util.ts";
 import {
@@ -541,20 +543,8 @@ Deno.test("mismatched shapes are refused with a message naming the tensor", asyn
 
 type Act = "f32" | "f16";
 
-/** An activation of random values in dtype `dt`: the tensor and the values a reference should use. */
-function activation(
-  g: Gpu,
-  data: Float32Array,
-  shape: number[],
-  dt: Act,
-): { tensor: Tensor; values: Float32Array } {
-  return dt === "f16" ? uploadF16(g, data, shape) : { tensor: upload(g, data, shape), values: data };
-}
-
-/** Reads an output of either dtype as f32 values. */
-function read(g: Gpu, t: Tensor): Promise<Float32Array> {
-  return t.dtype === "f16" ? downloadF16(g, t) : download(g, t);
-}
+const activation = uploadAs;
+const read = downloadAny;
 
 /** The tolerance of an output of dtype `dt` (see TOL and TOL_F16_OUT). */
 const tolOf = (dt: Act) => dt === "f16" ? TOL_F16_OUT : TOL;
