@@ -684,12 +684,13 @@ function tiledKernel(o: TiledOptions): Kernel {
           const idx = `(row + col${j}) >> 2u`;
           const store = o.epi === "none" ? storeOut(o.ct, idx, "v", acc, true) : `finish(${idx}, v);`;
           emit(ex ? `        ${store}` : `        if (col${j} < p.N) { ${store} }`);
-        }
-        for (let c = 0; c < (o.vecC ? 0 : 4); c++) {
-          const store = o.epi === "none"
-            ? storeOut(o.ct, `row + col${j} + ${c}u`, `v.${"xyzw"[c]}`, acc)
-            : `finish(row + col${j} + ${c}u, v.${"xyzw"[c]});`;
-          emit(ex ? `        ${store}` : `        if (col${j} + ${c}u < p.N) { ${store} }`);
+        } else {
+          for (let c = 0; c < 4; c++) {
+            const store = o.epi === "none"
+              ? storeOut(o.ct, `row + col${j} + ${c}u`, `v.${"xyzw"[c]}`, acc)
+              : `finish(row + col${j} + ${c}u, v.${"xyzw"[c]});`;
+            emit(ex ? `        ${store}` : `        if (col${j} + ${c}u < p.N) { ${store} }`);
+          }
         }
         emit(`      }`);
       }
