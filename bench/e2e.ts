@@ -49,8 +49,9 @@
  * (`adapterAttentionTuning.vec4`); `PROMPTGATE_EPILOGUES=0` records the layers' residual adds and SwiGLU /
  * GELU backward as kernels of their own instead of in the products' epilogues (`epilogueTuning.fuse` in
  * src/models/ops.ts), `PROMPTGATE_REDUCE_VEC4=0` makes the split-K reduction sum one output per thread
- * (`matmulTuning.reduceVec4`) and `PROMPTGATE_STORE_VEC4=0` the tiled products store one output at a time
- * (`matmulTuning.storeVec4`).
+ * (`matmulTuning.reduceVec4`), `PROMPTGATE_STORE_VEC4=0` the tiled products store one output at a time
+ * (`matmulTuning.storeVec4`) and `PROMPTGATE_MATMUL_TALL=0` keeps the planner from 128x64-8x8 tiles at 1.8-2
+ * waves (`matmulTuning.tallTiles`).
  *
  * @module
  */
@@ -668,6 +669,7 @@ async function caseMain(args: string[]): Promise<void> {
   if (Deno.env.get("PROMPTGATE_EPILOGUES") === "0") epilogueTuning.fuse = false;
   if (Deno.env.get("PROMPTGATE_REDUCE_VEC4") === "0") matmulTuning.reduceVec4 = false;
   if (Deno.env.get("PROMPTGATE_STORE_VEC4") === "0") matmulTuning.storeVec4 = false;
+  if (Deno.env.get("PROMPTGATE_MATMUL_TALL") === "0") matmulTuning.tallTiles = false;
   const dkdv = Deno.env.get("PROMPTGATE_ATTENTION_DKDV")?.match(/^(\d)x(\d)( prefetched)?$/);
   if (dkdv) attentionTuning.dkdvTiles = [{ keys: +dkdv[1]!, queries: +dkdv[2]!, prefetch: !!dkdv[3] }];
   const prefetch = Deno.env.get("PROMPTGATE_ATTENTION_PREFETCH");

@@ -13,7 +13,8 @@
  * matrix-vector variant at the model shapes (`=matvec`: the matrix-vector variants only; `=prefill`: the products of a 128-token prefill, M = 128,
  * with f32 and with f16 weights and activations; `=small`: the planner's choice against every tile at the
  * mid-size training products, M = 2048, each case twice; `=few`: products of 10 and 16 rows, µs, the
- * matrix-vector kernels against the tiles planned before they took more than 4 rows; `PROMPTGATE_TUNE_CASES`, a regular expression
+ * matrix-vector kernels against the tiles planned before they took more than 4 rows; `=head`: the LM-head
+ * products of the loss's row sweep, logits and dHidden over K = V; `PROMPTGATE_TUNE_CASES`, a regular expression
  * matched against "case op", keeps only the sweep cases it matches)
  * (the data behind the heuristic in kernels/matmul.ts).
  *
@@ -191,7 +192,8 @@ function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; time
 }
 
 const tuneMode = Deno.env.get("PROMPTGATE_BENCH_TUNE");
-const tune = ["1", "matvec", "prefill", "small", "few"].includes(tuneMode ?? "") && "matmulTuning" in mm &&
+const tune = ["1", "matvec", "prefill", "small", "few", "head"].includes(tuneMode ?? "") &&
+  "matmulTuning" in mm &&
   "splitK" in mm.matmulTuning;
 if (tune) {
   // every variant at the model shapes: tiles (double-buffered), one single-buffered, split-K; matvec threads
@@ -290,6 +292,43 @@ if (tune) {
       ["f32"],
     ])
   );
+  // `head`: the LM-head products of the training loss's row sweep (kernels/cross_entropy.ts: 256 rows of
+  // the whole vocabulary at a time for gpt2 and SmolLM2, 512 for TinyLlama), the logits and dHidden over
+  // K = V, the planner's choice against other tiles and K splits
+  const headLogits: Variant[] = [
+    { label: "planned", force: null },
+    ...(["128x128", "64x128-8x8", "128x64-8x8", "64x64-8x8"] as const).map((t) => ({ label: t, force: t })),
+  ];
+  const headDx: Variant[] = [
+    { label: "planned", force: null },
+    ...([8, 16, 32] as const).flatMap((sp) =>
+      (["64x64", "64x64-8x8", "128x64-8x8", "64x128-8x8", "128x128"] as const).map((t) => ({
+        label: `${t} splitK${sp}`,
+        force: t,
+        splitK: sp,
+      }))
+    ),
+  ];
+  const headCases: [Case, Variant[], DType[]][] = [
+    ["gpt2", 256, 50257, 768],
+    ["smollm2", 256, 49152, 576],
+    ["tinyllama", 512, 32000, 2048],
+  ].flatMap(([name, M, V, C]) => [
+    [
+      { name: `${name} lm_head rows`, op: "linear", M: M as number, N: V as number, K: C as number },
+      headLogits,
+      [
+        "f32",
+      ],
+    ],
+    [
+      { name: `${name} lm_head rows`, op: "linear_dx", M: M as number, N: V as number, K: C as number },
+      headDx,
+      [
+        "f32",
+      ],
+    ],
+  ]);
   const P = 128; // prompt tokens
   const prefillCases: [Case, Variant[], DType[]][] = [
     ["tinyllama q_proj", "linear", 2048, 2048],
@@ -311,6 +350,8 @@ if (tune) {
   ]);
   const tuneCases: [Case, Variant[], DType[]][] = tuneMode === "prefill"
     ? prefillCases
+    : tuneMode === "head"
+    ? headCases
     : tuneMode === "few"
     ? fewCases
     : tuneMode === "small"
@@ -388,7 +429,7 @@ if (tune) {
     `variants (${tuneMode === "few" ? "µs per product" : "GFLOP/s, or GB/s of weight for M = 1"}):`,
   );
   console.table(tuneRows);
-  if (["prefill", "small", "few"].includes(tuneMode!)) cases.length = 0; // these sweeps stand alone
+  if (["prefill", "small", "few", "head"].includes(tuneMode!)) cases.length = 0; // these sweeps stand alone
 }
 
 const rows: Record<string, string | number>[] = [];

@@ -96,7 +96,8 @@ export type MatmulKernelChoice = MatmulTile | "matvec";
  * rule of before, for A/B runs). `reduceVec4: false` makes the split-K reduction sum one output per thread
  * instead of 4 (vec4 loads and stores, where N, the output's row stride and column offset are multiples of
  * 4; the default), `storeVec4: false` the tiled kernel store its outputs one at a time instead of 4 (the
- * same condition; its epilogue's tensors likewise).
+ * same condition; its epilogue's tensors likewise). `tallTiles: false` keeps the planner from 128x64-8x8 tiles
+ * for products with under two waves of 64x128-8x8 ones (`pickTile`).
  * `null` lets the shape heuristic choose (`f16Packed`: on, the measured default).
  */
 export const matmulTuning: {
@@ -113,6 +114,7 @@ export const matmulTuning: {
   matvecMaxM: number;
   reduceVec4: boolean | null;
   storeVec4: boolean | null;
+  tallTiles: boolean;
 } = {
   force: null,
   splitK: null,
@@ -127,6 +129,7 @@ export const matmulTuning: {
   matvecMaxM: 16,
   reduceVec4: null,
   storeVec4: null,
+  tallTiles: true,
 };
 
 /** The smaller K step of the tiled kernel (16 where workgroup memory allows, see `matmulTuning`). */
@@ -1054,8 +1057,8 @@ function planTiled(g: Gemm): TiledPlan {
 }
 
 /**
- * The smaller tiles for products with few output tiles: the first that makes two waves, else 32x32, with K
- * split in 3 over the products just above two waves of 64x64 tiles. The tiles of 8x8 outputs per thread
+ * The smaller tiles for products with few output tiles: the first that makes two waves (128x64-8x8 from 1.8
+ * waves), else 32x32, with K split in 3 over the products just above two waves of 64x64 tiles. The tiles of 8x8 outputs per thread
  * (128 and 64 threads) beat the 256-thread ones of 4x8 and 4x4 by 10-17% at the mid-size model products
  * (H100, M = 2048, bench/RESULTS.md: SmolLM2 gate/up 28.6 -> 33.5 TFLOP/s, q/o 17.4 -> 19.5, gpt2 768x768
  * 23.8 -> 26.5); `matmulTuning.tiles8 = false` restores the 256-thread tiles without splits.
@@ -1070,6 +1073,11 @@ function pickTile(g: Gemm): TiledPlan {
   };
   if (count(wide) >= 2 * SMS) return { tile: wide, splits: 1 };
   if (midSplit(g)) return { tile: square, splits: 3 };
+  // 1.8 waves or more of 128x64-8x8 tiles beat 64x64-8x8 over more waves (H100, M = 2048: SmolLM2's stacked
+  // q/k/v, N = 960, K = 576, 26.8 -> 31.4 TFLOP/s; bench/RESULTS.md)
+  if (matmulTuning.tiles8 && matmulTuning.tallTiles && count("128x64-8x8") >= 1.8 * SMS) {
+    return { tile: "128x64-8x8", splits: 1 };
+  }
   if (count(square) >= 2 * SMS) return { tile: square, splits: 1 };
   return { tile: "32x32", splits: 1 };
 }

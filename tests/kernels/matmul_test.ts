@@ -806,3 +806,24 @@ for (const C of [40, 192]) {
     }
   });
 }
+
+Deno.test("the planner takes 128x64-8x8 tiles from 1.8 waves of them (SmolLM2's stacked q/k/v), not below", async () => {
+  const g = await gpu();
+  const tileOf = (N: number, K: number) => {
+    const rec = new Recorder(g);
+    const x = createTensor(g, [2048, K], "f32", "x"), w = createTensor(g, [N, K], "f32", "w");
+    const out = createTensor(g, [2048, N], "f32", "out");
+    linearForward(rec, out, x, w, null);
+    const label = rec.take()[0]!.label;
+    for (const t of [x, w, out]) t.buffer.destroy();
+    return label.match(/tile=([0-9x-]+)/)?.[1];
+  };
+  assert.equal(tileOf(960, 576), "128x64-8x8"); // 240 tiles of 128x64: 1.8 waves
+  assert.equal(tileOf(768, 768), "64x64-8x8"); // 192 tiles of 128x64: the 384 of 64x64 instead
+  matmulTuning.tallTiles = false;
+  try {
+    assert.equal(tileOf(960, 576), "64x64-8x8");
+  } finally {
+    matmulTuning.tallTiles = true;
+  }
+});
