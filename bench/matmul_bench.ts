@@ -14,7 +14,8 @@
  * with f32 and with f16 weights and activations; `=small`: the planner's choice against every tile at the
  * mid-size training products, M = 2048, each case twice; `=few`: products of 10 and 16 rows, µs, the
  * matrix-vector kernels against the tiles planned before they took more than 4 rows; `=head`: the LM-head
- * products of the loss's row sweep, logits and dHidden over K = V; `PROMPTGATE_TUNE_CASES`, a regular expression
+ * products of the loss's row sweep, logits and dHidden over K = V, each case twice (its first run read far
+ * below the training profiles, bench/RESULTS.md); `PROMPTGATE_TUNE_CASES`, a regular expression
  * matched against "case op", keeps only the sweep cases it matches)
  * (the data behind the heuristic in kernels/matmul.ts).
  *
@@ -313,22 +314,17 @@ if (tune) {
     ["gpt2", 256, 50257, 768],
     ["smollm2", 256, 49152, 576],
     ["tinyllama", 512, 32000, 2048],
-  ].flatMap(([name, M, V, C]) => [
-    [
-      { name: `${name} lm_head rows`, op: "linear", M: M as number, N: V as number, K: C as number },
-      headLogits,
-      [
-        "f32",
-      ],
-    ],
-    [
-      { name: `${name} lm_head rows`, op: "linear_dx", M: M as number, N: V as number, K: C as number },
-      headDx,
-      [
-        "f32",
-      ],
-    ],
-  ]);
+  ].flatMap(([name, M, V, C]) =>
+    (["linear", "linear_dx"] as const).flatMap((op) => {
+      // each case twice, as in `small`: its first run of this sweep read far below the training profiles
+      const c: [Case, Variant[], DType[]] = [
+        { name: `${name} lm_head rows`, op, M: M as number, N: V as number, K: C as number },
+        op === "linear" ? headLogits : headDx,
+        ["f32"],
+      ];
+      return [c, c];
+    })
+  );
   const P = 128; // prompt tokens
   const prefillCases: [Case, Variant[], DType[]][] = [
     ["tinyllama q_proj", "linear", 2048, 2048],
