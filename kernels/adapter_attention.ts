@@ -27,6 +27,7 @@ import {
   defineKernel,
   enableF16,
   type Kernel,
+  range,
 } from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
 import { cachedScratch, type Tensor } from "../src/gpu/tensor.ts";
@@ -111,10 +112,6 @@ export const ADAPTER_GATE_MODE: Readonly<Record<GateKind, number>> = {
   "per-head": 1,
   "per-head-tanh": 2,
 };
-
-function range(n: number): number[] {
-  return Array.from({ length: n }, (_, i) => i);
-}
 
 function dvOf(D: number): number {
   return Math.ceil(D / 4);

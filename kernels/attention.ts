@@ -45,6 +45,7 @@ import {
   defineKernel,
   enableF16,
   type Kernel,
+  range,
 } from "../src/gpu/kernel.ts";
 import { f32, type Recorder } from "../src/gpu/recorder.ts";
 import { cachedScratch, createTensor, type Tensor } from "../src/gpu/tensor.ts";
@@ -432,10 +433,6 @@ function scatter(
     out.push(s);
   }
   return out.join(" ");
-}
-
-function range(n: number): number[] {
-  return Array.from({ length: n }, (_, i) => i);
 }
 
 /**

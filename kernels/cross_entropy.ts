@@ -20,7 +20,7 @@
  * @module
  */
 
-import { activationType, defineKernel, type Kernel } from "../src/gpu/kernel.ts";
+import { activationType, defineKernel, type Kernel, range } from "../src/gpu/kernel.ts";
 import type { Recorder } from "../src/gpu/recorder.ts";
 import type { Gpu } from "../src/gpu/device.ts";
 import { createTensor, DTYPE_BYTES, Tensor } from "../src/gpu/tensor.ts";
@@ -90,10 +90,6 @@ export function createCrossEntropyScratch(
 
 /** Logits each thread of the online-softmax sweep loads at once. */
 const CE_LOADS = 8;
-
-function range(n: number): number[] {
-  return Array.from({ length: n }, (_, i) => i);
-}
 
 /** WGSL: the max of `xs` as a balanced tree of `max` calls. */
 function maxTree(xs: string[]): string {

@@ -197,3 +197,13 @@ export function activationType(gpu: Gpu, t: { dtype: string; label: string }, wh
 export function enableF16(...types: string[]): string {
   return types.includes("f16") ? "enable f16;\n" : "";
 }
+
+/**
+ * `[0, 1, ..., n - 1]`: the indices a WGSL generator unrolls over.
+ *
+ * @param n How many.
+ * @returns The indices.
+ */
+export function range(n: number): number[] {
+  return Array.from({ length: n }, (_, i) => i);
+}

@@ -100,7 +100,7 @@ function fusable(lin: Linear): boolean {
  * @param out Output (M, out), not `residual`.
  * @param x Input (M, in).
  * @param lin The linear layer.
- * @param residual The residual stream (M, out), of `out`'s dtype.
+ * @param residual The residual stream (M, out), f32 or f16.
  */
 export function linearResidual(rec: Recorder, out: Tensor, x: Tensor, lin: Linear, residual: Tensor): void {
   if (fusable(lin)) {
