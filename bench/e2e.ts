@@ -50,8 +50,9 @@
  * GELU backward as kernels of their own instead of in the products' epilogues (`epilogueTuning.fuse` in
  * src/models/ops.ts), `PROMPTGATE_REDUCE_VEC4=0` makes the split-K reduction sum one output per thread
  * (`matmulTuning.reduceVec4`), `PROMPTGATE_STORE_VEC4=0` the tiled products store one output at a time
- * (`matmulTuning.storeVec4`) and `PROMPTGATE_MATMUL_TALL=0` keeps the planner from 128x64-8x8 tiles at 1.8-2
- * waves (`matmulTuning.tallTiles`).
+ * (`matmulTuning.storeVec4`), `PROMPTGATE_MATMUL_TALL=0` keeps the planner from 128x64-8x8 tiles at 1.8-2
+ * waves (`matmulTuning.tallTiles`) and `PROMPTGATE_ATTENTION_VEC4=0` makes the lane forward read and write
+ * its rows one element at a time (`attentionTuning.vecRows`).
  *
  * @module
  */
@@ -656,6 +657,7 @@ async function caseMain(args: string[]): Promise<void> {
   const tiled = Deno.env.get("PROMPTGATE_ATTENTION_TILED");
   if (tiled === "0" || tiled === "1") attentionTuning.tiled = tiled === "1";
   if (Deno.env.get("PROMPTGATE_ATTENTION_LANES") === "0") attentionTuning.lanes = false;
+  if (Deno.env.get("PROMPTGATE_ATTENTION_VEC4") === "0") attentionTuning.vecRows = false;
   if (Deno.env.get("PROMPTGATE_CE_ROW_SWEEP") === "0") crossEntropyTuning.rowSweep = false;
   if (Deno.env.get("PROMPTGATE_MATMUL_K") === "8") matmulTuning.kStep = 8;
   if (Deno.env.get("PROMPTGATE_MATMUL_TILES8") === "0") matmulTuning.tiles8 = false;

@@ -234,19 +234,20 @@ function poisonScoresScratch(g: Gpu, rec: Recorder, o: AttentionOptions, dq: Ten
 
 /**
  * The kernel families: lane kernels (the default, key blocks prefetched through registers, dq from the
- * scores the dk/dv pass writes), the same with the lane dq pass, with it and without the prefetch, tiled
+ * scores the dk/dv pass writes), the same with the lane dq pass, with it and without the prefetch (and with
+ * rows read and written one element at a time, `vecRows: false`), tiled
  * kernels (dq from the scores), the first per-row kernels.
  */
 type Kind =
   | "lane kernels"
   | "lane kernels, dq lane pass"
-  | "lane kernels, not prefetched"
+  | "lane kernels, not prefetched, scalar rows"
   | "tiled kernels"
   | "per-row kernels";
 const KINDS: Kind[] = [
   "lane kernels",
   "lane kernels, dq lane pass",
-  "lane kernels, not prefetched",
+  "lane kernels, not prefetched, scalar rows",
   "tiled kernels",
   "per-row kernels",
 ];
@@ -255,7 +256,7 @@ const KINDS: Kind[] = [
 const KIND_DQ: Record<Kind, "scores" | "lanes" | "rows"> = {
   "lane kernels": "scores",
   "lane kernels, dq lane pass": "lanes",
-  "lane kernels, not prefetched": "lanes",
+  "lane kernels, not prefetched, scalar rows": "lanes",
   "tiled kernels": "scores",
   "per-row kernels": "rows",
 };
@@ -269,9 +270,10 @@ function withKind(kind: Kind, fn: () => Promise<void>): () => Promise<void> {
     attentionTuning.lanes = kind.startsWith("lane kernels");
     attentionTuning.dqFromScores = KIND_DQ[kind] === "scores";
     expectedDq = KIND_DQ[kind];
-    if (kind === "lane kernels, not prefetched") {
+    if (kind === "lane kernels, not prefetched, scalar rows") {
       attentionTuning.forwardShape = { ...saved.forwardShape, prefetch: false };
       attentionTuning.dqShape = { ...saved.dqShape, prefetch: false };
+      attentionTuning.vecRows = false;
     }
     try {
       await fn();
@@ -723,6 +725,26 @@ const FUSED_CASES: [string, FusedCase][] = [
       withMain: false,
       dt: "f32",
       adapterScale: 0.4,
+    },
+  ],
+  [
+    "D=12 (3 vec4s: a row's lanes store 2 and 1), GQA 3/1, B=2, T=S=60, left padding, L=5, per-head gate, adapter only",
+    {
+      c: {
+        ...base,
+        numHeads: 3,
+        numKvHeads: 1,
+        headDim: 12,
+        batch: 2,
+        queryLen: 60,
+        keyLen: 60,
+        leftPad: [0, 5],
+      },
+      L: 5,
+      gateKind: "per-head",
+      withMain: false,
+      dt: "f32",
+      adapterScale: 0.3,
     },
   ],
   [
