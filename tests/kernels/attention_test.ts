@@ -235,20 +235,20 @@ function poisonScoresScratch(g: Gpu, rec: Recorder, o: AttentionOptions, dq: Ten
 /**
  * The kernel families: lane kernels (the default, key blocks prefetched through registers, dq from the
  * scores the dk/dv pass writes), the same with the lane dq pass, with it and without the prefetch (and with
- * rows read and written one element at a time, `vecRows: false`), tiled
- * kernels (dq from the scores), the first per-row kernels.
+ * rows read and written one element at a time, `vecRows: false`), tiled kernels (dq from the scores; rows
+ * one element at a time too), the first per-row kernels.
  */
 type Kind =
   | "lane kernels"
   | "lane kernels, dq lane pass"
   | "lane kernels, not prefetched, scalar rows"
-  | "tiled kernels"
+  | "tiled kernels, scalar rows"
   | "per-row kernels";
 const KINDS: Kind[] = [
   "lane kernels",
   "lane kernels, dq lane pass",
   "lane kernels, not prefetched, scalar rows",
-  "tiled kernels",
+  "tiled kernels, scalar rows",
   "per-row kernels",
 ];
 
@@ -257,7 +257,7 @@ const KIND_DQ: Record<Kind, "scores" | "lanes" | "rows"> = {
   "lane kernels": "scores",
   "lane kernels, dq lane pass": "lanes",
   "lane kernels, not prefetched, scalar rows": "lanes",
-  "tiled kernels": "scores",
+  "tiled kernels, scalar rows": "scores",
   "per-row kernels": "rows",
 };
 let expectedDq: "scores" | "lanes" | "rows" | null = null;
@@ -275,6 +275,7 @@ function withKind(kind: Kind, fn: () => Promise<void>): () => Promise<void> {
       attentionTuning.dqShape = { ...saved.dqShape, prefetch: false };
       attentionTuning.vecRows = false;
     }
+    if (kind === "tiled kernels, scalar rows") attentionTuning.vecRows = false;
     try {
       await fn();
     } finally {
