@@ -44,6 +44,12 @@ function rand(n: number, seed: number): Tensor {
 const MODELS = [["gpt2-124M", 12, 12], ["SmolLM2-135M", 9, 3], ["TinyLlama-1.1B", 32, 4]] as const;
 const B = 4, D = 64, L = 10;
 
+/** The attention of a model's heads at B x T (self-attention, T = S). */
+function options(H: number, Hkv: number, T: number, causal: boolean): AttentionOptions {
+  const shape = { numHeads: H, numKvHeads: Hkv, headDim: D, batch: B, queryLen: T, keyLen: T };
+  return { ...shape, scale: 1 / Math.sqrt(D), causal };
+}
+
 /** Warm median ms of one recorded op. */
 async function ms(ops: ReturnType<Recorder["take"]>): Promise<number> {
   return (await timeOpsWarm(gpu, ops, warmTiming(true))).ms;
@@ -52,16 +58,7 @@ async function ms(ops: ReturnType<Recorder["take"]>): Promise<number> {
 for (const [name, H, Hkv] of MODELS) {
   for (const T of [512, 256]) {
     for (const causal of [true, false]) {
-      const o: AttentionOptions = {
-        numHeads: H,
-        numKvHeads: Hkv,
-        headDim: D,
-        batch: B,
-        queryLen: T,
-        keyLen: T,
-        scale: 1 / Math.sqrt(D),
-        causal,
-      };
+      const o = options(H, Hkv, T, causal);
       const q = rand(B * T * H * D, 1), k = rand(B * T * Hkv * D, 2), v = rand(B * T * Hkv * D, 3);
       const out = createTensor(gpu, [B * T * H * D]), lse = createTensor(gpu, [B * H * T]);
       const grads = [B * T * H * D, B * T * Hkv * D, B * T * Hkv * D].map((n) => createTensor(gpu, [n]));
@@ -104,16 +101,7 @@ for (const [name, H, Hkv] of MODELS) {
   }
   // the lane forward alone: adapter folded in or not, vec4 rows or not (T = 512, causal)
   const T = 512;
-  const o: AttentionOptions = {
-    numHeads: H,
-    numKvHeads: Hkv,
-    headDim: D,
-    batch: B,
-    queryLen: T,
-    keyLen: T,
-    scale: 1 / Math.sqrt(D),
-    causal: true,
-  };
+  const o = options(H, Hkv, T, true);
   const q = rand(B * T * H * D, 1), k = rand(B * T * Hkv * D, 2), v = rand(B * T * Hkv * D, 3);
   const out = createTensor(gpu, [B * T * H * D]), aout = createTensor(gpu, [B * T * H * D]);
   const lse = createTensor(gpu, [B * H * T]);

@@ -142,6 +142,11 @@ function st(t: ActivationType, e: string): string {
   return t === "f32" ? e : `${t}(${e})`;
 }
 
+/** The vec4<f32> value `v` converted for a store into a vec4 array of type `t` (the text itself for f32). */
+function stVec(t: ActivationType, v: string): string {
+  return t === "f32" ? v : `vec4<f16>(${v})`;
+}
+
 /** `idx = value`, or `idx += value` when `addIf` holds, for an array element of type `t`. */
 function storeOrAdd(t: ActivationType, idx: string, val: string, addIf: string): string {
   // branch rather than `flag * old`: an overwritten output may hold NaN (0 * NaN = NaN)
@@ -461,7 +466,7 @@ function scatter(
 ): string {
   if (vec) {
     const idx = `${arr}[(${base}) / 4u]`;
-    const put = (v: string) => `${idx} = ${t === "f32" ? v : `vec4<f16>(${v})`};`;
+    const put = (v: string) => `${idx} = ${stVec(t, v)};`;
     return addIf
       ? `if (${addIf}) { ${put(`vec4<f32>(${idx}) + ${value}`)} } else { ${put(value)} }`
       : put(value);
@@ -1181,8 +1186,9 @@ export interface LaneShape {
 }
 
 /**
- * Whether the lane forward reads q, k, v and writes its outputs as vec4s (`attentionTuning.vecRows`, D a
- * multiple of 4): one 16-byte access per vec4 instead of four 4-byte ones.
+ * Whether the lane forward, the tiled dk/dv pass and dq from the scores bind their rows (q, k, v, out,
+ * dout and the gradients) as vec4s (`attentionTuning.vecRows`, D a multiple of 4): one 16-byte access per
+ * vec4 instead of four 4-byte ones.
  */
 function vecRows(D: number): boolean {
   return attentionTuning.vecRows && D % 4 === 0;
@@ -1365,6 +1371,29 @@ function mergeSlot(s: LaneShape, z: string): string {
 type FusedTypes = { at: ActivationType; L: number } | null;
 
 /**
+ * WGSL of the fused forward's second softmax, over the L adapter tokens staged at ADP (keys, then values at
+ * FUSED_MAX_L rows on): the scores `sa{j}` from the thread's q row, their exponentials `pa{j}`, the factor
+ * `fa` (the gate over their sum) and `withMain` (whether the main output is added).
+ */
+function adapterSoftmax(L: number, DVn: number, SVn: number): string {
+  const LA = range(L);
+  return `${
+    LA.map((j) =>
+      `    var sa${j}: f32;
+    {
+      var a = q0 * KV[ADP + ${j * SVn}u];
+${range(DVn).slice(1).map((c) => `      a = fma(q${c}, KV[ADP + ${j * SVn + c}u], a);`).join("\n")}
+      sa${j} = ((a.x + a.y) + (a.z + a.w)) * p.aScale;
+    }`
+    ).join("\n")
+  }
+    let ma = ${LA.map((j) => `sa${j}`).reduce((x, y) => `max(${x}, ${y})`)};
+${LA.map((j) => `    let pa${j} = exp(sa${j} - ma);`).join("\n")}
+    let fa = gateOf(h) / (${LA.map((j) => `pa${j}`).join(" + ")});
+    let withMain = select(0.0, 1.0, (p.aMode & 4u) != 0u);`;
+}
+
+/**
  * WGSL ending the lane forward where rows are written as vec4s: lane 0 has left the row's merged output in
  * its merge slot, and every lane of the row stores vec4s `lane, lane + KS, ...` of it (a row's lanes write
  * neighbouring 16-byte pieces, so a warp's stores fill whole 32-byte sectors). With the adapter folded in,
@@ -1378,10 +1407,8 @@ function sharedStores(
   ot: ActivationType,
   fused: FusedTypes,
 ): string {
-  const C = range(DVn);
   const own = range(Math.ceil(DVn / s.KS));
   const LA = range(fused?.L ?? 0);
-  const put = (t: ActivationType, v: string) => (t === "f32" ? v : `vec4<f16>(${v})`);
   const each = (body: (c: string) => string) =>
     own.map((i) =>
       `    {
@@ -1390,20 +1417,7 @@ function sharedStores(
     }`
     ).join("\n");
   const adapter = fused
-    ? `${
-      LA.map((j) =>
-        `    var sa${j}: f32;
-    {
-      var a = q0 * KV[ADP + ${j * SVn}u];
-${C.slice(1).map((c) => `      a = fma(q${c}, KV[ADP + ${j * SVn + c}u], a);`).join("\n")}
-      sa${j} = ((a.x + a.y) + (a.z + a.w)) * p.aScale;
-    }`
-      ).join("\n")
-    }
-    let ma = ${LA.map((j) => `sa${j}`).reduce((x, y) => `max(${x}, ${y})`)};
-${LA.map((j) => `    let pa${j} = exp(sa${j} - ma);`).join("\n")}
-    let fa = gateOf(h) / (${LA.map((j) => `pa${j}`).join(" + ")});
-    let withMain = select(0.0, 1.0, (p.aMode & 4u) != 0u);
+    ? `${adapterSoftmax(LA.length, DVn, SVn)}
 ${
       each((c) =>
         `let d = ${
@@ -1412,7 +1426,7 @@ ${
             "vec4<f32>(0.0)",
           )
         };
-        aout[ob4 + ${c}] = ${put(fused.at, `KV[${mainSlot} + ${c}] * withMain + d * fa`)};`
+        aout[ob4 + ${c}] = ${stVec(fused.at, `KV[${mainSlot} + ${c}] * withMain + d * fa`)};`
       )
     }`
     : "";
@@ -1422,7 +1436,7 @@ ${
   workgroupBarrier();
   if (rowValid) {
     let ob4 = ((b * p.T + t) * p.H + h) * DV;
-${each((c) => `out[ob4 + ${c}] = ${put(ot, `KV[${mainSlot} + ${c}]`)};`)}
+${each((c) => `out[ob4 + ${c}] = ${stVec(ot, `KV[${mainSlot} + ${c}]`)};`)}
 ${adapter}
   }`;
 }
@@ -1569,20 +1583,7 @@ ${
   // last lane of each row (lane 0 for KS = 1), which then adds lane 0's main output from the merge area
   workgroupBarrier();
   if (lane == ${last} && rowValid) {
-${
-          LA.map((j) =>
-            `    var sa${j}: f32;
-    {
-      var a = q0 * KV[ADP + ${j * SVn}u];
-${C.slice(1).map((c) => `      a = fma(q${c}, KV[ADP + ${j * SVn + c}u], a);`).join("\n")}
-      sa${j} = ((a.x + a.y) + (a.z + a.w)) * p.aScale;
-    }`
-          ).join("\n")
-        }
-    let ma = ${LA.map((j) => `sa${j}`).reduce((x, y) => `max(${x}, ${y})`)};
-${LA.map((j) => `    let pa${j} = exp(sa${j} - ma);`).join("\n")}
-    let fa = gateOf(h) / (${LA.map((j) => `pa${j}`).join(" + ")});
-    let withMain = select(0.0, 1.0, (p.aMode & 4u) != 0u);
+${adapterSoftmax(LA.length, DVn, SVn)}
     let ob = ((b * p.T + t) * p.H + h) * D;
 ${
           C.map((c) =>
