@@ -51,8 +51,9 @@
  * src/models/ops.ts), `PROMPTGATE_REDUCE_VEC4=0` makes the split-K reduction sum one output per thread
  * (`matmulTuning.reduceVec4`), `PROMPTGATE_STORE_VEC4=0` the tiled products store one output at a time
  * (`matmulTuning.storeVec4`), `PROMPTGATE_MATMUL_TALL=0` keeps the planner from 128x64-8x8 tiles at 1.8-2
- * waves (`matmulTuning.tallTiles`) and `PROMPTGATE_ATTENTION_VEC4=0` makes the lane forward read and write
- * its rows one element at a time (`attentionTuning.vecRows`).
+ * waves (`matmulTuning.tallTiles`) and `PROMPTGATE_ATTENTION_VEC4=0` makes the attention's lane forward,
+ * dk/dv pass and dq from the scores read and write their rows one element at a time
+ * (`attentionTuning.vecRows`).
  *
  * @module
  */
