@@ -1451,7 +1451,8 @@ function forwardLanesKernel(D: number, ty: ActTypes, s: LaneShape, fused: FusedT
   const LA = range(fused?.L ?? 0);
   const last = `${s.KS - 1}u`;
   const vec = vecRows(D);
-  // where lane 0 leaves a row's main output for the adapter lane: its row's first merge slot
+  // where lane 0 leaves a row's merged output (for the adapter lane, or for all lanes' vec4 stores): its
+  // row's first merge slot
   const mainSlot = s.KS > 1 ? mergeSlot(s, "1u") : "row * SV";
   const adapterBindings = at
     ? `@group(0) @binding(6) var<storage, read> ka: array<f32>;
