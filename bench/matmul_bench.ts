@@ -193,7 +193,7 @@ function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; time
 }
 
 const tuneMode = Deno.env.get("PROMPTGATE_BENCH_TUNE");
-const tune = ["1", "matvec", "prefill", "small", "few", "head"].includes(tuneMode ?? "") &&
+const tune = ["1", "matvec", "prefill", "small", "few", "head", "wide"].includes(tuneMode ?? "") &&
   "matmulTuning" in mm &&
   "splitK" in mm.matmulTuning;
 if (tune) {
@@ -325,6 +325,42 @@ if (tune) {
       return [c, c];
     })
   );
+  // `wide`: the planner's choice against the 128x128 tiles of 256 threads (8x8 outputs each) and of 128
+  // (16x8 each; its K step 16 spills) at the training products (M = 2048) and the LM head. The first sweep
+  // (bench/RESULTS.md, 2026-11-28) also timed 8x16 outputs per thread over 128x128, 64x128 and 128x256 tiles
+  // and 16x8 over 128x64: none beat these anywhere by more than 1-5%.
+  const wide: Variant[] = [
+    { label: "planned", force: null },
+    { label: "128x128", force: "128x128" },
+    { label: "128x128 K8", force: "128x128", k: 8 },
+    { label: "128x128-16x8", force: "128x128-16x8" },
+    { label: "128x128-16x8 splitK2", force: "128x128-16x8", splitK: 2 },
+  ];
+  const wideCases: [Case, Variant[], DType[]][] = [
+    ...[
+      ["gpt2 c_attn", 2304, 768],
+      ["gpt2 q/k/v/c_proj", 768, 768],
+      ["gpt2 c_fc", 3072, 768],
+      ["gpt2 mlp c_proj", 768, 3072],
+      ["smollm2 q/o", 576, 576],
+      ["smollm2 down", 576, 1536],
+      ["smollm2 q/k/v stacked", 960, 576],
+      ["smollm2 gate|up stacked", 3072, 576],
+      ["tinyllama q/o", 2048, 2048],
+      ["tinyllama down", 2048, 5632],
+      ["tinyllama q/k/v stacked", 2560, 2048],
+      ["tinyllama gate|up stacked", 11264, 2048],
+    ].flatMap(([name, N, K]) =>
+      (["linear", "linear_dx"] as const).map((op): [Case, Variant[], DType[]] => [
+        { name: name as string, op, M: 2048, N: N as number, K: K as number },
+        wide,
+        ["f32"],
+      ])
+    ),
+    [{ name: "smollm2 lm_head", op: "linear", M: 2048, N: 49152, K: 576 }, wide, ["f32"]],
+    [{ name: "tinyllama lm_head", op: "linear", M: 2048, N: 32000, K: 2048 }, wide, ["f32"]],
+    [{ name: "square 4096", op: "linear", M: 4096, N: 4096, K: 4096 }, wide, ["f32"]],
+  ];
   const P = 128; // prompt tokens
   const prefillCases: [Case, Variant[], DType[]][] = [
     ["tinyllama q_proj", "linear", 2048, 2048],
@@ -344,7 +380,9 @@ if (tune) {
     prefill,
     ["f32", "f16"],
   ]);
-  const tuneCases: [Case, Variant[], DType[]][] = tuneMode === "prefill"
+  const tuneCases: [Case, Variant[], DType[]][] = tuneMode === "wide"
+    ? wideCases
+    : tuneMode === "prefill"
     ? prefillCases
     : tuneMode === "head"
     ? headCases
@@ -425,7 +463,7 @@ if (tune) {
     `variants (${tuneMode === "few" ? "µs per product" : "GFLOP/s, or GB/s of weight for M = 1"}):`,
   );
   console.table(tuneRows);
-  if (["prefill", "small", "few", "head"].includes(tuneMode!)) cases.length = 0; // these sweeps stand alone
+  if (["prefill", "small", "few", "head", "wide"].includes(tuneMode!)) cases.length = 0; // these sweeps stand alone
 }
 
 const rows: Record<string, string | number>[] = [];

@@ -51,6 +51,7 @@ const CHOICES: (MatmulKernelChoice | null)[] = [
   "128x64-8x8",
   "64x128-8x8",
   "64x64-8x8",
+  "128x128-16x8",
   "matvec",
 ];
 // (M, N, K): odd sizes, sizes that are and are not multiples of 4 (vec4 and scalar loads), one row;
@@ -825,5 +826,29 @@ Deno.test("the planner takes 128x64-8x8 tiles from 1.8 waves of them (SmolLM2's 
     assert.equal(tileOf(960, 576), "64x64-8x8");
   } finally {
     matmulTuning.tallTiles = true;
+  }
+});
+
+Deno.test("the planner takes 128x128-16x8 tiles for big f32 Linear forwards only", async () => {
+  const g = await gpu();
+  const tileOf = (M: number, N: number, K: number, op: "forward" | "dx", wt: "f32" | "f16" = "f32") => {
+    const rec = new Recorder(g);
+    const x = createTensor(g, [M, op === "forward" ? K : N], "f32", "x");
+    const w = createTensor(g, [N, K], wt, "w");
+    const out = createTensor(g, [M, op === "forward" ? N : K], "f32", "out");
+    if (op === "forward") linearForward(rec, out, x, w, null);
+    else linearBackwardInput(rec, out, x, w);
+    const label = rec.take()[0]!.label;
+    for (const t of [x, w, out]) t.buffer.destroy();
+    return label.match(/tile=([0-9x-]+)/)?.[1];
+  };
+  assert.equal(tileOf(2048, 5632, 2048, "forward"), "128x128-16x8"); // TinyLlama gate_proj
+  assert.equal(tileOf(2048, 2048, 2048, "dx"), "128x128"); // its q_proj input gradient
+  if (g.hasF16) assert.equal(tileOf(2048, 5632, 2048, "forward", "f16"), "128x128");
+  matmulTuning.tallThreads = false;
+  try {
+    assert.equal(tileOf(2048, 5632, 2048, "forward"), "128x128");
+  } finally {
+    matmulTuning.tallThreads = true;
   }
 });
