@@ -9,14 +9,16 @@
  * Each figure is the median of 3 timed submissions of ≥ 20 ms of GPU work each, after ≥ 100 ms of
  * warm-up on the same product: short timed windows after an idle gap measured the GPU still at its idle
  * clock (on the H200, 4096³ read 29 TFLOP/s in one case and 7.9 in the next, while wall time disagreed).
- * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / K step (8 beside the default) /
- * matrix-vector variant at the model shapes (`=matvec`: the matrix-vector variants only; `=prefill`: the products of a 128-token prefill, M = 128,
- * with f32 and with f16 weights and activations; `=small`: the planner's choice against every tile at the
- * mid-size training products, M = 2048, each case twice; `=few`: products of 10 and 16 rows, µs, the
- * matrix-vector kernels against the tiles planned before they took more than 4 rows; `=head`: the LM-head
- * products of the loss's row sweep, logits and dHidden over K = V, each case twice (its first run read far
- * below the training profiles, bench/RESULTS.md); `PROMPTGATE_TUNE_CASES`, a regular expression
- * matched against "case op", keeps only the sweep cases it matches)
+ * `PROMPTGATE_BENCH_TUNE=1` first times every tile / split-K / K step (8 beside the default) / matrix-vector
+ * variant at the model shapes (`=matvec`: the matrix-vector variants only; `=prefill`: the products of a
+ * 128-token prefill, M = 128, with f32 and with f16 weights and activations; `=small`: the planner's choice
+ * against every tile at the mid-size training products, M = 2048, each case twice; `=few`: products of 10 and
+ * 16 rows, µs, the matrix-vector kernels against the tiles planned before they took more than 4 rows;
+ * `=head`: the LM-head products of the loss's row sweep, logits and dHidden over K = V, each case twice (its
+ * first run read far below the training profiles, bench/RESULTS.md); `=wide`: the planner's choice against
+ * the 128x128 tiles of 256 threads and of 128 (16x8 outputs each) at the training products and the LM heads;
+ * `PROMPTGATE_TUNE_CASES`, a regular expression matched against "case op", keeps only the sweep cases it
+ * matches)
  * (the data behind the heuristic in kernels/matmul.ts).
  *
  * `PROMPTGATE_MATMUL_F16_PACKED` compares the tiled kernel's loads of f16 operands in one run: `both` times
@@ -463,7 +465,8 @@ if (tune) {
     `variants (${tuneMode === "few" ? "µs per product" : "GFLOP/s, or GB/s of weight for M = 1"}):`,
   );
   console.table(tuneRows);
-  if (["prefill", "small", "few", "head", "wide"].includes(tuneMode!)) cases.length = 0; // these sweeps stand alone
+  // these sweeps stand alone
+  if (["prefill", "small", "few", "head", "wide"].includes(tuneMode!)) cases.length = 0;
 }
 
 const rows: Record<string, string | number>[] = [];

@@ -142,7 +142,7 @@ const BK = 8;
 /**
  * Threads and per-thread outputs of each tile (rows = wy * rm, columns = wx * rn) and its K step without
  * packed loads (16 where workgroup memory allows; 8 for the 128-thread "-8x8" tiles, measured faster so
- * on the H100, bench/RESULTS.md).
+ * on the H100, and for 128x128-16x8, which spills at 16; bench/RESULTS.md).
  */
 const TILES: Record<MatmulTile, { wx: number; wy: number; rm: number; rn: number; k: 8 | 16 }> = {
   "128x128": { wx: 16, wy: 16, rm: 8, rn: 8, k: 16 },
