@@ -29,3 +29,21 @@ export function benchFull(gpu: Gpu): boolean {
 export function warmTiming(full: boolean): WarmTimingOptions {
   return full ? { warmMs: 60, windowMs: 15 } : { warmMs: 5, windowMs: 2 };
 }
+
+/**
+ * `n` floats uniform in [-1, 1) from a linear congruential generator seeded with `seed`: the same inputs on
+ * every run and machine, so timings compare across commits.
+ *
+ * @param n How many.
+ * @param seed The seed.
+ * @returns The floats.
+ */
+export function seededUniform(n: number, seed: number): Float32Array {
+  const a = new Float32Array(n);
+  let s = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    a[i] = (s / 4294967296 - 0.5) * 2;
+  }
+  return a;
+}

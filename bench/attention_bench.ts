@@ -11,7 +11,7 @@
  * @module
  */
 
-import { benchFull, warmTiming } from "./_shared.ts";
+import { benchFull, seededUniform, warmTiming } from "./_shared.ts";
 import {
   attentionBackward,
   attentionForward,
@@ -61,15 +61,7 @@ const L = 10;
 // the same run, per whole call and per dispatch
 const compare = (Deno.env.get("PROMPTGATE_BENCH_COMPARE") ?? "1") === "1";
 
-function rand(n: number, seed: number): Float32Array {
-  const a = new Float32Array(n);
-  let s = seed >>> 0;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    a[i] = (s / 4294967296 - 0.5) * 2;
-  }
-  return a;
-}
+const rand = seededUniform;
 
 const rows: Record<string, string | number>[] = [];
 

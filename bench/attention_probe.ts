@@ -15,7 +15,7 @@
  * @module
  */
 
-import { warmTiming } from "./_shared.ts";
+import { seededUniform, warmTiming } from "./_shared.ts";
 import {
   attentionBackward,
   attentionForward,
@@ -32,13 +32,7 @@ const lines: string[] = [];
 const say = (line: string) => (console.log(line), lines.push(line));
 
 function rand(n: number, seed: number): Tensor {
-  const a = new Float32Array(n);
-  let s = seed >>> 0;
-  for (let i = 0; i < n; i++) {
-    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
-    a[i] = (s / 4294967296 - 0.5) * 2;
-  }
-  return tensorFrom(gpu, a);
+  return tensorFrom(gpu, seededUniform(n, seed));
 }
 
 const MODELS = [["gpt2-124M", 12, 12], ["SmolLM2-135M", 9, 3], ["TinyLlama-1.1B", 32, 4]] as const;
