@@ -53,7 +53,8 @@
  * (`matmulTuning.storeVec4`), `PROMPTGATE_MATMUL_TALL=0` keeps the planner from 128x64-8x8 tiles at 1.8-2
  * waves (`matmulTuning.tallTiles`) and `PROMPTGATE_ATTENTION_VEC4=0` makes the attention's lane forward,
  * dk/dv pass and dq from the scores read and write their rows one element at a time
- * (`attentionTuning.vecRows`).
+ * (`attentionTuning.vecRows`). `PROMPTGATE_GRADIENT_CHECKPOINTING=1` trains with gradient checkpointing
+ * (`model.gradientCheckpointing`: less memory, the layers' forwards run twice).
  *
  * @module
  */
@@ -288,6 +289,8 @@ async function runCase(
       },
     }
     : created;
+  // PROMPTGATE_GRADIENT_CHECKPOINTING=1: train keeping only each adapted layer's input (less memory)
+  model.gradientCheckpointing = Deno.env.get("PROMPTGATE_GRADIENT_CHECKPOINTING") === "1";
   await gpu.device.queue.onSubmittedWorkDone();
   const weightBytes = gpuBytesAllocated;
   details.createModelS = (performance.now() - t0) / 1000;

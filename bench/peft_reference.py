@@ -17,7 +17,7 @@ time budget (--budget-s) skips phases that would not fit, top-8 placements last;
 the GPU (seconds).
 
 Usage: python3 bench/peft_reference.py --models gpt2-124M,smollm2-135M,tinyllama-1.1B --dtypes f32,bf16 \
-           --out peft.json --details-out peft-details.json --budget-s 210
+           --out peft.json --details-out peft-details.json --budget-s 210 [--gradient-checkpointing] [--train-only]
 """
 
 import argparse
@@ -65,14 +65,18 @@ def log(*a):
     print("[peft]", *a, file=sys.stderr, flush=True)
 
 
-def build(name, dtype, adapter_layers, adapter_len):
-    """The random model on the GPU in `dtype`, wrapped by PEFT with a fresh adaption prompt."""
+def build(name, dtype, adapter_layers, adapter_len, checkpointing=False):
+    """The random model on the GPU in `dtype`, wrapped by PEFT with a fresh adaption prompt (with HF gradient
+    checkpointing, non-reentrant, when asked: it acts in training mode only, and every dropout rate is 0)."""
     config_cls, model_cls, kw = CONFIGS[name]
     config = config_cls(**kw)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = model_cls(config)
     model = model.to(dtype=dtype).eval()  # eval: no dropout (all rates are 0 anyway)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     # a fresh adapter (gate zero) as on our side: the same work as a trained one
     return get_peft_model(model, AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers,
                                                       task_type="CAUSAL_LM"))
@@ -90,7 +94,7 @@ def run_case(name, dtype_name, placement, layers, args, deadline, add, details):
     dtype = DTYPES[dtype_name]
     d = details.setdefault(f"{placement}|{dtype_name}", {"adapter_layers": layers})
     t0 = time.perf_counter()
-    pm = build(name, dtype, layers, args.adapter_len)
+    pm = build(name, dtype, layers, args.adapter_len, args.gradient_checkpointing)
     torch.cuda.synchronize()
     d["build_s"] = round(time.perf_counter() - t0, 2)
     base_config = pm.get_base_model().config
@@ -196,8 +200,9 @@ def run_case(name, dtype_name, placement, layers, args, deadline, add, details):
         log(f"{placement} {dtype_name}: decode {max(rates):.1f} tok/s, ttft {statistics.median(ttft):.1f} ms")
 
     phase("train", 5, train)
-    phase("forward", 3, forward)
-    phase("decode", 8, decode)
+    if not args.train_only:
+        phase("forward", 3, forward)
+        phase("decode", 8, decode)
     del pm
     gc.collect()
     torch.cuda.empty_cache()
@@ -220,6 +225,9 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--decode-runs", type=int, default=1)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="train with HF gradient checkpointing (non-reentrant)")
+    ap.add_argument("--train-only", action="store_true", help="measure training only (no forward, no decode)")
     args = ap.parse_args()
     start = time.time()
     end = start + args.budget_s

@@ -218,6 +218,12 @@ const FLAGS: Record<string, Flag> = {
     kind: "boolean",
     help: "skip (roll back) a step with a NaN/infinite loss instead of stopping",
   },
+  "gradient-checkpointing": {
+    key: "gradientCheckpointing",
+    kind: "boolean",
+    help: "keep only each adapted layer's input and run its forward again in the backward: less memory, " +
+      "10-30% more time a step, the same gradients",
+  },
   "quiet": { key: "quiet", kind: "boolean", short: "q", help: "print only warnings, errors and the summary" },
   "json": { key: "json", kind: "boolean", help: "machine-readable events on stdout, one JSON object a line" },
   "help": { key: "help", kind: "boolean", short: "h", help: "show this help" },
@@ -255,6 +261,7 @@ export const TRAIN_DEFAULTS: Omit<TrainConfig, "out"> = {
   resume: false,
   overwrite: false,
   skipNonfinite: false,
+  gradientCheckpointing: false,
   samplePrompts: [],
   sampleTokens: 40,
 };

@@ -118,7 +118,8 @@ async function createGpu(): Promise<Gpu> {
   device.lost.then((info) => {
     gpu.lostMessage =
       `the GPU device was lost (${info.reason || "unknown reason"}: ${info.message || "no message"}). ` +
-      "Restart the process; if it happens again, lower --batch-size or --seq-len, or use --dtype f16.";
+      "Restart the process; if it happens again, lower --batch-size or --seq-len, pass --gradient-checkpointing " +
+      "or use --dtype f16.";
     if (gpuPromise !== null) gpuPromise = null;
   });
   device.addEventListener("uncapturederror", (event) => {
@@ -137,7 +138,7 @@ async function createGpu(): Promise<Gpu> {
  */
 export function describeGpuError(error: GPUError, label: string): string {
   if (error instanceof GPUOutOfMemoryError) {
-    return `out of GPU memory in ${label}: ${error.message}. Lower the batch size or sequence length, or use f16.`;
+    return `out of GPU memory in ${label}: ${error.message}. Lower the batch size or sequence length, turn on gradient checkpointing, or use f16.`;
   }
   return `WebGPU error in ${label}: ${error.message}`;
 }

@@ -3,6 +3,9 @@
  * training step and decode step of that shape. Layers at or above `saveFrom` (the lowest adapted
  * layer, when training) keep what their backward needs; layers below share two ping-pong buffers and
  * keep nothing, so backward never runs — and memory is never spent — below the lowest adapter.
+ * With gradient checkpointing (`checkpoint`) the saved layers keep only their input `x` and share one
+ * set of everything else: the backward runs each layer's forward again into that set before its
+ * backward (HF's `gradient_checkpointing`, one layer at a time).
  * An f16 model's activations are f16 (`dtype`): the kernels load them into f32, compute in f32 and round
  * once at the store; statistics, the loss and all gradients stay f32.
  *
@@ -61,6 +64,11 @@ export interface Activations {
   /** Lowest layer whose activations are kept (numLayers when not training). */
   readonly saveFrom: number;
   /**
+   * Gradient checkpointing: the saved layers keep only `x` and share the rest of one layer set, which the
+   * backward fills again by re-running each layer's forward (false when not training).
+   */
+  readonly checkpoint: boolean;
+  /**
    * Element type of the activations (residual stream, normed inputs, q/k/v, attention and MLP outputs,
    * final hidden state); statistics, ids, the loss and every gradient stay f32.
    */
@@ -105,8 +113,27 @@ export interface Activations {
     readonly u: Tensor;
     /** d gate, d up as one stack (llama), or null when apart. */
     readonly gu: Tensor | null;
-    readonly a: Tensor;
   };
+}
+
+const mlpScratch = new WeakMap<Activations, Tensor>();
+
+/**
+ * The f32 (N, I) buffer of `d a`, the gradient of an MLP's activation output, for a backward whose down
+ * product cannot take the activation's backward in its epilogue (weights split in row ranges, or
+ * `epilogueTuning.fuse` off): created on first use, so the usual fused path never allocates it.
+ *
+ * @param gpu The GPU.
+ * @param acts The training activations.
+ * @returns The buffer.
+ */
+export function mlpGradScratch(gpu: Gpu, acts: Activations): Tensor {
+  let t = mlpScratch.get(acts);
+  if (!t) {
+    t = createTensor(gpu, [acts.N, acts.a.shape[1]!], "f32", "d.a");
+    mlpScratch.set(acts, t);
+  }
+  return t;
 }
 
 /**
@@ -119,6 +146,7 @@ export interface Activations {
  * @param training Whether to keep activations for backward.
  * @param saveFrom Lowest layer to keep (the lowest adapted layer).
  * @param dtype Element type of the activations (f16 needs shader-f16; statistics and gradients stay f32).
+ * @param checkpoint Gradient checkpointing (training only): saved layers keep only their input.
  * @returns The buffers.
  */
 export function createActivations(
@@ -129,9 +157,10 @@ export function createActivations(
   training: boolean,
   saveFrom: number,
   dtype: "f32" | "f16" = "f32",
+  checkpoint = false,
 ): Activations {
   // say what fits before allocating anything
-  checkActivationsFit(gpu, config, B, T, training, saveFrom, dtype);
+  checkActivationsFit(gpu, config, B, T, training, saveFrom, dtype, checkpoint);
   const N = B * T;
   const C = config.hiddenSize, H = config.numHeads, Hkv = config.numKvHeads, D = config.headDim;
   const I = config.intermediateSize;
@@ -175,14 +204,15 @@ export function createActivations(
   });
   const L = config.numLayers;
   const from = training ? saveFrom : L;
+  const ckpt = training && checkpoint;
   const ping = [a([N, C], "resid.ping"), a([N, C], "resid.pong")];
   let shared: LayerActivations | null = null;
   const layers: LayerActivations[] = [];
   for (let l = 0; l < L; l++) {
-    if (l >= from) layers.push(layerSet(`layer${l}`, a([N, C], `layer${l}.x`)));
+    if (l >= from && !ckpt) layers.push(layerSet(`layer${l}`, a([N, C], `layer${l}.x`)));
     else {
       shared ??= layerSet("shared", ping[0]!);
-      layers.push({ ...shared, x: ping[l % 2]! });
+      layers.push({ ...shared, x: l >= from ? a([N, C], `layer${l}.x`) : ping[l % 2]! });
     }
   }
   const g = (shape: number[], label: string) => training ? t(shape, label) : t([1], label);
@@ -192,6 +222,7 @@ export function createActivations(
     N,
     training,
     saveFrom: from,
+    checkpoint: ckpt,
     dtype,
     ids: t([N], "ids", "i32"),
     positions: t([N], "positions", "i32"),
@@ -214,13 +245,12 @@ export function createActivations(
         ? qkvSet("f32", "d")
         : { q: t([1], "d.q"), k: t([1], "d.k"), v: t([1], "d.v"), qkv: null }),
       ...(training ? guSet("f32", "d", g) : { g: t([1], "d.g"), u: t([1], "d.u"), gu: null }),
-      a: g([N, I], "d.a"),
     },
   };
 }
 
 /**
- * Destroys every buffer of an activation set.
+ * Destroys every buffer of an activation set (with its {@link mlpGradScratch}, if one was made).
  *
  * @param acts The activations.
  */
@@ -240,4 +270,6 @@ export function destroyActivations(acts: Activations): void {
     }
   };
   visit(acts);
+  mlpScratch.get(acts)?.buffer.destroy();
+  mlpScratch.delete(acts);
 }

@@ -21,9 +21,11 @@ import {
   selfAttentionForward,
 } from "./self_attention.ts";
 import { linear, linearBackward, linearBackwardActivation, linearResidual } from "./ops.ts";
+import { mlpGradScratch } from "./activations.ts";
 
 /**
- * Records one gpt2 block's forward: reads `ctx.la.x`, writes `ctx.out`.
+ * Records one gpt2 block's forward: reads `ctx.la.x`, writes `ctx.out` (when `ctx.out` is null, only what
+ * the backward reads: the MLP stops after c_fc).
  *
  * @param ctx The layer context.
  */
@@ -34,6 +36,7 @@ export function gpt2LayerForward(ctx: LayerContext): void {
   selfAttentionForward(ctx, acts.h);
   layernormForward(rec, acts.h, la.mean2, la.rstd2, la.x2, w.norm2.weight, w.norm2.bias!, eps);
   linear(rec, la.u, acts.h, w.up); // (N, 4C) before gelu
+  if (!ctx.out) return;
   geluForward(rec, acts.a, la.u);
   linearResidual(rec, ctx.out, acts.a, w.down, la.x2);
 }
@@ -68,7 +71,13 @@ export function gpt2LayerDecode(ctx: LayerContext, x: Tensor): void {
 export function gpt2LayerBackward(ctx: LayerContext, needInput: boolean): void {
   const { rec, la, w } = ctx;
   const d = ctx.acts.grad;
-  linearBackwardActivation(rec, d.res, w.down, { kind: "gelu", dh: d.u, h: la.u }, d.a);
+  linearBackwardActivation(
+    rec,
+    d.res,
+    w.down,
+    { kind: "gelu", dh: d.u, h: la.u },
+    () => mlpGradScratch(ctx.model.gpu, ctx.acts),
+  );
   linearBackward(rec, d.h, d.u, w.up);
   layernormBackward(rec, d.res, d.h, la.x2, w.norm2.weight, la.mean2, la.rstd2, { accumulate: true });
   selfAttentionBackward(ctx, needInput);

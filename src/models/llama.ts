@@ -24,9 +24,11 @@ import {
   selfAttentionForward,
 } from "./self_attention.ts";
 import { linear, linearBackward, linearBackwardActivation, linearResidual } from "./ops.ts";
+import { mlpGradScratch } from "./activations.ts";
 
 /**
- * Records one llama layer's forward: reads `ctx.la.x`, writes `ctx.out`.
+ * Records one llama layer's forward: reads `ctx.la.x`, writes `ctx.out` (when `ctx.out` is null, only what
+ * the backward reads: the MLP stops after gate and up).
  *
  * @param ctx The layer context.
  */
@@ -43,6 +45,7 @@ export function llamaLayerForward(ctx: LayerContext): void {
     linear(rec, la.g, acts.h, w.gate!);
     linear(rec, la.u, acts.h, w.up);
   }
+  if (!ctx.out) return;
   swigluForward(rec, acts.a, la.g, la.u);
   linearResidual(rec, ctx.out, acts.a, w.down, la.x2);
 }
@@ -79,7 +82,13 @@ export function llamaLayerBackward(ctx: LayerContext, needInput: boolean): void 
   const { rec, la, w } = ctx;
   const d = ctx.acts.grad;
   // MLP: d out -> d a -> d gate, d up -> d h2 -> (+) d x2
-  linearBackwardActivation(rec, d.res, w.down, { kind: "swiglu", dg: d.g, du: d.u, g: la.g, u: la.u }, d.a);
+  linearBackwardActivation(
+    rec,
+    d.res,
+    w.down,
+    { kind: "swiglu", dg: d.g, du: d.u, g: la.g, u: la.u },
+    () => mlpGradScratch(ctx.model.gpu, ctx.acts),
+  );
   if (w.gateUp && d.gu) linearBackward(rec, d.h, d.gu, w.gateUp.lin, false, w.gateUp.groups);
   else {
     linearBackward(rec, d.h, d.g, w.gate!);

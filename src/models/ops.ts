@@ -121,20 +121,20 @@ export type ActivationBackward =
 /**
  * The gradient through an MLP's output product and its activation: `d a = dy W`, then the SwiGLU or GELU
  * backward of `d a` (one dispatch where it fuses, see {@link epilogueTuning}; else `d a` goes through
- * `scratch`).
+ * a scratch buffer).
  *
  * @param rec The recorder.
  * @param dy Output gradient (M, out).
  * @param lin The MLP's output (down) projection.
  * @param act The activation's backward and its tensors, all (M, in).
- * @param scratch (M, in) f32 for `d a` when the two do not fuse.
+ * @param scratch Gives an (M, in) f32 buffer for `d a`, called only when the two do not fuse.
  */
 export function linearBackwardActivation(
   rec: Recorder,
   dy: Tensor,
   lin: Linear,
   act: ActivationBackward,
-  scratch: Tensor,
+  scratch: () => Tensor,
 ): void {
   const out = act.kind === "swiglu" ? act.dg : act.dh;
   if (fusable(lin)) {
@@ -144,9 +144,10 @@ export function linearBackwardActivation(
     linearBackwardInput(rec, out, dy, lin.w, { epilogue });
     return;
   }
-  linearBackward(rec, scratch, dy, lin);
-  if (act.kind === "swiglu") swigluBackward(rec, act.dg, act.du, scratch, act.g, act.u);
-  else geluBackward(rec, act.dh, scratch, act.h);
+  const da = scratch();
+  linearBackward(rec, da, dy, lin);
+  if (act.kind === "swiglu") swigluBackward(rec, act.dg, act.du, da, act.g, act.u);
+  else geluBackward(rec, act.dh, da, act.h);
 }
 
 /**

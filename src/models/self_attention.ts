@@ -73,8 +73,12 @@ export interface LayerContext {
   readonly w: LayerWeights;
   /** This layer's saved activations. */
   readonly la: LayerActivations;
-  /** Where the layer writes its output (next layer's input). */
-  readonly out: Tensor;
+  /**
+   * Where the layer writes its output (next layer's input); null when the backward runs the layer's forward
+   * again (gradient checkpointing): it then stops once what its backward reads is written, before the
+   * MLP's activation and output product.
+   */
+  readonly out: Tensor | null;
   /** The running adapter and this layer's slot in it, or null when the layer is not adapted. */
   readonly adapter: { readonly state: AdapterState; readonly slot: number } | null;
   /** Whether the batch has padding (else the mask is skipped). */

@@ -2,7 +2,8 @@
  * The whole decoder, recorded into one command buffer: embedding, every layer (through the family's
  * layer functions from the registry below), the final norm, and the head — logits for inference, or
  * the chunked LM-head cross-entropy with its gradient for training — then the backward from the top
- * layer down to the lowest adapted layer, never below.
+ * layer down to the lowest adapted layer, never below (with gradient checkpointing, each layer's forward
+ * runs again just before its backward).
  *
  * @module
  */
@@ -196,10 +197,11 @@ export function prepareBatch(model: Model, batch: Batch, past = 0): PreparedBatc
 export function activationsFor(model: Model, B: number, T: number, training: boolean): Activations {
   const lowest = model.config.numLayers - maxAdapterLayers(model);
   const dtype = activationDtype(model);
-  const key = `${B}x${T}:${dtype}:${training ? `train${lowest}` : "infer"}`;
+  const ckpt = training && model.gradientCheckpointing;
+  const key = `${B}x${T}:${dtype}:${training ? `train${lowest}${ckpt ? ":ckpt" : ""}` : "infer"}`;
   let acts = model.activations.get(key);
   if (!acts) {
-    acts = createActivations(model.gpu, model.config, B, T, training, lowest, dtype);
+    acts = createActivations(model.gpu, model.config, B, T, training, lowest, dtype, ckpt);
     model.activations.set(key, acts);
   }
   return acts;
@@ -359,6 +361,10 @@ export function recordBackward(
   const fns = LAYER_FUNCTIONS[c.family];
   const opts: ForwardOptions = { adapter, masked, head: {} };
   for (let l = c.numLayers - 1; l >= lowest; l--) {
-    fns.backward(layerContext(rec, model, acts, l, opts), l > lowest);
+    const ctx = layerContext(rec, model, acts, l, opts);
+    // checkpointing: the shared set still holds the top layer's forward; every other layer runs again,
+    // as far as its backward reads (out: null)
+    if (acts.checkpoint && l < c.numLayers - 1) fns.forward({ ...ctx, out: null });
+    fns.backward(ctx, l > lowest);
   }
 }

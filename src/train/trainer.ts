@@ -129,6 +129,8 @@ export interface TrainConfig {
   overwrite: boolean;
   /** Skip a step whose loss is not finite (roll back the step) instead of stopping. */
   skipNonfinite: boolean;
+  /** Keep only each adapted layer's input and run its forward again in the backward (less memory). */
+  gradientCheckpointing: boolean;
   /** Prompts for the before/after samples (empty = taken from the eval data). */
   samplePrompts: string[];
   /** Tokens generated per sample. */
@@ -144,6 +146,7 @@ export const RESUMABLE_CHANGES: readonly (keyof TrainConfig)[] = [
   "resume",
   "overwrite",
   "skipNonfinite",
+  "gradientCheckpointing",
   "out",
 ];
 
@@ -447,6 +450,7 @@ export async function train(config: TrainConfig, hooks: TrainHooks = {}): Promis
     dtype: config.dtype,
     maxSeqLen: Math.min(maxPos, Math.max(config.seqLen, 256 + config.sampleTokens)),
   });
+  model.gradientCheckpointing = config.gradientCheckpointing ?? false;
 
   // Data.
   const warnings: string[] = [];
@@ -701,7 +705,8 @@ export async function train(config: TrainConfig, hooks: TrainHooks = {}): Promis
         `${e.message}\nThe last good checkpoint (step ${lastSaved}) is in ${
           join(out, "checkpoint")
         }; after fixing the cause ` +
-          `(lower --batch-size or --seq-len, or --dtype f16), continue with --resume --out ${out}`,
+          `(lower --batch-size or --seq-len, pass --gradient-checkpointing, or --dtype f16), continue with ` +
+          `--resume --out ${out}`,
         { cause: e },
       );
     }

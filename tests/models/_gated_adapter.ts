@@ -10,14 +10,15 @@ import { lossAndGradients } from "../../src/models/run.ts";
 import { assertClose, Rng } from "../_util.ts";
 
 /**
- * Adds adapter "default" (length 3 unless given, top 2 layers) with normal random prompts and gate 0.7 in
- * every layer.
+ * Adds adapter "default" (length 3 and top 2 layers unless given) with normal random prompts and gate 0.7
+ * in every layer.
  *
  * @param model The model.
  * @param adapterLen Prompt tokens.
+ * @param adapterLayers Adapted top layers.
  */
-export function addGatedAdapter(model: Model, adapterLen = 3): void {
-  addAdaptionPrompt(model, { adapterLen, adapterLayers: 2, seed: 5 });
+export function addGatedAdapter(model: Model, adapterLen = 3, adapterLayers = 2): void {
+  addAdaptionPrompt(model, { adapterLen, adapterLayers, seed: 5 });
   const state = model.adapters.get("default")!;
   const values = new Float32Array(state.size);
   const rng = new Rng(9);

@@ -1,6 +1,7 @@
 /**
  * checkActivationsFit: its estimate is byte-exact against what createActivations allocates (golden llama,
- * llama with GQA, gpt2; training from several layers, and inference; f32 and f16 activations), and on a device with small limits
+ * llama with GQA, gpt2; training from several layers, with and without gradient checkpointing, and
+ * inference; f32 and f16 activations), and on a device with small limits
  * it refuses a batch with a message whose suggested batch size and sequence length do fit.
  */
 import assert from "node:assert/strict";
@@ -17,15 +18,22 @@ Deno.test("the estimate equals the bytes createActivations allocates (exact)", a
   for (const name of ["llama_basic", "llama_gqa_pad", "gpt2_basic"]) {
     const config = await loadModelConfig(`${GOLDEN}${name}/model`);
     for (
-      const [B, T, training, saveFrom] of [[2, 32, true, 1], [3, 17, true, 0], [1, 5, false, 0]] as const
+      const [B, T, training, saveFrom, ckpt] of [
+        [2, 32, true, 1, false],
+        [3, 17, true, 0, false],
+        [1, 5, false, 0, false],
+        [2, 32, true, 1, true],
+        [3, 17, true, 0, true],
+        [1, 5, false, 0, true],
+      ] as const
     ) {
       for (const dtype of ["f32", "f16"] as const) {
-        const est = checkActivationsFit(gpu, config, B, T, training, saveFrom, dtype);
+        const est = checkActivationsFit(gpu, config, B, T, training, saveFrom, dtype, ckpt);
         const before = gpuBytesAllocated;
-        const acts = createActivations(gpu, config, B, T, training, saveFrom, dtype);
+        const acts = createActivations(gpu, config, B, T, training, saveFrom, dtype, ckpt);
         const allocated = gpuBytesAllocated - before;
         destroyActivations(acts);
-        const what = `${name} ${B}x${T} ${dtype} training=${training} from ${saveFrom}`;
+        const what = `${name} ${B}x${T} ${dtype} training=${training} from ${saveFrom} checkpointing=${ckpt}`;
         assert.equal(est.totalBytes, allocated, what);
         assert.equal(est.rows, B * T);
         if (dtype === "f16") {

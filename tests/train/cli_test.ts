@@ -42,6 +42,7 @@ Deno.test("--help lists every flag of issue 7 with defaults", () => {
       "json",
       "on-bad-line",
       "skip-nonfinite",
+      "gradient-checkpointing",
     ]
   ) assert.ok(help.includes(`--${f}`), f);
   assert.ok(help.includes("[default: 10]"));
@@ -58,12 +59,14 @@ Deno.test("train arguments: values, negation and errors that say what to do", ()
     "a",
     "--sample-prompt",
     "b",
+    "--gradient-checkpointing",
   ]);
   assert.deepEqual(a.explicit, {
     lr: 0.01,
     maskPrompt: false,
     betas: [0.9, 0.99],
     samplePrompts: ["a", "b"],
+    gradientCheckpointing: true,
   });
   assert.throws(() => parseTrainArgs(["--bogus"]), /--help/);
   assert.throws(() => parseTrainArgs(["--lr", "fast"]), /--lr needs a number/);
