@@ -2,7 +2,7 @@
  * Gradient checkpointing (`model.gradientCheckpointing`): the adapted layers keep only their input and the
  * backward runs each one's forward again, so a training step gives bit-identical loss and adapter gradients
  * to the step that keeps every activation — on llama (GQA, padding), mistral and gpt2, with adapters on all
- * layers and on the top 2 — while allocating fewer activation bytes and recording the extra forwards.
+ * layers and on the top 2, and on an f16 llama — while allocating fewer activation bytes and recording the extra forwards.
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
@@ -15,10 +15,18 @@ import { addGatedAdapter, paddedBatch } from "./_gated_adapter.ts";
 
 const ROOT = new URL("../fixtures/golden/", import.meta.url).pathname;
 
-for (const name of ["llama_gqa_pad", "mistral_gqa", "gpt2_basic"]) {
-  for (const layers of ["all", 2] as const) {
-    Deno.test(`${name}, adapters on ${layers} layers: checkpointed step = stored step, bit for bit, in less memory`, async () => {
-      const model = await loadModel(join(ROOT, name, "model"), { maxSeqLen: 32 });
+const CASES = [
+  ...["llama_gqa_pad", "mistral_gqa", "gpt2_basic"].flatMap((name) =>
+    (["all", 2] as const).map((layers) => ({ name, layers, dtype: "f32" as const }))
+  ),
+  { name: "llama_gqa_pad", layers: "all" as const, dtype: "f16" as const },
+];
+for (const { name, layers, dtype } of CASES) {
+  Deno.test({
+    name:
+      `${name} ${dtype}, adapters on ${layers} layers: checkpointed step = stored step, bit for bit, in less memory`,
+    fn: async () => {
+      const model = await loadModel(join(ROOT, name, "model"), { maxSeqLen: 32, dtype });
       const L = model.config.numLayers;
       addGatedAdapter(model, 3, layers === "all" ? L : layers);
       const batch = paddedBatch(new Rng(71), model.config.vocabSize, 16, 4);
@@ -40,6 +48,6 @@ for (const name of ["llama_gqa_pad", "mistral_gqa", "gpt2_basic"]) {
       assert.ok(ckpt.ops > stored.ops, `recorded ops: ${ckpt.ops} with checkpointing vs ${stored.ops}`);
       assert.ok(ckpt.bytes < stored.bytes, `bytes: ${ckpt.bytes} with checkpointing vs ${stored.bytes}`);
       model.gradientCheckpointing = false;
-    });
-  }
+    },
+  });
 }
