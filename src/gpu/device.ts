@@ -118,8 +118,8 @@ async function createGpu(): Promise<Gpu> {
   device.lost.then((info) => {
     gpu.lostMessage =
       `the GPU device was lost (${info.reason || "unknown reason"}: ${info.message || "no message"}). ` +
-      "Restart the process; if it happens again, lower --batch-size or --seq-len, pass --gradient-checkpointing " +
-      "or use --dtype f16.";
+      "Restart the process; if it happens again, lower --batch-size or --seq-len, pass --gradient-checkpointing" +
+      ", or use --dtype f16.";
     if (gpuPromise !== null) gpuPromise = null;
   });
   device.addEventListener("uncapturederror", (event) => {
