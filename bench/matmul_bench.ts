@@ -17,6 +17,8 @@
  * `=head`: the LM-head products of the loss's row sweep, logits and dHidden over K = V, each case twice (its
  * first run read far below the training profiles, bench/RESULTS.md); `=wide`: the planner's choice against
  * the 128x128 tiles of 256 threads and of 128 (16x8 outputs each) at the training products and the LM heads;
+ * `=splits`: the planner's choice against the tiles of 8x8 outputs per thread with K split in 1 to 8 at the
+ * mid-size training products;
  * `PROMPTGATE_TUNE_CASES`, a regular expression matched against "case op", keeps only the sweep cases it
  * matches)
  * (the data behind the heuristic in kernels/matmul.ts).
@@ -195,7 +197,7 @@ function measure(ops: Parameters<typeof timeOps>[1]): Promise<{ ms: number; time
 }
 
 const tuneMode = Deno.env.get("PROMPTGATE_BENCH_TUNE");
-const tune = ["1", "matvec", "prefill", "small", "few", "head", "wide"].includes(tuneMode ?? "") &&
+const tune = ["1", "matvec", "prefill", "small", "few", "head", "wide", "splits"].includes(tuneMode ?? "") &&
   "matmulTuning" in mm &&
   "splitK" in mm.matmulTuning;
 if (tune) {
@@ -363,6 +365,18 @@ if (tune) {
     [{ name: "tinyllama lm_head", op: "linear", M: 2048, N: 32000, K: 2048 }, wide, ["f32"]],
     [{ name: "square 4096", op: "linear", M: 4096, N: 4096, K: 4096 }, wide, ["f32"]],
   ];
+  // `splits`: the planner's choice against the tiles of 8x8 outputs per thread with K split in 1-8, at the
+  // mid-size training products (M = 2048), each case twice: more, smaller workgroups per SM against the
+  // reduction's extra pass
+  const splitVariants: Variant[] = [
+    { label: "planned", force: null },
+    ...(["64x64-8x8", "128x64-8x8", "64x128-8x8"] as const).flatMap((t) =>
+      [1, 2, 3, 4, 6, 8].map((sp) => ({ label: `${t} splitK${sp}`, force: t, splitK: sp }))
+    ),
+  ];
+  const splitCases: [Case, Variant[], DType[]][] = smallCases
+    .filter(([c]) => !/tinyllama (q\/k\/v|gate\|up)/.test(c.name))
+    .map(([c]) => [c, splitVariants, ["f32"]]);
   const P = 128; // prompt tokens
   const prefillCases: [Case, Variant[], DType[]][] = [
     ["tinyllama q_proj", "linear", 2048, 2048],
@@ -384,6 +398,8 @@ if (tune) {
   ]);
   const tuneCases: [Case, Variant[], DType[]][] = tuneMode === "wide"
     ? wideCases
+    : tuneMode === "splits"
+    ? splitCases
     : tuneMode === "prefill"
     ? prefillCases
     : tuneMode === "head"
@@ -466,7 +482,7 @@ if (tune) {
   );
   console.table(tuneRows);
   // these sweeps stand alone
-  if (["prefill", "small", "few", "head", "wide"].includes(tuneMode!)) cases.length = 0;
+  if (["prefill", "small", "few", "head", "wide", "splits"].includes(tuneMode!)) cases.length = 0;
 }
 
 const rows: Record<string, string | number>[] = [];

@@ -100,6 +100,8 @@ export type MatmulKernelChoice = MatmulTile | "matvec";
  * same condition; its epilogue's tensors likewise). `tallTiles: false` keeps the planner from 128x64-8x8 tiles
  * for products with under two waves of 64x128-8x8 ones (`pickTile`). `tallThreads: false` keeps the
  * 256-thread 128x128 tile where the planner would take 128x128-16x8 (f32 "nk" products, see `planTiled`).
+ * `splitTall: false` gives the mid-size products split over K 64x64-8x8 tiles in 3 instead of 128x64-8x8
+ * tiles in 4 to 8 (`pickTile`).
  * `null` lets the shape heuristic choose (`f16Packed`: on, the measured default).
  */
 export const matmulTuning: {
@@ -118,6 +120,7 @@ export const matmulTuning: {
   storeVec4: boolean | null;
   tallTiles: boolean;
   tallThreads: boolean;
+  splitTall: boolean;
 } = {
   force: null,
   splitK: null,
@@ -134,6 +137,7 @@ export const matmulTuning: {
   storeVec4: null,
   tallTiles: true,
   tallThreads: true,
+  splitTall: true,
 };
 
 /** The smaller K step of the tiled kernel (16 where workgroup memory allows, see `matmulTuning`). */
@@ -1069,10 +1073,17 @@ function planTiled(g: Gemm): TiledPlan {
 
 /**
  * The smaller tiles for products with few output tiles: the first that makes two waves (128x64-8x8 from 1.8
- * waves), else 32x32, with K split in 3 over the products just above two waves of 64x64 tiles. The tiles of 8x8 outputs per thread
- * (128 and 64 threads) beat the 256-thread ones of 4x8 and 4x4 by 10-17% at the mid-size model products
- * (H100, M = 2048, bench/RESULTS.md: SmolLM2 gate/up 28.6 -> 33.5 TFLOP/s, q/o 17.4 -> 19.5, gpt2 768x768
- * 23.8 -> 26.5); `matmulTuning.tiles8 = false` restores the 256-thread tiles without splits.
+ * waves), else 32x32, with K split over the products just above two waves of 64x64 tiles. The tiles of 8x8
+ * outputs per thread (128 and 64 threads) beat the 256-thread ones of 4x8 and 4x4 by 10-17% at the mid-size
+ * model products (H100, M = 2048, bench/RESULTS.md: SmolLM2 gate/up 28.6 -> 33.5 TFLOP/s, q/o 17.4 -> 19.5,
+ * gpt2 768x768 23.8 -> 26.5); `matmulTuning.tiles8 = false` restores the 256-thread tiles without splits.
+ *
+ * The split products take 128x64-8x8 tiles (about one wave of them) with K in 4 to 8, more the longer K
+ * (H100, M = 2048, SmolLM2, against 64x64-8x8 in 3: q/o 23.3 -> 25.4 TFLOP/s, down 26.8 -> 30.2, the stacked
+ * gate|up dHidden 30.8 -> 34.0, q/o dHidden 25.6 -> 26.4, the stacked q/k/v dHidden 28.0 -> 28.9; SmolLM2
+ * f32 training +3.5%). gpt2's 768x768 products (2.9 waves of 64x64 tiles) gained as much alone with K in 2
+ * (26.8 -> 31.2 TFLOP/s) but nothing in training (+0.4% f32, -0.2% f16): they keep 64x64-8x8 tiles unsplit;
+ * bench/RESULTS.md, `PROMPTGATE_BENCH_TUNE=splits`.
  */
 function pickTile(g: Gemm): TiledPlan {
   const [wide, square] = matmulTuning.tiles8
@@ -1082,8 +1093,12 @@ function pickTile(g: Gemm): TiledPlan {
     const { bm, bn } = tileDims(tile);
     return Math.ceil(g.M / bm) * Math.ceil(g.N / bn);
   };
+  const splitTall = matmulTuning.tiles8 && matmulTuning.splitTall;
   if (count(wide) >= 2 * SMS) return { tile: wide, splits: 1 };
-  if (midSplit(g)) return { tile: square, splits: 3 };
+  if (midSplit(g)) {
+    if (!splitTall) return { tile: square, splits: 3 };
+    return { tile: "128x64-8x8", splits: g.K >= 3072 ? 8 : g.K >= 1536 ? 6 : 4 };
+  }
   // 1.8 waves or more of 128x64-8x8 tiles beat 64x64-8x8 over more waves (H100, M = 2048: SmolLM2's stacked
   // q/k/v, N = 960, K = 576, 26.8 -> 31.4 TFLOP/s; bench/RESULTS.md)
   if (matmulTuning.tiles8 && matmulTuning.tallTiles && count("128x64-8x8") >= 1.8 * SMS) {
@@ -1094,8 +1109,9 @@ function pickTile(g: Gemm): TiledPlan {
 }
 
 /**
- * Whether a product takes 64x64-8x8 tiles with K split in 3: two to two and a half waves of those tiles
- * (and under two of 64x128-8x8) over a K of 512 or more. The split adds the workgroups (the reduction
+ * Whether a product splits K (over 128x64-8x8 tiles in 4 to 8, or with `splitTall` off over 64x64-8x8 in 3,
+ * see `pickTile`): two to two and a half waves of 64x64 tiles (and under two of 64x128-8x8) over a K of 512
+ * or more. The split adds the workgroups (64x64-8x8 in 3 against no split, the reduction
  * included; H100, M = 2048, SmolLM2: q/o 20.0 -> 22.4 TFLOP/s, down 20.7 -> 25.9, gate/up dHidden 21.7 ->
  * 28.7, the stacked gate|up dHidden, K = 3072, 21.2 with the long-K rule's 128x128 in 4 -> 30.4; gpt2's
  * 768x768, at 2.9 waves, gain nothing: -6% to +2%; bench/RESULTS.md).

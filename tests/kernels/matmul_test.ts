@@ -98,6 +98,7 @@ const VARIANTS: {
   },
   { label: "64x128-8x8 (its K step 8) split-K 2", force: "64x128-8x8", splitK: 2 },
   { label: "64x64-8x8 (K step 16) split-K 3", force: "64x64-8x8", splitK: 3 },
+  { label: "128x64-8x8 (its K step 8) split-K 6", force: "128x64-8x8", splitK: 6 },
 ];
 
 /**
@@ -808,22 +809,39 @@ for (const C of [40, 192]) {
   });
 }
 
-Deno.test("the planner takes 128x64-8x8 tiles from 1.8 waves of them (SmolLM2's stacked q/k/v), not below", async () => {
+Deno.test("the planner takes 128x64-8x8 tiles from 1.8 waves of them (SmolLM2's stacked q/k/v), and split over K below", async () => {
   const g = await gpu();
-  const tileOf = (N: number, K: number) => {
+  /** The tile and the split (1 when no reduction follows) the planner gives a (2048, N, K) Linear forward. */
+  const planOf = (N: number, K: number) => {
     const rec = new Recorder(g);
     const x = createTensor(g, [2048, K], "f32", "x"), w = createTensor(g, [N, K], "f32", "w");
     const out = createTensor(g, [2048, N], "f32", "out");
     linearForward(rec, out, x, w, null);
-    const label = rec.take()[0]!.label;
+    const ops = rec.take();
     for (const t of [x, w, out]) t.buffer.destroy();
-    return label.match(/tile=([0-9x-]+)/)?.[1];
+    const op = ops[0]!;
+    const [tile, bm, bn] = op.label.match(/tile=(\d+)x(\d+)/) ?? [];
+    assert.ok(op.kind === "dispatch" && tile, op.label);
+    // the workgroups are the output tiles times the split (a reduction follows when it is over 1)
+    const split = op.groups[0] * op.groups[1] * op.groups[2] / (Math.ceil(2048 / +bm!) * Math.ceil(N / +bn!));
+    assert.equal(ops.some((o) => o.label.startsWith("matmul_splitk_reduce")), split > 1, op.label);
+    return `${op.label.match(/tile=([0-9x-]+)/)?.[1]}/${split}`;
   };
-  assert.equal(tileOf(960, 576), "128x64-8x8"); // 240 tiles of 128x64: 1.8 waves
-  assert.equal(tileOf(768, 768), "64x64-8x8"); // 192 tiles of 128x64: the 384 of 64x64 instead
+  assert.equal(planOf(960, 576), "128x64-8x8/1"); // 240 tiles of 128x64: 1.8 waves
+  // 144 tiles of 128x64 with K in 4 (SmolLM2 q/o), 6 (down) and 8 (a K of 3072)
+  assert.equal(planOf(576, 576), "128x64-8x8/4");
+  assert.equal(planOf(576, 1536), "128x64-8x8/6");
+  assert.equal(planOf(576, 3072), "128x64-8x8/8");
+  assert.equal(planOf(768, 768), "64x64-8x8/1"); // 192 tiles of 128x64: the 384 of 64x64 instead
+  matmulTuning.splitTall = false;
+  try {
+    assert.equal(planOf(576, 576), "64x64-8x8/3");
+  } finally {
+    matmulTuning.splitTall = true;
+  }
   matmulTuning.tallTiles = false;
   try {
-    assert.equal(tileOf(960, 576), "64x64-8x8");
+    assert.equal(planOf(960, 576), "64x64-8x8/1");
   } finally {
     matmulTuning.tallTiles = true;
   }
