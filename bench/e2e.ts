@@ -51,10 +51,10 @@
  * src/models/ops.ts), `PROMPTGATE_REDUCE_VEC4=0` makes the split-K reduction sum one output per thread
  * (`matmulTuning.reduceVec4`), `PROMPTGATE_STORE_VEC4=0` the tiled products store one output at a time
  * (`matmulTuning.storeVec4`), `PROMPTGATE_MATMUL_TALL=0` keeps the planner from 128x64-8x8 tiles at 1.8-2
- * waves (`matmulTuning.tallTiles`), `PROMPTGATE_MATMUL_SPLIT_TALL=0` gives the mid-size products split over K
- * 64x64-8x8 tiles in 3 instead of 128x64-8x8 in 4-8 (`matmulTuning.splitTall`) and `PROMPTGATE_ATTENTION_VEC4=0` makes the attention's lane forward,
- * dk/dv pass and dq from the scores read and write their rows one element at a time
- * (`attentionTuning.vecRows`). `PROMPTGATE_GRADIENT_CHECKPOINTING=1` trains with gradient checkpointing
+ * waves (`matmulTuning.tallTiles`), `PROMPTGATE_MATMUL_SPLIT_TALL=0` gives the mid-size products split over
+ * K 64x64-8x8 tiles in 3 instead of 128x64-8x8 in 4-8 (`matmulTuning.splitTall`) and
+ * `PROMPTGATE_ATTENTION_VEC4=0` makes the attention's lane forward, dk/dv pass and dq from the scores read
+ * and write their rows one element at a time (`attentionTuning.vecRows`). `PROMPTGATE_GRADIENT_CHECKPOINTING=1` trains with gradient checkpointing
  * (`model.gradientCheckpointing`: less memory, the layers' forwards run twice).
  *
  * @module

@@ -326,7 +326,9 @@ export function recordForward(rec: Recorder, model: Model, acts: Activations, op
 
 /**
  * Records the backward from the loss (after a forward with `head: { lossGradient: true }`)
- * down to the lowest adapted layer, writing the adapter's gradients into its flat gradient buffer.
+ * down to the lowest adapted layer, writing the adapter's gradients into its flat gradient buffer. That
+ * forward must be this step's, recorded just before: with gradient checkpointing the top layer's
+ * activations are read from it as it left them.
  *
  * @param rec The recorder.
  * @param model The model.
