@@ -1,7 +1,8 @@
 /**
  * The whole training pipeline on the tiny golden llama (256-token vocabulary, a byte tokenizer): loss goes
  * down, the run folder is complete and its adapter loads back, an interrupted and resumed run gives
- * bit-identical losses and weights, and `generate` streams with the trained adapter.
+ * bit-identical losses and weights (also when the resumed half turns on gradient checkpointing), and
+ * `generate` streams with the trained adapter.
  */
 import assert from "node:assert/strict";
 import { join } from "../../src/_std.ts";
@@ -92,7 +93,14 @@ Deno.test("interrupting and resuming gives bit-identical losses and adapter weig
     train({ ...base, out: out2, resume: true, lr: 0.1 }, silent),
     /was started with lr=0.05/,
   );
-  await train({ ...base, out: out2, resume: true }, { ...silent, onStep: (_, l) => resumed.push(l) });
+  // the second half with gradient checkpointing (a setting a resume may change: the steps are bit-identical)
+  const checkpointed: boolean[] = [];
+  await train({ ...base, out: out2, resume: true, gradientCheckpointing: true }, {
+    ...silent,
+    onStep: (_, l) => resumed.push(l),
+    beforeStep: (_, model) => void checkpointed.push(model.gradientCheckpointing),
+  });
+  assert.deepEqual(checkpointed, [true, true, true, true, true]);
   assert.deepEqual(resumed, straight);
   const a = await Deno.readFile(join(base.out, "checkpoint", "adapter_model.safetensors"));
   const b = await Deno.readFile(join(out2, "checkpoint", "adapter_model.safetensors"));
