@@ -52,7 +52,9 @@
  * (`matmulTuning.reduceVec4`), `PROMPTGATE_STORE_VEC4=0` the tiled products store one output at a time
  * (`matmulTuning.storeVec4`), `PROMPTGATE_MATMUL_TALL=0` keeps the planner from 128x64-8x8 tiles at 1.8-2
  * waves (`matmulTuning.tallTiles`), `PROMPTGATE_MATMUL_SPLIT_TALL=0` gives the mid-size products split over
- * K 64x64-8x8 tiles in 3 instead of 128x64-8x8 in 4-8 (`matmulTuning.splitTall`) and
+ * K 64x64-8x8 tiles in 3 instead of 128x64-8x8 in 4-8 (`matmulTuning.splitTall`),
+ * `PROMPTGATE_MATMUL_NARROW_TALL=0` gives SmolLM2's LM-head dHidden 64x64 tiles with K in 32 instead of
+ * 128x64-8x8 with K in 64 (`matmulTuning.narrowTall`) and
  * `PROMPTGATE_ATTENTION_VEC4=0` makes the attention's lane forward, dk/dv pass and dq from the scores read
  * and write their rows one element at a time (`attentionTuning.vecRows`). `PROMPTGATE_GRADIENT_CHECKPOINTING=1` trains with gradient checkpointing
  * (`model.gradientCheckpointing`: less memory, the layers' forwards run twice).
@@ -678,6 +680,7 @@ async function caseMain(args: string[]): Promise<void> {
   if (Deno.env.get("PROMPTGATE_STORE_VEC4") === "0") matmulTuning.storeVec4 = false;
   if (Deno.env.get("PROMPTGATE_MATMUL_TALL") === "0") matmulTuning.tallTiles = false;
   if (Deno.env.get("PROMPTGATE_MATMUL_SPLIT_TALL") === "0") matmulTuning.splitTall = false;
+  if (Deno.env.get("PROMPTGATE_MATMUL_NARROW_TALL") === "0") matmulTuning.narrowTall = false;
   const dkdv = Deno.env.get("PROMPTGATE_ATTENTION_DKDV")?.match(/^(\d)x(\d)( prefetched)?$/);
   if (dkdv) attentionTuning.dkdvTiles = [{ keys: +dkdv[1]!, queries: +dkdv[2]!, prefetch: !!dkdv[3] }];
   const prefetch = Deno.env.get("PROMPTGATE_ATTENTION_PREFETCH");

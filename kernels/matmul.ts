@@ -101,7 +101,9 @@ export type MatmulKernelChoice = MatmulTile | "matvec";
  * for products with under two waves of 64x128-8x8 ones (`pickTile`). `tallThreads: false` keeps the
  * 256-thread 128x128 tile where the planner would take 128x128-16x8 (f32 "nk" products, see `planTiled`).
  * `splitTall: false` gives the mid-size products split over K 64x64-8x8 tiles in 3 instead of 128x64-8x8
- * tiles in 4 to 8 (`pickTile`).
+ * tiles in 4 to 8 (`pickTile`). `narrowTall: false` makes a product over a very long K (16384 or more: an LM
+ * head's dHidden) with an N of whole 64-column tiles but not 128 (SmolLM2's 576) take 64x64 tiles with K in 32
+ * instead of 128x64-8x8 tiles with K in chunks of 768 (`planTiled`).
  * `null` lets the shape heuristic choose (`f16Packed`: on, the measured default).
  */
 export const matmulTuning: {
@@ -121,6 +123,7 @@ export const matmulTuning: {
   tallTiles: boolean;
   tallThreads: boolean;
   splitTall: boolean;
+  narrowTall: boolean;
 } = {
   force: null,
   splitK: null,
@@ -138,6 +141,7 @@ export const matmulTuning: {
   tallTiles: true,
   tallThreads: true,
   splitTall: true,
+  narrowTall: true,
 };
 
 /** The smaller K step of the tiled kernel (16 where workgroup memory allows, see `matmulTuning`). */
@@ -1061,11 +1065,18 @@ function planTiled(g: Gemm): TiledPlan {
     const base = Math.min(8, 2 ** Math.floor(Math.log2(g.K / 512)));
     const waves = 2 ** Math.ceil(Math.log2((2 * SMS) / tiles128));
     const chunks1k = 2 ** Math.floor(Math.log2(g.K / 1024));
-    // an N of whole 64-column tiles but not 128 (SmolLM2's 576) over a very long K: 64x64 tiles, K in 32
-    // (H100, M = 256, N = 576, K = 49152: 17.7 -> 23.9 TFLOP/s; bench/RESULTS.md)
+    // an N of whole 64-column tiles but not 128 (SmolLM2's 576) over a very long K: 128x64-8x8 tiles with K
+    // in chunks of 768, at most 64 (H100, SmolLM2's LM-head dHidden in training, 8 blocks of 256 × 49152 ->
+    // 576 a step, the reductions included: 4.37 -> 3.52 ms against 64x64 tiles in 32, which had given 17.7
+    // -> 23.9 TFLOP/s against 128x128 tiles; `narrowTall`; bench/RESULTS.md)
     const narrow = g.K >= 16384 && g.N % 128 !== 0 && g.N % 64 === 0;
-    tile = narrow ? "64x64" : "128x128";
-    splits = narrow ? Math.min(32, chunks1k) : Math.max(base, Math.min(waves, 32, chunks1k));
+    const narrowTall = narrow && matmulTuning.tiles8 && matmulTuning.narrowTall;
+    tile = narrowTall ? "128x64-8x8" : narrow ? "64x64" : "128x128";
+    splits = narrowTall
+      ? Math.min(64, 2 ** Math.floor(Math.log2(g.K / 768)))
+      : narrow
+      ? Math.min(32, chunks1k)
+      : Math.max(base, Math.min(waves, 32, chunks1k));
   } else ({ tile, splits } = pickTile(g));
   if (matmulTuning.splitK !== null) splits = matmulTuning.splitK;
   return { tile, splits };

@@ -785,17 +785,24 @@ Deno.test("activations may be f32 or f16, gradients only f32; f16 on a GPU witho
   assert.equal(rec.ops.length, 0);
 });
 
-for (const C of [40, 192]) {
-  Deno.test(`linearBackwardInput over a very long reduction (the LM head's dHidden, K = V = 17000, N = ${C}) splits K and matches float64`, async () => {
+for (const [C, narrowTall] of [[40, true], [192, true], [192, false]] as const) {
+  const rule = narrowTall ? "" : ", narrowTall off";
+  Deno.test(`linearBackwardInput over a very long reduction (the LM head's dHidden, K = V = 17000, N = ${C}${rule}) splits K and matches float64`, async () => {
     const g = await gpu();
     const rng = new Rng(77 + C);
     // dy (M, V) with a padded row stride, w (V, C): M = 130 rows > 128 and few output tiles, so the planner
-    // splits the V = 17000 reduction into 16 chunks and sums the partials (N = 192: 64x64 tiles)
+    // splits the V = 17000 reduction into 16 chunks and sums the partials (N = 192: 128x64-8x8 tiles, or
+    // 64x64 ones with narrowTall off)
     const M = 130, V = 17000, ld = 17004;
     const dy = rng.randn(M * ld), w = rng.randn(V * C, 0.1);
     const dx = poisoned(g, [M, C]);
     const rec = new Recorder(g);
-    linearBackwardInput(rec, dx, upload(g, dy, [M, ld]), upload(g, w, [V, C]), { ldDy: ld });
+    matmulTuning.narrowTall = narrowTall;
+    try {
+      linearBackwardInput(rec, dx, upload(g, dy, [M, ld]), upload(g, w, [V, C]), { ldDy: ld });
+    } finally {
+      matmulTuning.narrowTall = true;
+    }
     const ops = rec.take();
     const labels = ops.map((op) => op.label);
     runOps(g, ops);
@@ -804,7 +811,8 @@ for (const C of [40, 192]) {
     assertClose(await download(g, dx), linearBackwardInputRef(packed, w, M, V, C), 1e-5, "dx");
     assert.ok(labels.some((l) => l.startsWith("matmul_splitk_reduce")), `split-K expected, got ${labels}`);
     if (C === 192) {
-      assert.ok(labels.some((l) => l.includes("tile=64x64")), `64x64 tiles expected, got ${labels}`);
+      const tile = narrowTall ? "tile=128x64-8x8|" : "tile=64x64|";
+      assert.ok(labels.some((l) => l.includes(tile)), `${tile} expected, got ${labels}`);
     }
   });
 }
